@@ -1,0 +1,142 @@
+//! `cleanroom-bench`: times AdBench queries on plain single-process DataFusion
+//! (the baseline) and through cleanroom's DP path (Flight SQL gateway →
+//! DP planner → embedded Ballista cluster → release), in the same run, and
+//! prints the ratio. A benchmark, not a test: run it on a quiet machine.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use clap::Parser;
+use cleanroom_bench::generate::{generate, GenerateOptions};
+use cleanroom_bench::queries::{adbench_queries, register_adbench_tables};
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(about = "Time AdBench Q4 (reach per channel): plain DataFusion vs cleanroom's DP path")]
+struct Args {
+    /// Scale factors to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,1")]
+    sf: Vec<f64>,
+    /// Where generated data is kept between runs.
+    #[arg(long, default_value = "bench-data")]
+    data_dir: PathBuf,
+    /// Timed runs per query (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// In-process Ballista executors for the DP path.
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
+}
+
+/// The DP form of Q4: people and impressions per channel, the average
+/// frequency computed from the two noisy counts (post-processing).
+const DP_Q4: &str = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 5) \
+    channel, COUNT(DISTINCT uid) AS users, COUNT(*) AS impressions, \
+    CAST(COUNT(*) AS DOUBLE) / COUNT(DISTINCT uid) AS avg_frequency \
+    FROM impressions GROUP BY channel ORDER BY channel";
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plain_q4 = adbench_queries()
+        .into_iter()
+        .find(|(name, _)| name == "Q4_reach_frequency")
+        .context("Q4 missing from the query suite")?
+        .1;
+    println!("{:>6} {:>14} {:>14} {:>8}", "sf", "plain_ms", "dp_path_ms", "ratio");
+    for sf in &args.sf {
+        let dir = args.data_dir.join(format!("sf-{sf}"));
+        if !dir.join("truth.json").exists() {
+            eprintln!("generating AdBench SF {sf} in {}", dir.display());
+            generate(&GenerateOptions { scale_factor: *sf, out_dir: dir.clone(), seed: 42, progress: true }).await?;
+        }
+
+        let ctx = SessionContext::new();
+        register_adbench_tables(&ctx, &dir).await?;
+        let mut plain = Vec::new();
+        for run in 0..=args.runs {
+            let start = Instant::now();
+            ctx.sql(&plain_q4).await?.collect().await?;
+            if run > 0 {
+                plain.push(start.elapsed());
+            }
+        }
+
+        // The DP path pays ε per run: give the benchmark its own manifest copy
+        // (beside the generated one, so relative locations still resolve) with
+        // a budget that cannot run out.
+        let manifest = std::fs::read_to_string(dir.join("manifest.toml"))?;
+        let bench_manifest = dir.join("bench-manifest.toml");
+        let mut text = String::new();
+        for line in manifest.lines() {
+            if line.trim_start().starts_with("epsilon_budget") {
+                text.push_str("epsilon_budget = 1000000000.0\n");
+            } else {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        std::fs::write(&bench_manifest, text)?;
+        let state = tempfile::tempdir()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = cleanroom_scheduler::serve::start(
+            &cleanroom_scheduler::serve::ServeOptions {
+                manifest: bench_manifest,
+                listen: "127.0.0.1:0".parse()?,
+                executors: args.executors,
+                executor_slots: 2,
+                state_dir: Some(state.path().to_path_buf()),
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await?;
+        let password = demo_password(&dir, "adnetwork")?;
+        let channel = Channel::from_shared(format!("http://{}", running.addr))?.connect().await?;
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.handshake("adnetwork", &password).await?;
+        let mut dp = Vec::new();
+        for run in 0..=args.runs {
+            let start = Instant::now();
+            let info = client.execute(DP_Q4.to_string(), None).await?;
+            for endpoint in info.endpoint {
+                let ticket = endpoint.ticket.context("no ticket")?;
+                client.do_get(ticket).await?.try_collect::<Vec<_>>().await?;
+            }
+            if run > 0 {
+                dp.push(start.elapsed());
+            }
+        }
+        let _ = stop.send(());
+        running.wait().await?;
+
+        let (p, d) = (median(plain), median(dp));
+        println!(
+            "{:>6} {:>14.1} {:>14.1} {:>8.2}",
+            sf,
+            p.as_secs_f64() * 1e3,
+            d.as_secs_f64() * 1e3,
+            d.as_secs_f64() / p.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn demo_password(dir: &std::path::Path, party: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(dir.join("credentials.toml"))?;
+    let value: toml::Value = toml::from_str(&text)?;
+    value["parties"][party]["password"]
+        .as_str()
+        .map(str::to_string)
+        .context("no demo password for the party")
+}

@@ -1,0 +1,33 @@
+//! The differential-privacy planner of cleanroom.
+//!
+//! A pure library: a DataFusion [`LogicalPlan`](datafusion::logical_expr::LogicalPlan)
+//! and the querying party's [`policy::Policy`] go in; a checked, rewritten plan
+//! that computes contribution-bounded exact aggregates, plus the privacy cost of
+//! releasing them, comes out. It knows nothing about Flight or Ballista, so every
+//! rule can be tested on a local `SessionContext`.
+//!
+//! How the parts fit:
+//! - [`options`] reads the `WITH DIFFERENTIAL_PRIVACY OPTIONS (…)` clause and
+//!   validates the privacy parameters a query asks for;
+//! - [`rewrite`] checks the plan against the policy (privacy-unit tracking, the
+//!   allowed shapes, the column roles) and rewrites the DP aggregate so that every
+//!   person's contribution is bounded;
+//! - [`mechanism`] holds the OpenDP noise mechanisms and their privacy maps;
+//! - [`ledger`] is the durable per-party budget and the accountant that composes
+//!   charges;
+//! - [`release`] turns exact bounded aggregates into a [`release::Released`]
+//!   answer: the only type the gateway may send to a party, and it can only be
+//!   made with a [`ledger::Receipt`] for the query's charge.
+//! - [`udf`] holds the scalar functions the rewritten plans call; executors must
+//!   register them.
+
+pub mod error;
+pub mod ledger;
+pub mod mechanism;
+pub mod options;
+pub mod policy;
+pub mod release;
+pub mod rewrite;
+pub mod udf;
+
+pub use error::DpError;

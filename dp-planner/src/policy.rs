@@ -1,0 +1,106 @@
+//! What the planner is allowed to assume about the data: which datasets are
+//! protected and by which privacy-unit column, what role each column plays,
+//! the public domains of dimensions and the bounds of measures, and the
+//! defaults a query inherits when it says nothing.
+//!
+//! The policy is built by the gateway from the collaboration manifest; the
+//! planner never reads a manifest file itself. Everything here is public
+//! knowledge (it is in the manifest every party sees), so it may appear in
+//! error messages and EXPLAIN output.
+
+use std::collections::BTreeMap;
+
+/// The role a column plays in DP queries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnRole {
+    /// The privacy-unit column (one person per value) or another join key.
+    /// It may be counted distinctly and joined on, never output or grouped by.
+    JoinKey,
+    /// A column that may be grouped by and compared with literals.
+    Dimension { domain: Option<Domain> },
+    /// A numeric column that may be aggregated, clamped to `[lower, upper]`.
+    Measure { lower: f64, upper: f64 },
+    /// A column that no query may reference.
+    Hidden,
+}
+
+/// A public, data-independent set of values a dimension can take.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Domain {
+    /// An enumerated list of string keys.
+    Strings(Vec<String>),
+    /// Every integer in `min..=max`.
+    IntRange { min: i64, max: i64 },
+}
+
+impl Domain {
+    pub fn len(&self) -> usize {
+        match self {
+            Domain::Strings(v) => v.len(),
+            Domain::IntRange { min, max } => (max - min + 1).max(0) as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One dataset as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetPolicy {
+    pub name: String,
+    /// `Some(column)` for a protected dataset, `None` for a public one.
+    pub privacy_unit: Option<String>,
+    /// Declared columns; a column that is not declared is treated as hidden.
+    pub columns: BTreeMap<String, ColumnRole>,
+}
+
+impl DatasetPolicy {
+    pub fn role(&self, column: &str) -> ColumnRole {
+        self.columns
+            .get(column)
+            .cloned()
+            .unwrap_or(ColumnRole::Hidden)
+    }
+}
+
+/// Defaults and caps that apply when a query does not say otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    /// ε charged by a query that names none.
+    pub epsilon: f64,
+    /// The largest ε a single query may ask for.
+    pub max_epsilon_per_query: f64,
+    /// How many groups one person may contribute to in one query.
+    pub max_groups_contributed: u32,
+    /// How many rows one person may contribute to one group.
+    pub max_contributions_per_group: u32,
+    /// Largest number of groups a public-domain GROUP BY may enumerate.
+    pub max_output_groups: usize,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            epsilon: 1.0,
+            max_epsilon_per_query: 10.0,
+            max_groups_contributed: 1,
+            max_contributions_per_group: 10,
+            max_output_groups: 100_000,
+        }
+    }
+}
+
+/// The datasets one party may query, and the defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    pub datasets: BTreeMap<String, DatasetPolicy>,
+    pub defaults: Defaults,
+}
+
+impl Policy {
+    pub fn dataset(&self, name: &str) -> Option<&DatasetPolicy> {
+        self.datasets.get(name)
+    }
+}

@@ -1,0 +1,231 @@
+//! The release path: the only code that turns exact aggregates into values a
+//! party may see.
+//!
+//! [`release`] needs the [`Receipt`] of the query's charge, so nothing is
+//! released before the charge is durable. It completes the groups to the full
+//! public domain (a group with no rows is released too, as a noisy zero, so the
+//! answer's shape never shows which groups exist), drops any group key outside
+//! the domain, and adds OpenDP noise to every cell. [`Released`], the answer,
+//! can only be built here. [`finish`] then runs the analyst's post-processing
+//! (projection, HAVING, ORDER BY, LIMIT) on the released values alone, which
+//! costs no privacy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::prelude::SessionContext;
+
+use crate::error::{DpError, Result};
+use crate::ledger::{round_for_display, Receipt};
+use crate::mechanism::Laplace;
+use crate::policy::Domain;
+use crate::rewrite::{release_table_schema, DpQuery, NoDataQuery};
+
+/// Arrow field metadata keys on every noisy column.
+pub const META_MECHANISM: &str = "cleanroom.noise.mechanism";
+pub const META_STDDEV: &str = "cleanroom.noise.stddev";
+pub const META_CI95: &str = "cleanroom.ci95.half_width";
+pub const META_EPSILON: &str = "cleanroom.epsilon";
+/// Arrow schema metadata keys on every answer.
+pub const META_CHARGE: &str = "cleanroom.charge.epsilon";
+pub const META_REMAINING: &str = "cleanroom.budget.remaining_epsilon";
+pub const META_RECEIPT: &str = "cleanroom.receipt";
+
+/// Noisy values of the DP aggregate, one row per cell of the public domain.
+pub struct NoisyAggregate {
+    batch: RecordBatch,
+    noise: Vec<(String, Laplace)>,
+    receipt: Receipt,
+}
+
+/// An answer a party may see: every value in it went through [`release`].
+#[derive(Debug, Clone)]
+pub struct Released {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+}
+
+impl Released {
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    pub fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
+
+}
+
+/// Answer a statement that reads no dataset (`SELECT 1`, a client's probe).
+/// It runs on a fresh context with no table registered, so it cannot reach
+/// any data, and it reveals nothing about anyone.
+pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
+    let ctx = SessionContext::new();
+    let batches = ctx.execute_logical_plan(query.plan.clone()).await?.collect().await?;
+    let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| query.output_schema());
+    Ok(Released { schema, batches })
+}
+
+/// Add noise to the exact bounded aggregates of `query`.
+///
+/// Why it is private: `exact` comes from [`DpQuery::exact_plan`], where each
+/// person changes aggregate column j (over all groups) by at most
+/// `sensitivity_j` in L1; the cells are the public domain's, so the set of
+/// rows released does not depend on the data; each column gets Laplace noise
+/// with ε_j from OpenDP's privacy map, and Σ ε_j = the charged ε
+/// (sequential composition). The receipt proves that ε is on the ledger.
+pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Result<NoisyAggregate> {
+    if receipt.query_id != query.id || receipt.epsilon + 1e-12 < query.epsilon {
+        return Err(DpError::Ledger("the receipt does not pay for this query".into()));
+    }
+    let cells = domain_cells(query);
+    let index: HashMap<&[String], usize> = cells.iter().enumerate().map(|(i, k)| (k.as_slice(), i)).collect();
+
+    let groups = query.groups.len();
+    let mut values = vec![vec![0.0f64; cells.len()]; query.aggregates.len()];
+    for batch in exact {
+        let keys: Vec<ArrayRef> = (0..groups)
+            .map(|g| cast(batch.column(g), &DataType::Utf8))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| DpError::Mechanism(e.to_string()))?;
+        let keys: Vec<&StringArray> = keys.iter().map(|a| a.as_any().downcast_ref::<StringArray>().expect("utf8")).collect();
+        let aggs: Vec<ArrayRef> = (0..query.aggregates.len())
+            .map(|j| cast(batch.column(groups + j), &DataType::Float64))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| DpError::Mechanism(e.to_string()))?;
+        for row in 0..batch.num_rows() {
+            if keys.iter().any(|k| k.is_null(row)) {
+                continue; // NULL is outside every public domain
+            }
+            let key: Vec<String> = keys.iter().map(|k| k.value(row).to_string()).collect();
+            // Keys outside the public domain are dropped: releasing them would
+            // reveal that someone has that value.
+            let Some(&cell) = index.get(key.as_slice()) else { continue };
+            for (j, a) in aggs.iter().enumerate() {
+                let a = a.as_any().downcast_ref::<Float64Array>().expect("f64");
+                if !a.is_null(row) {
+                    values[j][cell] = a.value(row);
+                }
+            }
+        }
+    }
+
+    let schema = release_table_schema(query);
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (g, key) in query.groups.iter().enumerate() {
+        let array: ArrayRef = match key.domain {
+            Domain::Strings(_) => Arc::new(StringArray::from_iter_values(cells.iter().map(|c| c[g].as_str()))),
+            Domain::IntRange { .. } => Arc::new(Int64Array::from_iter_values(
+                cells.iter().map(|c| c[g].parse::<i64>().expect("integer domain key")),
+            )),
+        };
+        columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+    }
+    let mut noise = Vec::new();
+    for (j, agg) in query.aggregates.iter().enumerate() {
+        let laplace = Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral)?;
+        let noisy = laplace.apply(&values[j])?;
+        let array: ArrayRef = if agg.integral {
+            Arc::new(Int64Array::from_iter_values(noisy.iter().map(|v| *v as i64)))
+        } else {
+            Arc::new(Float64Array::from(noisy))
+        };
+        columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+        noise.push((agg.output_name.clone(), laplace));
+    }
+    let batch = RecordBatch::try_new(schema, columns).map_err(|e| DpError::Mechanism(e.to_string()))?;
+    Ok(NoisyAggregate { batch, noise, receipt: receipt.clone() })
+}
+
+/// Every combination of the group keys' public domains, as text, in domain order.
+fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
+    let mut cells: Vec<Vec<String>> = vec![Vec::new()];
+    for key in &query.groups {
+        let values: Vec<String> = match &key.domain {
+            Domain::Strings(v) => v.clone(),
+            Domain::IntRange { min, max } => (*min..=*max).map(|v| v.to_string()).collect(),
+        };
+        cells = cells
+            .into_iter()
+            .flat_map(|prefix| {
+                values.iter().map(move |v| {
+                    let mut c = prefix.clone();
+                    c.push(v.clone());
+                    c
+                })
+            })
+            .collect();
+    }
+    cells
+}
+
+/// Run the analyst's post-processing on the released values and attach the
+/// noise description to the answer. Post-processing of a DP release is DP with
+/// the same ε, so this step costs nothing.
+pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> {
+    let table = Arc::new(MemTable::try_new(noisy.batch.schema(), vec![vec![noisy.batch.clone()]])?);
+    let plan = query.post_processing_plan(table)?;
+    let ctx = SessionContext::new();
+    let df = ctx.execute_logical_plan(plan.clone()).await?;
+    let batches = df.collect().await?;
+
+    let noise_by_output = noisy_outputs(&plan, &noisy.noise);
+    let base = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| query.output_schema());
+    let fields: Vec<Field> = base
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match noise_by_output.get(i).and_then(|n| n.as_ref()) {
+            Some(l) => f.as_ref().clone().with_metadata(HashMap::from([
+                (META_MECHANISM.to_string(), if l.integer { "discrete_laplace" } else { "laplace" }.to_string()),
+                (META_STDDEV.to_string(), format!("{}", l.stddev())),
+                (META_CI95.to_string(), format!("{}", l.ci95_half_width())),
+                (META_EPSILON.to_string(), format!("{}", l.epsilon)),
+            ])),
+            None => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(
+        fields,
+        HashMap::from([
+            (META_CHARGE.to_string(), format!("{}", round_for_display(noisy.receipt.epsilon))),
+            (META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining()))),
+            (META_RECEIPT.to_string(), noisy.receipt.id.clone()),
+        ]),
+    ));
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| DpError::Mechanism(e.to_string()))?;
+    Ok(Released { schema, batches })
+}
+
+/// For each output column of `plan`, the noise of the DP aggregate column it
+/// shows unchanged (through aliases), if any.
+fn noisy_outputs(plan: &LogicalPlan, noise: &[(String, Laplace)]) -> Vec<Option<Laplace>> {
+    let mut node = plan;
+    while matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_)) {
+        node = node.inputs()[0];
+    }
+    let find = |name: &str| noise.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
+    match node {
+        LogicalPlan::Projection(p) => p
+            .expr
+            .iter()
+            .map(|e| match e.clone().unalias() {
+                Expr::Column(c) => find(&c.name),
+                _ => None,
+            })
+            .collect(),
+        other => other.schema().fields().iter().map(|f| find(f.name())).collect(),
+    }
+}

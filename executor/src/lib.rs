@@ -1,0 +1,58 @@
+//! The cleanroom executor: a Ballista executor that knows the functions
+//! rewritten DP plans call.
+//!
+//! Ballista ships plans between processes as protobuf and resolves functions
+//! by name on arrival, so the scheduler and every executor must be built from
+//! a session state that registers [`cleanroom_dp::udf::all`]. [`session_state`]
+//! is that state; the standalone cluster and the `cleanroom executor` process
+//! both start from it.
+
+use std::net::SocketAddr;
+
+use ballista_core::extension::SessionConfigExt;
+use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use datafusion::execution::{SessionState, SessionStateBuilder};
+use datafusion::prelude::SessionConfig;
+
+/// Catalog and schema under which every party sees its datasets.
+pub const CATALOG: &str = "cleanroom";
+pub const SCHEMA: &str = "public";
+
+/// The session every cleanroom process plans and executes with: DataFusion's
+/// defaults, Ballista's settings, and cleanroom's functions.
+pub fn session_state(target_partitions: usize) -> SessionState {
+    let config = SessionConfig::new_with_ballista()
+        .with_target_partitions(target_partitions.max(1))
+        .with_information_schema(false)
+        .with_default_catalog_and_schema(CATALOG, SCHEMA);
+    let mut builder = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features();
+    builder
+        .scalar_functions()
+        .get_or_insert_with(Vec::new)
+        .extend(cleanroom_dp::udf::all());
+    builder.build()
+}
+
+/// Start one in-process executor that pulls tasks from the scheduler at
+/// `scheduler`. Its Flight service listens on an ephemeral loopback port.
+pub async fn start_in_process(
+    scheduler: SocketAddr,
+    vcores: usize,
+    state: &SessionState,
+) -> anyhow::Result<()> {
+    let url = format!("http://{scheduler}");
+    let client = loop {
+        match SchedulerGrpcClient::connect(url.clone()).await {
+            Ok(client) => break client,
+            Err(e) => {
+                tracing::debug!("waiting for the scheduler at {url}: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ballista_executor::new_standalone_executor_from_state(client, vcores, state)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start executor: {e}"))
+}

@@ -1,0 +1,94 @@
+//! The collaboration catalog: one DataFusion table per dataset of the
+//! manifest, and the per-party view of it.
+//!
+//! Tables are Parquet listing tables, which Ballista can serialise into plans
+//! and scan on its executors. Their schemas are read once at start-up; a
+//! party's session registers only the datasets the manifest lets it query,
+//! so a dataset it may not read cannot even be named.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::execution::SessionState;
+use datafusion::prelude::SessionContext;
+
+use crate::manifest::Manifest;
+
+pub use cleanroom_executor::{CATALOG, SCHEMA};
+
+/// One dataset, ready to scan.
+pub struct Table {
+    pub name: String,
+    pub provider: Arc<ListingTable>,
+    /// Columns a party may see in metadata (hidden ones left out).
+    pub visible_schema: SchemaRef,
+}
+
+pub struct Catalog {
+    pub manifest: Arc<Manifest>,
+    tables: BTreeMap<String, Table>,
+}
+
+impl Catalog {
+    /// Open every dataset of the manifest.
+    pub async fn open(manifest: Arc<Manifest>, state: &SessionState) -> anyhow::Result<Self> {
+        let mut tables = BTreeMap::new();
+        for dataset in &manifest.datasets {
+            let dir = dataset.local_path(&manifest.base_dir)?;
+            let mut location = dir.to_string_lossy().to_string();
+            if !location.ends_with('/') {
+                location.push('/');
+            }
+            let url = ListingTableUrl::parse(&location)
+                .with_context(|| format!("dataset `{}`: bad location {location}", dataset.name))?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let schema = options
+                .infer_schema(state, &url)
+                .await
+                .with_context(|| format!("dataset `{}`: cannot read the Parquet files under {location}", dataset.name))?;
+            let config = ListingTableConfig::new(url)
+                .with_listing_options(options)
+                .with_schema(schema.clone());
+            let provider = Arc::new(ListingTable::try_new(config)?);
+            let visible = schema
+                .fields()
+                .iter()
+                .filter(|f| {
+                    !matches!(
+                        dataset.columns.get(f.name()).map(|c| c.role),
+                        None | Some(crate::manifest::Role::Hidden)
+                    )
+                })
+                .cloned()
+                .collect::<Vec<_>>();
+            tables.insert(
+                dataset.name.clone(),
+                Table { name: dataset.name.clone(), provider, visible_schema: Arc::new(Schema::new(visible)) },
+            );
+        }
+        Ok(Catalog { manifest, tables })
+    }
+
+    /// The tables `party` may query, by name.
+    pub fn readable(&self, party: &str) -> Vec<&Table> {
+        self.manifest
+            .readable_datasets(party)
+            .into_iter()
+            .filter_map(|d| self.tables.get(&d.name))
+            .collect()
+    }
+
+    /// Register the tables `party` may query in `ctx`.
+    pub fn register_for(&self, party: &str, ctx: &SessionContext) -> anyhow::Result<()> {
+        for table in self.readable(party) {
+            ctx.register_table(table.name.as_str(), table.provider.clone() as Arc<dyn TableProvider>)?;
+        }
+        Ok(())
+    }
+}

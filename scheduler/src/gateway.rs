@@ -1,0 +1,653 @@
+//! The Flight SQL gateway: the only door a party has into the clean room.
+//!
+//! Each Flight SQL command has one handler here. A party authenticates with
+//! HTTP Basic credentials in the handshake and gets a Bearer token back; every
+//! other call must carry that token and acts as that party. Statements are
+//! planned (and refused) in `GetFlightInfo` and in prepared-statement
+//! creation, which cost nothing; they are charged and executed only in
+//! `DoGet`, where the DP planner's release path produces the answer. A ticket
+//! names a statement planned in one session and is resolved only in that
+//! session, once.
+//!
+//! Nothing a party receives comes from protected data except through
+//! [`cleanroom_dp::release::Released`]: refusals are planning errors that
+//! depend on the SQL and the manifest only, and a failure during execution is
+//! reported without its cause (which could depend on data) and logged here.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{
+    SqlInfoData, SqlInfoDataBuilder, XdbcTypeInfo, XdbcTypeInfoData, XdbcTypeInfoDataBuilder,
+};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
+    CommandPreparedStatementQuery, CommandStatementQuery, CommandStatementUpdate,
+    DoPutPreparedStatementResult, Nullable, ProstMessageExt, Searchable, SqlInfo,
+    TicketStatementQuery, XdbcDataType,
+};
+use arrow_flight::{
+    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
+};
+use base64::Engine;
+use ballista_core::execution_plans::DistributedQueryExec;
+use cleanroom_dp::ledger::{Charge, Ledger};
+use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::policy::Policy;
+use cleanroom_dp::release::{self, Released};
+use cleanroom_dp::rewrite::{plan_query, PlannedQuery};
+use cleanroom_dp::DpError;
+use cleanroom_proto::v1::statement_handle::Kind;
+use cleanroom_proto::StatementHandle;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion_proto::protobuf::LogicalPlanNode;
+use futures::{Stream, TryStreamExt};
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, CATALOG, SCHEMA};
+use crate::cluster::EmbeddedCluster;
+
+type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
+
+/// One authenticated connection of a party.
+struct Session {
+    party: String,
+    policy: Policy,
+    /// A Ballista client session with only this party's datasets registered.
+    ctx: SessionContext,
+    /// Options set with `SET cleanroom.<name> = <value>`.
+    options: Mutex<QueryOptions>,
+    /// Statements planned by GetFlightInfo, waiting for their DoGet.
+    pending: Mutex<HashMap<String, Arc<PlannedQuery>>>,
+    /// Prepared statements: handle → SQL.
+    prepared: Mutex<HashMap<String, String>>,
+}
+
+/// What a statement turned out to be.
+enum Statement {
+    /// `SET cleanroom.<option> = <value>`: applied to the session, no result.
+    Set,
+    Query(PlannedQuery),
+}
+
+#[derive(Clone)]
+pub struct FlightSqlGateway {
+    catalog: Arc<Catalog>,
+    cluster: EmbeddedCluster,
+    ledger: Arc<dyn Ledger>,
+    sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+    target_partitions: usize,
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
+fn encode_handle(id: &str, kind: Kind) -> Vec<u8> {
+    StatementHandle { id: id.to_string(), kind: kind as i32 }.encode_to_vec()
+}
+
+fn decode_handle(bytes: &[u8], kind: Kind) -> Result<String, Status> {
+    let handle = StatementHandle::decode(bytes)
+        .map_err(|_| Status::invalid_argument("malformed statement handle"))?;
+    if handle.kind != kind as i32 {
+        return Err(Status::invalid_argument("statement handle of the wrong kind"));
+    }
+    Ok(handle.id)
+}
+
+/// Map a planner error to a gRPC status a party may see.
+fn dp_status(e: DpError) -> Status {
+    match e {
+        DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        DpError::BudgetExceeded { .. } => Status::resource_exhausted(e.to_string()),
+        DpError::Mechanism(_) | DpError::Ledger(_) => {
+            warn!(error = %e, "release failed");
+            Status::internal("the answer could not be released; any charge made for it is kept")
+        }
+    }
+}
+
+fn schema_only_info(schema: &Schema, ticket: Vec<u8>, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+        .with_descriptor(descriptor))
+}
+
+fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::iter(batches.into_iter().map(Ok)))
+        .map_err(Status::from);
+    Box::pin(stream)
+}
+
+impl FlightSqlGateway {
+    pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> Self {
+        FlightSqlGateway {
+            catalog,
+            cluster,
+            ledger,
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+            target_partitions,
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn session<T>(&self, request: &Request<T>) -> Result<Arc<Session>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("no credentials: authenticate with the Flight SQL handshake first"))?
+            .to_str()
+            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("expected a Bearer token from the handshake"))?;
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(token)
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown or expired token: authenticate again"))
+    }
+
+    async fn open_session(&self, party: &str) -> Result<Session, Status> {
+        let state = cleanroom_executor::session_state(self.target_partitions);
+        let ctx = <SessionContext as ballista::prelude::SessionContextExt>::remote_with_state(&self.cluster.scheduler_url(), state)
+            .await
+            .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
+        for udf in cleanroom_dp::udf::all() {
+            ctx.register_udf(udf.as_ref().clone());
+        }
+        self.catalog
+            .register_for(party, &ctx)
+            .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
+        Ok(Session {
+            party: party.to_string(),
+            policy: self.catalog.manifest.policy_for(party),
+            ctx,
+            options: Mutex::new(QueryOptions::default()),
+            pending: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Plan `sql` for `session`: parse, check and rewrite. Charges nothing.
+    async fn plan(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
+        if let Some(assignment) = parse_set(sql) {
+            let (name, value) = assignment?;
+            let mut options = session.options.lock().expect("options lock").clone();
+            options.set(&name, &value).map_err(dp_status)?;
+            options.resolve(&session.policy.defaults).map_err(dp_status)?;
+            *session.options.lock().expect("options lock") = options;
+            return Ok(Statement::Set);
+        }
+        let (sql, query_options) = split_dp_clause(sql).map_err(dp_status)?;
+        let session_options = session.options.lock().expect("options lock").clone();
+        let options = query_options
+            .over(&session_options)
+            .resolve(&session.policy.defaults)
+            .map_err(dp_status)?;
+        let plan = session
+            .ctx
+            .state()
+            .create_logical_plan(&sql)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let planned = plan_query(&plan, &session.policy, &options).map_err(dp_status)?;
+        Ok(Statement::Query(planned))
+    }
+
+    /// Register a planned statement in the session and describe it.
+    fn flight_info(&self, session: &Session, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let schema = match &statement {
+            Statement::Set => Schema::empty(),
+            Statement::Query(PlannedQuery::NoData(q)) => q.output_schema().as_ref().clone(),
+            Statement::Query(PlannedQuery::Dp(q)) => q.output_schema().as_ref().clone(),
+        };
+        let id = random_id();
+        if let Statement::Query(planned) = statement {
+            session.pending.lock().expect("pending lock").insert(id.clone(), Arc::new(planned));
+        }
+        let ticket = TicketStatementQuery { statement_handle: encode_handle(&id, Kind::Query).into() };
+        schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor)
+    }
+
+    /// Charge, execute and release a planned statement.
+    async fn execute(&self, session: &Session, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
+        let query = match planned.as_ref() {
+            PlannedQuery::NoData(q) => return release::without_data(q).await.map_err(dp_status),
+            PlannedQuery::Dp(q) => q,
+        };
+        let party = self
+            .catalog
+            .manifest
+            .party(&session.party)
+            .ok_or_else(|| Status::permission_denied("this party is no longer in the collaboration"))?;
+        let budget = party.epsilon_budget;
+        let charge = Charge { party: session.party.clone(), query_id: query.id.clone(), epsilon: query.epsilon };
+        // The charge is durable before any protected data is read, and a
+        // failure after this point keeps it: errs on the side of privacy.
+        let ledger = self.ledger.clone();
+        let receipt = tokio::task::spawn_blocking(move || ledger.charge(&charge, budget))
+            .await
+            .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
+            .map_err(dp_status)?;
+        info!(party = %session.party, query = %query.id, receipt = %receipt.id, epsilon = receipt.epsilon, "budget charged");
+
+        let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
+            warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
+            Status::internal(format!(
+                "the query failed while running; its charge of epsilon = {} is kept",
+                receipt.epsilon
+            ))
+        })?;
+        let planned_for_release = planned.clone();
+        let noisy = tokio::task::spawn_blocking(move || {
+            let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
+            release::release(q, &exact, &receipt)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("release task failed: {e}")))?
+        .map_err(dp_status)?;
+        release::finish(query, noisy).await.map_err(dp_status)
+    }
+
+    /// Run a rewritten plan as a Ballista job and collect its (exact, small)
+    /// result here, on the trusted side.
+    async fn run_on_cluster(&self, session: &Session, query_id: &str, plan: LogicalPlan) -> datafusion::error::Result<Vec<RecordBatch>> {
+        let df = session.ctx.execute_logical_plan(plan).await?;
+        let physical = df.create_physical_plan().await?;
+        let batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()).await?;
+        let job = physical
+            .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()
+            .and_then(|d| d.job_id());
+        match job {
+            Some(job) => info!(query = %query_id, job = %job, "query ran as Ballista job {job}"),
+            None => warn!(query = %query_id, "query did not run as a Ballista job"),
+        }
+        Ok(batches)
+    }
+
+    fn sql_info() -> &'static SqlInfoData {
+        static INFO: std::sync::OnceLock<SqlInfoData> = std::sync::OnceLock::new();
+        INFO.get_or_init(|| {
+            let mut b = SqlInfoDataBuilder::new();
+            b.append(SqlInfo::FlightSqlServerName, "cleanroom");
+            b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+            b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+            b.append(SqlInfo::FlightSqlServerReadOnly, true);
+            b.append(SqlInfo::FlightSqlServerSql, true);
+            b.append(SqlInfo::FlightSqlServerSubstrait, false);
+            b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+            b.append(SqlInfo::FlightSqlServerCancel, false);
+            b.append(SqlInfo::SqlDdlCatalog, false);
+            b.append(SqlInfo::SqlDdlSchema, false);
+            b.append(SqlInfo::SqlDdlTable, false);
+            b.append(SqlInfo::SqlIdentifierCase, 1i32);
+            b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+            b.append(SqlInfo::SqlQuotedIdentifierCase, 1i32);
+            b.append(SqlInfo::SqlAllTablesAreSelectable, true);
+            b.append(SqlInfo::SqlKeywords, &["DIFFERENTIAL_PRIVACY", "OPTIONS"] as &[&str]);
+            b.append(SqlInfo::SqlNumericFunctions, &[] as &[&str]);
+            b.append(SqlInfo::SqlStringFunctions, &[] as &[&str]);
+            b.append(SqlInfo::SqlSystemFunctions, &[] as &[&str]);
+            b.append(SqlInfo::SqlDatetimeFunctions, &[] as &[&str]);
+            b.append(SqlInfo::SqlSearchStringEscape, "\\");
+            b.append(SqlInfo::SqlExtraNameCharacters, "");
+            b.append(SqlInfo::SqlSupportsColumnAliasing, true);
+            b.append(SqlInfo::SqlNullPlusNullIsNull, true);
+            b.build().expect("static SQL info")
+        })
+    }
+
+    fn xdbc_info() -> &'static XdbcTypeInfoData {
+        static INFO: std::sync::OnceLock<XdbcTypeInfoData> = std::sync::OnceLock::new();
+        INFO.get_or_init(|| {
+            let mut b = XdbcTypeInfoDataBuilder::new();
+            let types = [
+                ("BOOLEAN", XdbcDataType::XdbcBit, Some(1)),
+                ("BIGINT", XdbcDataType::XdbcBigint, Some(64)),
+                ("INTEGER", XdbcDataType::XdbcInteger, Some(32)),
+                ("DOUBLE", XdbcDataType::XdbcDouble, Some(53)),
+                ("VARCHAR", XdbcDataType::XdbcVarchar, None),
+                ("DATE", XdbcDataType::XdbcDate, None),
+                ("TIMESTAMP", XdbcDataType::XdbcTimestamp, None),
+            ];
+            for (name, data_type, size) in types {
+                b.append(XdbcTypeInfo {
+                    type_name: name.into(),
+                    data_type,
+                    column_size: size,
+                    literal_prefix: (name == "VARCHAR").then(|| "'".into()),
+                    literal_suffix: (name == "VARCHAR").then(|| "'".into()),
+                    create_params: None,
+                    nullable: Nullable::NullabilityNullable,
+                    case_sensitive: name == "VARCHAR",
+                    searchable: Searchable::Full,
+                    unsigned_attribute: size.map(|_| false),
+                    fixed_prec_scale: false,
+                    auto_increment: Some(false),
+                    local_type_name: Some(name.into()),
+                    minimum_scale: None,
+                    maximum_scale: None,
+                    sql_data_type: data_type,
+                    datetime_subcode: None,
+                    num_prec_radix: size.map(|_| 2),
+                    interval_precision: None,
+                });
+            }
+            b.build().expect("static type info")
+        })
+    }
+
+    fn table_types_batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("table_type", DataType::Utf8, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["TABLE"]))]).expect("static batch")
+    }
+}
+
+/// `SET cleanroom.<name> = <value>` (or `TO`): `None` if `sql` is not a SET.
+fn parse_set(sql: &str) -> Option<Result<(String, String), Status>> {
+    let trimmed = sql.trim().trim_end_matches(';').trim();
+    let head = trimmed.get(..4)?;
+    if !head.eq_ignore_ascii_case("set ") {
+        return None;
+    }
+    let rest = trimmed[4..].trim();
+    let (name, value) = match rest.split_once('=') {
+        Some((n, v)) => (n.trim(), v.trim()),
+        None => {
+            let mut parts = rest.splitn(3, char::is_whitespace);
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(n), Some(to), Some(v)) if to.eq_ignore_ascii_case("to") => (n, v.trim()),
+                _ => return Some(Err(Status::invalid_argument("expected SET cleanroom.<option> = <value>"))),
+            }
+        }
+    };
+    let lower = name.to_ascii_lowercase();
+    let Some(option) = lower.strip_prefix("cleanroom.") else {
+        return Some(Err(Status::invalid_argument(format!(
+            "SET {name}: only cleanroom.<option> settings (epsilon, delta, max_groups_contributed, max_contributions_per_group) can be set"
+        ))));
+    };
+    Some(Ok((option.to_string(), value.to_string())))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSqlGateway {
+    type FlightService = FlightSqlGateway;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status> {
+        let refused = || Status::unauthenticated("invalid user name or password");
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("send HTTP Basic credentials (party name and password) in the handshake"))?
+            .to_str()
+            .map_err(|_| refused())?
+            .to_string();
+        let encoded = header
+            .strip_prefix("Basic ")
+            .ok_or_else(|| Status::unauthenticated("the handshake takes HTTP Basic credentials"))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| refused())?;
+        let decoded = String::from_utf8(decoded).map_err(|_| refused())?;
+        let (party, password) = decoded.split_once(':').ok_or_else(refused)?;
+        let (party, password) = (party.to_string(), password.to_string());
+        let manifest = self.catalog.manifest.clone();
+        let party_for_check = party.clone();
+        let valid = tokio::task::spawn_blocking(move || manifest.verify_password(&party_for_check, &password))
+            .await
+            .map_err(|e| Status::internal(format!("authentication task failed: {e}")))?;
+        if !valid {
+            warn!(party = %party, "authentication failed");
+            return Err(refused());
+        }
+        let session = self.open_session(&party).await?;
+        let token = random_id() + &random_id();
+        self.sessions.lock().expect("sessions lock").insert(token.clone(), Arc::new(session));
+        info!(party = %party, "authenticated");
+        let response = HandshakeResponse { protocol_version: 0, payload: token.clone().into() };
+        let stream: Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>> =
+            Box::pin(futures::stream::iter(vec![Ok(response)]));
+        let mut response = Response::new(stream);
+        response.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| Status::internal("bad token"))?,
+        );
+        Ok(response)
+    }
+
+    async fn do_get_fallback(&self, request: Request<Ticket>, _message: Any) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        Err(Status::invalid_argument("unknown ticket"))
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let session = self.session(&request)?;
+        let statement = self.plan(&session, &query.query).await?;
+        let info = self.flight_info(&session, statement, request.into_inner())?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let session = self.session(&request)?;
+        let id = decode_handle(&cmd.prepared_statement_handle, Kind::Prepared)?;
+        let sql = session
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
+        let statement = self.plan(&session, &sql).await?;
+        let info = self.flight_info(&session, statement, request.into_inner())?;
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        let session = self.session(&request)?;
+        let id = decode_handle(&ticket.statement_handle, Kind::Query)?;
+        // Removed on use: a ticket executes (and is charged) once, and only in
+        // the session that planned it.
+        let planned = session
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&id)
+            .ok_or_else(|| Status::not_found("no such statement in this session (tickets are valid once, in the session that planned them)"))?;
+        let released = self.execute(&session, planned).await?;
+        Ok(Response::new(batches_stream(released.schema(), released.batches().to_vec())))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        _query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        Err(Status::invalid_argument("execute a prepared statement with GetFlightInfo, then DoGet its ticket"))
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        command: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let session = self.session(&request)?;
+        match self.plan(&session, &command.query).await? {
+            Statement::Set => Ok(0),
+            Statement::Query(_) => Err(Status::invalid_argument(
+                "only SET cleanroom.<option> = <value> runs as an update; run queries as queries",
+            )),
+        }
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        _query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        self.session(&request)?;
+        Err(Status::unimplemented("binding parameters to prepared statements is not supported yet"))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let session = self.session(&request)?;
+        // Planned now so that a refused statement fails at prepare time and the
+        // client learns the result schema; nothing runs and nothing is charged.
+        let schema = match self.plan(&session, &query.query).await? {
+            Statement::Set => Schema::empty(),
+            Statement::Query(PlannedQuery::NoData(q)) => q.output_schema().as_ref().clone(),
+            Statement::Query(PlannedQuery::Dp(q)) => q.output_schema().as_ref().clone(),
+        };
+        let id = random_id();
+        session.prepared.lock().expect("prepared lock").insert(id.clone(), query.query.clone());
+        let IpcMessage(schema_bytes) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
+            .try_into()
+            .map_err(|e: arrow::error::ArrowError| Status::internal(format!("cannot encode schema: {e}")))?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: encode_handle(&id, Kind::Prepared).into(),
+            dataset_schema: schema_bytes,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        let session = self.session(&request)?;
+        let id = decode_handle(&query.prepared_statement_handle, Kind::Prepared)?;
+        session.prepared.lock().expect("prepared lock").remove(&id);
+        Ok(())
+    }
+
+    async fn get_flight_info_catalogs(&self, query: CommandGetCatalogs, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(schema_only_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_catalogs(&self, query: CommandGetCatalogs, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG);
+        let schema = builder.schema();
+        let batch = builder.build()?;
+        Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_schemas(&self, query: CommandGetDbSchemas, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(schema_only_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_schemas(&self, query: CommandGetDbSchemas, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG, SCHEMA);
+        let schema = builder.schema();
+        let batch = builder.build()?;
+        Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_tables(&self, query: CommandGetTables, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(schema_only_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_tables(&self, query: CommandGetTables, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        let session = self.session(&request)?;
+        let mut builder = query.into_builder();
+        for table in self.catalog.readable(&session.party) {
+            builder.append(CATALOG, SCHEMA, &table.name, "TABLE", &table.visible_schema)?;
+        }
+        let schema = builder.schema();
+        let batch = builder.build()?;
+        Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_table_types(&self, query: CommandGetTableTypes, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let batch = Self::table_types_batch();
+        Ok(Response::new(schema_only_info(&batch.schema(), query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_table_types(&self, _query: CommandGetTableTypes, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        let batch = Self::table_types_batch();
+        Ok(Response::new(batches_stream(batch.schema(), vec![batch])))
+    }
+
+    async fn get_flight_info_sql_info(&self, query: CommandGetSqlInfo, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let schema = query.clone().into_builder(Self::sql_info()).schema();
+        Ok(Response::new(schema_only_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_sql_info(&self, query: CommandGetSqlInfo, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        let builder = query.into_builder(Self::sql_info());
+        let schema = builder.schema();
+        let batch = builder.build()?;
+        Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_xdbc_type_info(&self, query: CommandGetXdbcTypeInfo, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        let schema = query.clone().into_builder(Self::xdbc_info()).schema();
+        Ok(Response::new(schema_only_info(&schema, query.as_any().encode_to_vec(), request.into_inner())?))
+    }
+
+    async fn do_get_xdbc_type_info(&self, query: CommandGetXdbcTypeInfo, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        let builder = query.into_builder(Self::xdbc_info());
+        let schema = builder.schema();
+        let batch = builder.build()?;
+        Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

@@ -1,0 +1,9 @@
+//! The cleanroom scheduler process: the collaboration manifest, the catalog
+//! built from it, the Flight SQL gateway parties talk to, and the embedded
+//! Ballista cluster that executes checked plans.
+
+pub mod catalog;
+pub mod cluster;
+pub mod gateway;
+pub mod manifest;
+pub mod serve;

@@ -1,0 +1,339 @@
+//! End-to-end behaviour of `cleanroom serve`, driven by arrow-flight's Flight
+//! SQL client exactly as an analyst's tool would: a real server process with
+//! its embedded Ballista cluster, over real AdBench Parquet files.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables};
+use futures::TryStreamExt;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cleanroom");
+
+/// AdBench at SF 0.01, generated once for all tests of this file.
+fn demo() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cleanroom-e2e-{}", std::process::id()));
+        let status = Command::new(BIN)
+            .args(["generate", "--sf", "0.01", "--seed", "7", "--quiet", "--out"])
+            .arg(&dir)
+            .status()
+            .expect("run cleanroom generate");
+        assert!(status.success(), "cleanroom generate failed");
+        dir
+    })
+}
+
+fn password(party: &str) -> String {
+    let text = std::fs::read_to_string(demo().join("credentials.toml")).unwrap();
+    let mut in_party = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_party = line == format!("[parties.{party}]");
+        } else if in_party {
+            if let Some(v) = line.strip_prefix("password = ") {
+                return v.trim_matches('"').to_string();
+            }
+        }
+    }
+    panic!("no password for {party}")
+}
+
+fn truth() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(demo().join("truth.json")).unwrap()).unwrap()
+}
+
+/// A `cleanroom serve` process on a free port, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(state_dir: &Path) -> Server {
+        let log = state_dir.with_extension("log");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--executors", "2", "--manifest"])
+            .arg(demo().join("manifest.toml"))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start cleanroom serve");
+        let mut child = child;
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let started = Instant::now();
+        let addr = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("server exited: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+                .unwrap();
+            if let Some(rest) = line.split("grpc://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "server did not start");
+        };
+        Server { child, addr, log }
+    }
+
+    async fn client(&self) -> FlightSqlServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        FlightSqlServiceClient::new(channel)
+    }
+
+    async fn login(&self, party: &str) -> FlightSqlServiceClient<Channel> {
+        let mut client = self.client().await;
+        client.handshake(party, &password(party)).await.expect("handshake");
+        client
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Simulate a crash: SIGKILL, no shutdown.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn query(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> Result<Vec<RecordBatch>, tonic::Status> {
+    let info = client.execute(sql.to_string(), None).await.map_err(to_status)?;
+    let mut batches = Vec::new();
+    for endpoint in info.endpoint {
+        let stream = client.do_get(endpoint.ticket.unwrap()).await.map_err(to_status)?;
+        batches.extend(stream.try_collect::<Vec<_>>().await.map_err(|e| tonic::Status::internal(e.to_string()))?);
+    }
+    Ok(batches)
+}
+
+fn to_status(e: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::unknown(e.to_string())
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap().keep();
+    dir.join("state")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_a_token_or_with_a_wrong_password_are_refused() {
+    let server = Server::start(&state_dir("auth"));
+    let mut anonymous = server.client().await;
+    let err = anonymous.execute("SELECT 1".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("Unauthenticated") || err.to_string().contains("credentials"), "{err}");
+
+    let mut wrong = server.client().await;
+    let err = wrong.handshake("advertiser", "not-the-password").await.unwrap_err();
+    assert!(err.to_string().contains("invalid user name or password"), "{err}");
+    let err = wrong.handshake("nobody", "x").await.unwrap_err();
+    assert!(err.to_string().contains("invalid user name or password"), "{err}");
+
+    let mut forged = server.client().await;
+    forged.set_token("0123456789abcdef".into());
+    assert!(forged.execute("SELECT 1".into(), None).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
+    let server = Server::start(&state_dir("meta"));
+    let mut client = server.login("advertiser").await;
+
+    let info = client.get_catalogs().await.unwrap();
+    let catalogs = collect(&mut client, info).await;
+    assert_eq!(strings(&catalogs, 0), vec!["cleanroom"]);
+
+    let info = client
+        .get_db_schemas(CommandGetDbSchemas { catalog: None, db_schema_filter_pattern: None })
+        .await
+        .unwrap();
+    let schemas = collect(&mut client, info).await;
+    assert_eq!(strings(&schemas, 1), vec!["public"]);
+
+    let info = client
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: None,
+            table_name_filter_pattern: None,
+            table_types: vec![],
+            include_schema: true,
+        })
+        .await
+        .unwrap();
+    let tables = collect(&mut client, info).await;
+    assert_eq!(strings(&tables, 2), vec!["conversions", "impressions"]);
+    let schema_bytes = tables[0].column(4).as_binary::<i32>().value(1).to_vec();
+    let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(&schema_bytes).unwrap();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert!(names.contains(&"channel") && names.contains(&"uid"), "{names:?}");
+    assert!(!names.contains(&"ts"), "hidden column ts is listed: {names:?}");
+
+    let info = client.get_table_types().await.unwrap();
+    assert_eq!(strings(&collect(&mut client, info).await, 0), vec!["TABLE"]);
+    let info = client.get_sql_info(vec![]).await.unwrap();
+    assert!(collect(&mut client, info).await[0].num_rows() > 0);
+    let info = client.get_xdbc_type_info(Default::default()).await.unwrap();
+    assert!(collect(&mut client, info).await[0].num_rows() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dp_count_of_people_per_channel_is_close_to_the_truth_and_runs_on_ballista() {
+    let server = Server::start(&state_dir("count"));
+    let mut client = server.login("advertiser").await;
+    // Each person appears in at most 5 channels, so with max_groups_contributed
+    // = 5 no contribution is dropped and the only error is the noise:
+    // discrete Laplace with scale b = 5 / 1 (L1 sensitivity 5, epsilon 1).
+    // P(|noise| > t) <= exp(-t / b); with t = b ln(5 / 1e-6) the chance that any
+    // of the 5 channels misses is at most 1e-6 (union bound).
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 5) \
+               channel, COUNT(DISTINCT uid) AS users FROM impressions GROUP BY channel ORDER BY channel";
+    let batches = query(&mut client, sql).await.expect("DP query");
+    let bound = 5.0 * (5.0f64 / 1e-6).ln();
+    let truth = truth();
+    let expected = truth["queries"]["Q4_reach_frequency"].as_array().unwrap();
+    let channels = strings(&batches, 0);
+    assert_eq!(channels.len(), expected.len(), "one row per channel of the public domain");
+    let users: Vec<i64> = batches.iter().flat_map(|b| b.column(1).as_primitive::<Int64Type>().values().to_vec()).collect();
+    for (i, row) in expected.iter().enumerate() {
+        assert_eq!(row["channel"].as_str().unwrap(), channels[i]);
+        let exact = row["users"].as_i64().unwrap();
+        assert!(
+            ((users[i] - exact) as f64).abs() <= bound,
+            "{}: released {} vs exact {exact}, bound {bound}",
+            channels[i],
+            users[i]
+        );
+    }
+    let field = batches[0].schema().field(1).clone();
+    let ci: f64 = field.metadata()["cleanroom.ci95.half_width"].parse().unwrap();
+    assert!((ci - 5.0 * 20f64.ln()).abs() < 1e-6, "ci {ci}");
+    assert_eq!(batches[0].schema().metadata()["cleanroom.charge.epsilon"], "1");
+
+    let log = server.log();
+    assert!(log.contains("ran as Ballista job"), "no Ballista job in the server log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule() {
+    let server = Server::start(&state_dir("refuse"));
+    let mut client = server.login("adnetwork").await;
+    let cases = [
+        ("SELECT * FROM impressions", "dp_aggregate_required"),
+        ("SELECT uid FROM impressions", "dp_aggregate_required"),
+        ("SELECT channel, COUNT(*) FROM impressions WHERE ts > '2026-01-01' GROUP BY channel", "hidden_column"),
+        ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "group_key_public_domain"),
+        ("SELECT uid, COUNT(*) FROM impressions GROUP BY uid", "privacy_unit_in_output"),
+        ("SELECT channel, COUNT(*) FROM impressions i JOIN conversions c ON i.uid = c.uid GROUP BY channel", "one_dataset_per_query"),
+        ("SELECT channel, AVG(cost_micros) FROM impressions GROUP BY channel", "supported_aggregates"),
+        ("SELECT channel, COUNT(*) FROM impressions WHERE campaign_id = 'x' GROUP BY channel", "filter_on_dimensions"),
+    ];
+    for (sql, rule) in cases {
+        let err = client.execute(sql.into(), None).await.expect_err(sql);
+        assert!(err.to_string().contains(&format!("`{rule}`")), "{sql}: expected rule {rule}, got {err}");
+    }
+    // Planning refusals cost nothing: a full-budget query still fits.
+    query(&mut client, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 5) channel, COUNT(*) FROM impressions GROUP BY channel")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spent_budget_is_refused_with_the_remainder_and_survives_a_crash() {
+    let state = state_dir("budget");
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 4.5) product_category, SUM(revenue) FROM conversions GROUP BY product_category";
+    // The demo budget is 50: eleven queries of 4.5 leave 0.5.
+    for i in 0..11 {
+        let batches = query(&mut client, sql).await.unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let remaining: f64 = batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"].parse().unwrap();
+        assert!((remaining - (50.0 - 4.5 * (i + 1) as f64)).abs() < 1e-9, "after query {i}: {remaining}");
+    }
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 0.5 left"), "{err}");
+    // Another party's budget is its own.
+    let mut other = server.login("adnetwork").await;
+    query(&mut other, sql).await.unwrap();
+
+    server.kill();
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 0.5 left"), "after restart: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ticket_only_works_once_and_in_its_own_session() {
+    let server = Server::start(&state_dir("ticket"));
+    let mut alice = server.login("advertiser").await;
+    let mut mallory = server.login("advertiser").await;
+    let info = alice
+        .execute("SELECT channel, COUNT(*) FROM impressions GROUP BY channel".into(), None)
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    assert!(mallory.do_get(ticket.clone()).await.is_err(), "a ticket worked in another session");
+    let stream = alice.do_get(ticket.clone()).await.unwrap();
+    stream.try_collect::<Vec<_>>().await.unwrap();
+    assert!(alice.do_get(ticket).await.is_err(), "a ticket worked twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_and_session_settings_work() {
+    let server = Server::start(&state_dir("prepared"));
+    let mut client = server.login("advertiser").await;
+    client.execute_update("SET cleanroom.epsilon = 0.25".into(), None).await.unwrap();
+    let mut prepared = client
+        .prepare("SELECT device, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY device".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(prepared.dataset_schema().unwrap().fields().len(), 2);
+    let info = prepared.execute().await.unwrap();
+    let batches = collect(&mut client, info).await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 4, "one row per device of the domain");
+    assert_eq!(batches[0].schema().metadata()["cleanroom.charge.epsilon"], "0.25");
+    prepared.close().await.unwrap();
+    let err = client.execute_update("SET cleanroom.epsilon = -1".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("epsilon"), "{err}");
+}
+
+async fn collect(client: &mut FlightSqlServiceClient<Channel>, info: arrow_flight::FlightInfo) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    for endpoint in info.endpoint {
+        let stream = client.do_get(endpoint.ticket.unwrap()).await.unwrap();
+        out.extend(stream.try_collect::<Vec<_>>().await.unwrap());
+    }
+    out
+}
+
+fn strings(batches: &[RecordBatch], column: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        let c = arrow::compute::cast(b.column(column), &arrow::datatypes::DataType::Utf8).unwrap();
+        let c = c.as_string::<i32>();
+        for i in 0..c.len() {
+            out.push(c.value(i).to_string());
+        }
+    }
+    out
+}
