@@ -172,8 +172,16 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
         move || -> Result<Written> {
             prepare_output_dir(&out_dir)?;
             let written = write_tables(&plan, &out_dir, progress)?;
-            write_atomically(&out_dir.join("manifest.toml"), manifest_toml(&plan)?.as_bytes(), false)?;
-            write_atomically(&out_dir.join("credentials.toml"), credentials_toml(&plan).as_bytes(), true)?;
+            write_atomically(
+                &out_dir.join("manifest.toml"),
+                manifest_toml(&plan)?.as_bytes(),
+                false,
+            )?;
+            write_atomically(
+                &out_dir.join("credentials.toml"),
+                credentials_toml(&plan).as_bytes(),
+                true,
+            )?;
             Ok(written)
         }
     })
@@ -191,9 +199,7 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     } else {
         ProgressBar::hidden()
     };
-    let t0 = std::time::Instant::now();
     let truth = compute_truth(&plan, &out_dir, &spinner).await;
-    eprintln!("TMPTRUTH {:?}", t0.elapsed());
     spinner.finish_and_clear();
     write_atomically(&out_dir.join("truth.json"), &truth?, false)?;
 
@@ -232,15 +238,23 @@ impl Plan {
         let shards = impressions
             .div_ceil(MAX_IMPRESSIONS_PER_FILE)
             .max(MIN_FILES_PER_TABLE);
-        Ok(Self { scale_factor, seed, people, impressions, shards })
+        Ok(Self {
+            scale_factor,
+            seed,
+            people,
+            impressions,
+            shards,
+        })
     }
 
     fn people_range(&self, shard: u64) -> std::ops::Range<u64> {
-        split_point(self.people, shard, self.shards)..split_point(self.people, shard + 1, self.shards)
+        split_point(self.people, shard, self.shards)
+            ..split_point(self.people, shard + 1, self.shards)
     }
 
     fn impression_target(&self, shard: u64) -> u64 {
-        split_point(self.impressions, shard + 1, self.shards) - split_point(self.impressions, shard, self.shards)
+        split_point(self.impressions, shard + 1, self.shards)
+            - split_point(self.impressions, shard, self.shards)
     }
 }
 
@@ -562,7 +576,7 @@ fn write_tables(plan: &Plan, out_dir: &Path, progress: bool) -> Result<Written> 
         let bar = ProgressBar::new(expected_rows);
         bar.set_style(
             ProgressStyle::with_template(
-                "generating {bar:40} {human_pos}/{human_len} rows ({per_sec}, {eta}) {msg}",
+                "generating {bar:40} {human_pos}/{human_len} rows [{elapsed}, eta {eta}] {msg}",
             )
             .expect("static progress template"),
         );
@@ -610,7 +624,10 @@ fn write_tables(plan: &Plan, out_dir: &Path, progress: bool) -> Result<Written> 
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("generator thread panicked"))))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow!("generator thread panicked")))
+            })
             .collect()
     });
 
@@ -701,7 +718,15 @@ fn write_shard(
         }
         draw_conversion_times(&mut conv_rng, person, &times, &mut conversion_times);
         for (seq, &ts) in conversion_times.iter().enumerate() {
-            push_conversion(&mut conv_rng, dists, person, seq as u64, &uid, ts, &mut conv_rows);
+            push_conversion(
+                &mut conv_rng,
+                dists,
+                person,
+                seq as u64,
+                &uid,
+                ts,
+                &mut conv_rows,
+            );
         }
         if !times.is_empty() || !conversion_times.is_empty() {
             written.people += 1;
@@ -755,7 +780,9 @@ fn draw_people(plan: &Plan, dists: &Distributions, shard: u64) -> Vec<Person> {
 /// long tail of heavy users.
 fn allocate_impressions(plan: &Plan, shard: u64, people: &mut [Person]) {
     let mut rng = stream_rng(plan.seed, "allocation", shard);
-    let exposed: Vec<usize> = (0..people.len()).filter(|&i| people[i].activity > 0.0).collect();
+    let exposed: Vec<usize> = (0..people.len())
+        .filter(|&i| people[i].activity > 0.0)
+        .collect();
     let target = plan.impression_target(shard);
     let singles = target.min(exposed.len() as u64) as usize;
     for &i in &exposed[..singles] {
@@ -860,8 +887,8 @@ fn draw_conversion_times(
         // lands strictly after the first impression and last-touch credit varies.
         for _ in 0..conversion_count(rng) {
             let anchor = impression_times[rng.gen_range(0..impression_times.len())];
-            let delay = (exponential(rng, MEAN_CONVERSION_DELAY_US) as i64)
-                .min(MAX_CONVERSION_DELAY_US);
+            let delay =
+                (exponential(rng, MEAN_CONVERSION_DELAY_US) as i64).min(MAX_CONVERSION_DELAY_US);
             out.push(anchor + US_PER_SECOND + delay);
         }
     }
@@ -914,8 +941,8 @@ fn demo_password(seed: u64, party: &str) -> String {
 fn password_hash(seed: u64, party: &str) -> Result<String> {
     // A seed-derived salt (instead of a random one) keeps manifest.toml reproducible.
     let salt_bytes = seeded_digest(seed, "salt", party);
-    let salt = SaltString::encode_b64(&salt_bytes[..16])
-        .map_err(|e| anyhow!("encoding salt: {e}"))?;
+    let salt =
+        SaltString::encode_b64(&salt_bytes[..16]).map_err(|e| anyhow!("encoding salt: {e}"))?;
     let hash = Argon2::default()
         .hash_password(demo_password(seed, party).as_bytes(), &salt)
         .map_err(|e| anyhow!("hashing the {party} password: {e}"))?;
@@ -1008,8 +1035,7 @@ fn credentials_toml(plan: &Plan) -> String {
     );
     for party in PARTIES {
         let password = demo_password(plan.seed, party);
-        writeln!(out, "[parties.{party}]\npassword = \"{password}\"")
-            .expect("writing to a String");
+        writeln!(out, "[parties.{party}]\npassword = \"{password}\"").expect("writing to a String");
     }
     out
 }
@@ -1055,7 +1081,6 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     register_adbench_tables(&ctx, out_dir).await?;
     let mut results = Vec::new();
-    let t0 = std::time::Instant::now();
     for (name, sql) in adbench_queries() {
         spinner.set_message(format!("computing truth.json: {name}"));
         let batches = ctx
@@ -1065,7 +1090,6 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
             .collect()
             .await
             .with_context(|| format!("running {name}"))?;
-        eprintln!("TMPQ {name} {:?}", t0.elapsed());
         results.push((name, batches_to_rows(&batches)?));
     }
     let truth = Truth {
@@ -1082,7 +1106,12 @@ fn batches_to_rows(batches: &[RecordBatch]) -> Result<Vec<Row>> {
     let Some(first) = batches.first() else {
         return Ok(Vec::new());
     };
-    let columns: Vec<String> = first.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let columns: Vec<String> = first
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
     writer.write_batches(&batches.iter().collect::<Vec<_>>())?;
     writer.finish()?;
@@ -1171,7 +1200,9 @@ mod tests {
     }
 
     fn count(row: &Value, key: &str) -> u64 {
-        row[key].as_u64().unwrap_or_else(|| panic!("{key} in {row}"))
+        row[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {row}"))
     }
 
     #[tokio::test]
@@ -1199,15 +1230,25 @@ mod tests {
             "data/conversions/part-0000.parquet",
             "data/conversions/part-0001.parquet",
         ] {
-            assert!(names.contains(&PathBuf::from(expected)), "missing {expected}: {names:?}");
+            assert!(
+                names.contains(&PathBuf::from(expected)),
+                "missing {expected}: {names:?}"
+            );
         }
         assert!(
             names.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
             "temporary files left behind: {names:?}"
         );
-        assert_eq!(names, files_b.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            names,
+            files_b.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>()
+        );
         for ((path, bytes_a), (_, bytes_b)) in files_a.iter().zip(&files_b) {
-            assert!(bytes_a == bytes_b, "{} differs between runs", path.display());
+            assert!(
+                bytes_a == bytes_b,
+                "{} differs between runs",
+                path.display()
+            );
         }
 
         // Rerunning into a used directory replaces the previous output.
@@ -1258,7 +1299,10 @@ mod tests {
         );
         assert!(matched <= imp.min(conv), "{q1}");
         let match_rate = matched as f64 / conv as f64;
-        assert!((0.3..=0.6).contains(&match_rate), "match rate {match_rate}: {q1}");
+        assert!(
+            (0.3..=0.6).contains(&match_rate),
+            "match rate {match_rate}: {q1}"
+        );
 
         let q3 = queries["Q3_incrementality"].as_array().unwrap();
         let rate = |group: &str| {
@@ -1269,21 +1313,14 @@ mod tests {
         assert!(test > control, "test {test} vs control {control}: {q3:?}");
 
         for name in ["Q2_affiliate_ltv", "Q4_reach_frequency", "Q5_last_touch"] {
-            assert!(!queries[name].as_array().unwrap().is_empty(), "{name} is empty");
+            assert!(
+                !queries[name].as_array().unwrap().is_empty(),
+                "{name} is empty"
+            );
         }
         let q4 = queries["Q4_reach_frequency"].as_array().unwrap();
         let impressions: u64 = q4.iter().map(|r| count(r, "impressions")).sum();
         assert_eq!(impressions, summary.impressions);
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore]
-    async fn tmp_timing() {
-        let sf: f64 = std::env::var("SF").unwrap().parse().unwrap();
-        let out = PathBuf::from(std::env::var("OUT").unwrap());
-        let t = std::time::Instant::now();
-        let s = generate(&GenerateOptions { scale_factor: sf, out_dir: out, seed: 42, progress: true }).await.unwrap();
-        eprintln!("TIMING sf={sf} {:?} {s:?}", t.elapsed());
     }
 
     #[test]

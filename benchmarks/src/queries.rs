@@ -27,8 +27,9 @@ pub fn adbench_queries() -> Vec<(String, String)> {
         if let Some(name) = line.trim_start().strip_prefix(NAME_MARKER) {
             queries.push((name.trim().to_string(), Vec::new()));
         } else if let Some((_, body)) = queries.last_mut() {
-            let is_leading_comment = body.is_empty() && line.trim_start().starts_with("--");
-            if !is_leading_comment && !(body.is_empty() && line.trim().is_empty()) {
+            let trimmed = line.trim_start();
+            let is_preamble = body.is_empty() && (trimmed.is_empty() || trimmed.starts_with("--"));
+            if !is_preamble {
                 body.push(line);
             }
         }

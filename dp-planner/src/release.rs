@@ -39,7 +39,6 @@ pub const META_RECEIPT: &str = "cleanroom.receipt";
 /// Noisy values of the DP aggregate, one row per cell of the public domain.
 pub struct NoisyAggregate {
     batch: RecordBatch,
-    noise: Vec<(String, Laplace)>,
     receipt: Receipt,
 }
 
@@ -67,8 +66,25 @@ impl Released {
 pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let ctx = SessionContext::new();
     let batches = ctx.execute_logical_plan(query.plan.clone()).await?.collect().await?;
-    let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| query.output_schema());
+    let schema = Arc::new(announced_schema(&query.output_schema()));
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches })
+}
+
+/// The schema announced for an answer before it runs: every column nullable,
+/// as in the released batches (clients compare the two).
+pub fn announced_schema(schema: &Schema) -> Schema {
+    Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Add noise to the exact bounded aggregates of `query`.
@@ -126,7 +142,6 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
         };
         columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
-    let mut noise = Vec::new();
     for (j, agg) in query.aggregates.iter().enumerate() {
         let laplace = Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral)?;
         let noisy = laplace.apply(&values[j])?;
@@ -136,10 +151,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             Arc::new(Float64Array::from(noisy))
         };
         columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
-        noise.push((agg.output_name.clone(), laplace));
     }
     let batch = RecordBatch::try_new(schema, columns).map_err(|e| DpError::Mechanism(e.to_string()))?;
-    Ok(NoisyAggregate { batch, noise, receipt: receipt.clone() })
+    Ok(NoisyAggregate { batch, receipt: receipt.clone() })
 }
 
 /// Every combination of the group keys' public domains, as text, in domain order.
@@ -164,26 +178,29 @@ fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
     cells
 }
 
-/// Run the analyst's post-processing on the released values and attach the
-/// noise description to the answer. Post-processing of a DP release is DP with
-/// the same ε, so this step costs nothing.
-pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> {
-    let table = Arc::new(MemTable::try_new(noisy.batch.schema(), vec![vec![noisy.batch.clone()]])?);
-    let plan = query.post_processing_plan(table)?;
-    let ctx = SessionContext::new();
-    let df = ctx.execute_logical_plan(plan.clone()).await?;
-    let batches = df.collect().await?;
+/// The noise each DP aggregate column of `query` will get. Calibration is
+/// deterministic (it depends on the sensitivity and ε only), so the answer's
+/// schema can announce it before anything runs.
+fn calibrations(query: &DpQuery) -> Result<Vec<(String, Laplace)>> {
+    query
+        .aggregates
+        .iter()
+        .map(|a| Ok((a.output_name.clone(), Laplace::calibrate(a.sensitivity, a.epsilon, a.integral)?)))
+        .collect()
+}
 
-    let noise_by_output = noisy_outputs(&plan, &noisy.noise);
-    let base = batches
-        .first()
-        .map(|b| b.schema())
-        .unwrap_or_else(|| query.output_schema());
+/// The schema of `query`'s answer as announced before it runs (in FlightInfo
+/// and prepared statements): every column nullable, each noisy column with
+/// its mechanism, noise standard deviation, 95 % interval half-width and ε in
+/// its field metadata, and the query's charge in the schema metadata.
+pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
+    let noise = noisy_outputs(&query.original, &calibrations(query)?);
+    let base = announced_schema(&query.output_schema());
     let fields: Vec<Field> = base
         .fields()
         .iter()
-        .enumerate()
-        .map(|(i, f)| match noise_by_output.get(i).and_then(|n| n.as_ref()) {
+        .zip(noise)
+        .map(|(f, n)| match n {
             Some(l) => f.as_ref().clone().with_metadata(HashMap::from([
                 (META_MECHANISM.to_string(), if l.integer { "discrete_laplace" } else { "laplace" }.to_string()),
                 (META_STDDEV.to_string(), format!("{}", l.stddev())),
@@ -193,17 +210,37 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
             None => f.as_ref().clone(),
         })
         .collect();
-    let schema = Arc::new(Schema::new_with_metadata(
+    Ok(Schema::new_with_metadata(
         fields,
-        HashMap::from([
-            (META_CHARGE.to_string(), format!("{}", round_for_display(noisy.receipt.epsilon))),
-            (META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining()))),
-            (META_RECEIPT.to_string(), noisy.receipt.id.clone()),
-        ]),
-    ));
+        HashMap::from([(META_CHARGE.to_string(), format!("{}", round_for_display(query.epsilon)))]),
+    ))
+}
+
+/// Run the analyst's post-processing on the released values and attach the
+/// noise description and the receipt to the answer. Post-processing of a DP
+/// release is DP with the same ε, so this step costs nothing.
+pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> {
+    let table = Arc::new(MemTable::try_new(noisy.batch.schema(), vec![vec![noisy.batch.clone()]])?);
+    let plan = query.post_processing_plan(table)?;
+    let ctx = SessionContext::new();
+    let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
+
+    let announced = announced_dp_schema(query)?;
+    let mut metadata = announced.metadata().clone();
+    metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
+    metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id.clone());
+    let schema = Arc::new(announced.with_metadata(metadata));
     let batches = batches
         .into_iter()
-        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| cast(c, f.data_type()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(schema.clone(), columns)
+        })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches })

@@ -221,11 +221,7 @@ impl FlightSqlGateway {
 
     /// Register a planned statement in the session and describe it.
     fn flight_info(&self, session: &Session, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
-        let schema = match &statement {
-            Statement::Set => Schema::empty(),
-            Statement::Query(PlannedQuery::NoData(q)) => q.output_schema().as_ref().clone(),
-            Statement::Query(PlannedQuery::Dp(q)) => q.output_schema().as_ref().clone(),
-        };
+        let schema = statement_schema(&statement)?;
         let id = random_id();
         if let Statement::Query(planned) = statement {
             session.pending.lock().expect("pending lock").insert(id.clone(), Arc::new(planned));
@@ -368,6 +364,15 @@ impl FlightSqlGateway {
     }
 }
 
+/// The result schema a statement announces before it runs.
+fn statement_schema(statement: &Statement) -> Result<Schema, Status> {
+    Ok(match statement {
+        Statement::Set => Schema::empty(),
+        Statement::Query(PlannedQuery::NoData(q)) => release::announced_schema(&q.output_schema()),
+        Statement::Query(PlannedQuery::Dp(q)) => release::announced_dp_schema(q).map_err(dp_status)?,
+    })
+}
+
 /// `SET cleanroom.<name> = <value>` (or `TO`): `None` if `sql` is not a SET.
 fn parse_set(sql: &str) -> Option<Result<(String, String), Status>> {
     let trimmed = sql.trim().trim_end_matches(';').trim();
@@ -414,7 +419,13 @@ impl FlightSqlService for FlightSqlGateway {
         let encoded = header
             .strip_prefix("Basic ")
             .ok_or_else(|| Status::unauthenticated("the handshake takes HTTP Basic credentials"))?;
-        let decoded = base64::engine::general_purpose::STANDARD
+        // Clients differ on padding (ADBC's Go driver sends none), so accept both.
+        const BASIC: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let decoded = BASIC
             .decode(encoded.trim())
             .map_err(|_| refused())?;
         let decoded = String::from_utf8(decoded).map_err(|_| refused())?;
@@ -534,11 +545,7 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.session(&request)?;
         // Planned now so that a refused statement fails at prepare time and the
         // client learns the result schema; nothing runs and nothing is charged.
-        let schema = match self.plan(&session, &query.query).await? {
-            Statement::Set => Schema::empty(),
-            Statement::Query(PlannedQuery::NoData(q)) => q.output_schema().as_ref().clone(),
-            Statement::Query(PlannedQuery::Dp(q)) => q.output_schema().as_ref().clone(),
-        };
+        let schema = statement_schema(&self.plan(&session, &query.query).await?)?;
         let id = random_id();
         session.prepared.lock().expect("prepared lock").insert(id.clone(), query.query.clone());
         let IpcMessage(schema_bytes) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
