@@ -6,7 +6,7 @@
 //! own ChaCha stream derived from the seed, the table/stage and the part index, so parts can be
 //! produced on any number of threads and the same seed always yields the same bytes (on a given
 //! platform and build). The population model builds in a known true effect — exposed people in
-//! the `test` group convert after their first impression [`TRUE_LIFT`] times as often as
+//! the `test` group convert after their first impression `TRUE_LIFT` (1.3) times as often as
 //! `control` people — so DP answers can be judged against ground truth, not just against noise.
 //!
 //! Layout written under `out_dir`:

@@ -47,21 +47,47 @@ pub struct Charge {
     pub epsilon: f64,
 }
 
-/// Proof that a charge is durably recorded. Only a ledger makes one.
+/// Proof that a charge is durably recorded. Only a ledger makes one (its
+/// fields are private), and the release path requires one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Receipt {
-    pub id: String,
-    pub party: String,
-    pub query_id: String,
-    pub epsilon: f64,
+    id: String,
+    party: String,
+    query_id: String,
+    epsilon: f64,
     /// The party's total after this charge.
-    pub spent: f64,
-    pub budget: f64,
+    spent: f64,
+    budget: f64,
     /// Seconds since the Unix epoch.
-    pub at: u64,
+    at: u64,
 }
 
 impl Receipt {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn party(&self) -> &str {
+        &self.party
+    }
+
+    pub fn query_id(&self) -> &str {
+        &self.query_id
+    }
+
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    /// The party's total spent ε after this charge.
+    pub fn spent(&self) -> f64 {
+        self.spent
+    }
+
+    pub fn budget(&self) -> f64 {
+        self.budget
+    }
+
     pub fn remaining(&self) -> f64 {
         (self.budget - self.spent).max(0.0)
     }

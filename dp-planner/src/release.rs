@@ -96,7 +96,7 @@ pub fn announced_schema(schema: &Schema) -> Schema {
 /// with ε_j from OpenDP's privacy map, and Σ ε_j = the charged ε
 /// (sequential composition). The receipt proves that ε is on the ledger.
 pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Result<NoisyAggregate> {
-    if receipt.query_id != query.id || receipt.epsilon + 1e-12 < query.epsilon {
+    if receipt.query_id() != query.id || receipt.epsilon() + 1e-12 < query.epsilon {
         return Err(DpError::Ledger("the receipt does not pay for this query".into()));
     }
     let cells = domain_cells(query);
@@ -228,7 +228,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     let announced = announced_dp_schema(query)?;
     let mut metadata = announced.metadata().clone();
     metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
-    metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id.clone());
+    metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id().to_string());
     let schema = Arc::new(announced.with_metadata(metadata));
     let batches = batches
         .into_iter()
@@ -258,9 +258,17 @@ fn noisy_outputs(plan: &LogicalPlan, noise: &[(String, Laplace)]) -> Vec<Option<
         LogicalPlan::Projection(p) => p
             .expr
             .iter()
-            .map(|e| match e.clone().unalias() {
-                Expr::Column(c) => find(&c.name),
-                _ => None,
+            .map(|e| {
+                // The projection names an aggregate output either as a column
+                // or by repeating the aggregate expression, under any aliases.
+                let mut e = e;
+                while let Expr::Alias(alias) = e {
+                    e = &alias.expr;
+                }
+                match e {
+                    Expr::Column(c) => find(&c.name),
+                    other => find(&other.schema_name().to_string()),
+                }
             })
             .collect(),
         other => other.schema().fields().iter().map(|f| find(f.name())).collect(),

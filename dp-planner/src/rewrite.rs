@@ -128,6 +128,11 @@ pub struct DpQuery {
 }
 
 impl DpQuery {
+    /// The analyst's plan, as checked.
+    pub fn original_plan(&self) -> &LogicalPlan {
+        &self.original
+    }
+
     /// The Arrow schema of the answer, before the release metadata is attached.
     pub fn output_schema(&self) -> SchemaRef {
         Arc::new(self.original.schema().as_arrow().clone())
@@ -318,13 +323,10 @@ fn check_aggregate_input(
                 node = &filter.input;
             }
             LogicalPlan::SubqueryAlias(alias) => {
-                if !matches!(alias.input.as_ref(), LogicalPlan::TableScan(_)) {
-                    return Err(DpError::refused(
-                        "subquery",
-                        "subqueries in FROM are not supported yet",
-                    ));
+                if matches!(alias.input.as_ref(), LogicalPlan::TableScan(_)) {
+                    return Ok((input.schema().clone(), alias.alias.clone()));
                 }
-                return Ok((input.schema().clone(), alias.alias.clone()));
+                node = &alias.input;
             }
             LogicalPlan::TableScan(scan) => {
                 if !scan.filters.is_empty() || scan.fetch.is_some() {

@@ -250,13 +250,13 @@ impl FlightSqlGateway {
             .await
             .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
             .map_err(dp_status)?;
-        info!(party = %session.party, query = %query.id, receipt = %receipt.id, epsilon = receipt.epsilon, "budget charged");
+        info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), "budget charged");
 
         let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
             warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
             Status::internal(format!(
                 "the query failed while running; its charge of epsilon = {} is kept",
-                receipt.epsilon
+                receipt.epsilon()
             ))
         })?;
         let planned_for_release = planned.clone();

@@ -1,0 +1,231 @@
+//! The DP planner on a local DataFusion session: which queries it accepts and
+//! refuses, and what its rewritten plans compute.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use cleanroom_dp::ledger::{Charge, Ledger, RedbLedger};
+use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
+use cleanroom_dp::release::{finish, release};
+use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
+use cleanroom_dp::DpError;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+
+fn policy() -> Policy {
+    let mut columns = BTreeMap::new();
+    columns.insert("uid".to_string(), ColumnRole::JoinKey);
+    columns.insert(
+        "channel".to_string(),
+        ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["a".into(), "b".into(), "c".into()])) },
+    );
+    columns.insert("country".to_string(), ColumnRole::Dimension { domain: None });
+    columns.insert("cost".to_string(), ColumnRole::Measure { lower: 0.0, upper: 100.0 });
+    columns.insert("secret".to_string(), ColumnRole::Hidden);
+    let events = DatasetPolicy { name: "events".into(), privacy_unit: Some("uid".into()), columns };
+    let mut datasets = BTreeMap::new();
+    datasets.insert("events".to_string(), events);
+    Policy { datasets, defaults: Defaults::default() }
+}
+
+/// Five people: p1 in channels a, b, c (one row each), p2 three rows in a,
+/// p3 in b with cost 1000 (above the bound), p4 in channel "zzz" (outside
+/// the domain), p5 in a.
+fn context() -> SessionContext {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("uid", DataType::Utf8, false),
+        Field::new("channel", DataType::Utf8, true),
+        Field::new("country", DataType::Utf8, true),
+        Field::new("cost", DataType::Int64, true),
+        Field::new("secret", DataType::Utf8, true),
+    ]));
+    let rows = [
+        ("p1", "a", 10), ("p1", "b", 10), ("p1", "c", 10),
+        ("p2", "a", 5), ("p2", "a", 5), ("p2", "a", 5),
+        ("p3", "b", 1000), ("p4", "zzz", 1), ("p5", "a", 7),
+    ];
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "DE"))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "x"))),
+        ],
+    )
+    .unwrap();
+    let ctx = SessionContext::new();
+    ctx.register_table("events", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
+    ctx
+}
+
+async fn plan(sql: &str) -> Result<PlannedQuery, DpError> {
+    let (sql, options) = split_dp_clause(sql)?;
+    let plan = context().state().create_logical_plan(&sql).await?;
+    let policy = policy();
+    plan_query(&plan, &policy, &options.over(&QueryOptions::default()).resolve(&policy.defaults)?)
+}
+
+async fn refused_rule(sql: &str) -> &'static str {
+    match plan(sql).await {
+        Err(e) => e.rule().unwrap_or_else(|| panic!("{sql}: not a refusal: {e}")),
+        Ok(_) => panic!("{sql}: accepted"),
+    }
+}
+
+fn dp(planned: PlannedQuery) -> DpQuery {
+    match planned {
+        PlannedQuery::Dp(q) => *q,
+        other => panic!("not a DP query: {other:?}"),
+    }
+}
+
+async fn exact(query: &DpQuery) -> Vec<RecordBatch> {
+    let ctx = context();
+    ctx.execute_logical_plan(query.exact_plan.clone()).await.unwrap().collect().await.unwrap()
+}
+
+/// Exact bounded value of aggregate `agg` per group key, from the rewritten plan.
+async fn exact_by_group(query: &DpQuery, agg: usize) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for b in exact(query).await {
+        let keys = b.column(0).as_string::<i32>();
+        let values = arrow::compute::cast(b.column(1 + agg), &DataType::Float64).unwrap();
+        let values = values.as_primitive::<arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            out.insert(keys.value(i).to_string(), values.value(i));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn select_star_is_refused() {
+    assert_eq!(refused_rule("SELECT * FROM events").await, "dp_aggregate_required");
+}
+
+#[tokio::test]
+async fn hidden_column_is_refused_anywhere() {
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE secret = 'x' GROUP BY channel").await, "hidden_column");
+    assert_eq!(refused_rule("SELECT secret, COUNT(*) FROM events GROUP BY secret").await, "hidden_column");
+    assert_eq!(refused_rule("SELECT channel, COUNT(secret) FROM events GROUP BY channel").await, "hidden_column");
+}
+
+#[tokio::test]
+async fn group_key_without_public_domain_is_refused() {
+    assert_eq!(refused_rule("SELECT country, COUNT(*) FROM events GROUP BY country").await, "group_key_public_domain");
+}
+
+#[tokio::test]
+async fn grouping_by_the_privacy_unit_is_refused() {
+    assert_eq!(refused_rule("SELECT uid, COUNT(*) FROM events GROUP BY uid").await, "privacy_unit_in_output");
+}
+
+#[tokio::test]
+async fn limit_below_the_dp_aggregate_is_refused() {
+    assert_eq!(
+        refused_rule("SELECT channel, COUNT(*) FROM (SELECT * FROM events LIMIT 3) e GROUP BY channel").await,
+        "limit_below_dp_aggregate"
+    );
+}
+
+#[tokio::test]
+async fn self_join_is_refused() {
+    assert_eq!(
+        refused_rule("SELECT a.channel, COUNT(*) FROM events a JOIN events b ON a.uid = b.uid GROUP BY a.channel").await,
+        "one_dataset_per_query"
+    );
+}
+
+#[tokio::test]
+async fn filter_comparing_with_another_type_is_refused() {
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE channel = 3 GROUP BY channel").await, "filter_on_dimensions");
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost > 3 GROUP BY channel").await, "filter_on_dimensions");
+}
+
+#[tokio::test]
+async fn unsupported_aggregates_are_refused() {
+    assert_eq!(refused_rule("SELECT channel, COUNT(DISTINCT country) FROM events GROUP BY channel").await, "supported_aggregates");
+    assert_eq!(refused_rule("SELECT channel, MAX(cost) FROM events GROUP BY channel").await, "supported_aggregates");
+}
+
+#[tokio::test]
+async fn explain_is_refused_for_now() {
+    assert_eq!(refused_rule("EXPLAIN SELECT channel, COUNT(*) FROM events GROUP BY channel").await, "explain");
+}
+
+#[tokio::test]
+async fn query_reading_no_dataset_is_answered_without_charge() {
+    assert!(matches!(plan("SELECT 1 AS one").await.unwrap(), PlannedQuery::NoData(_)));
+}
+
+#[tokio::test]
+async fn each_person_reaches_at_most_max_groups_contributed_groups() {
+    // p1 is in a, b and c; with k = 1 it is counted in exactly one of them.
+    let q = dp(plan("SELECT channel, COUNT(DISTINCT uid) FROM events GROUP BY channel").await.unwrap());
+    let people = exact_by_group(&q, 0).await;
+    let in_domain: f64 = ["a", "b", "c"].iter().map(|k| people.get(*k).copied().unwrap_or(0.0)).sum();
+    // p1 once, p2, p3, p5: four people in domain channels.
+    assert_eq!(in_domain, 4.0, "{people:?}");
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
+
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) channel, COUNT(DISTINCT uid) FROM events GROUP BY channel").await.unwrap());
+    let people = exact_by_group(&q, 0).await;
+    assert_eq!(people["a"], 3.0);
+    assert_eq!(people["b"], 2.0);
+    assert_eq!(q.aggregates[0].sensitivity, 3.0);
+}
+
+#[tokio::test]
+async fn rows_and_values_are_clamped_per_person_and_group() {
+    let q = dp(plan(
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, max_contributions_per_group = 2) \
+         channel, COUNT(*), SUM(cost) FROM events GROUP BY channel",
+    )
+    .await
+    .unwrap());
+    let rows = exact_by_group(&q, 0).await;
+    let sums = exact_by_group(&q, 1).await;
+    // a: p1 1 row, p2 3 rows capped at 2, p5 1 row.
+    assert_eq!(rows["a"], 4.0);
+    // b: p1 cost 10, p3 cost 1000 clamped to the bound 100.
+    assert_eq!(sums["b"], 110.0);
+    // COUNT(*): 3 groups x 2 rows; SUM: 3 groups x 2 rows x 100.
+    assert_eq!(q.aggregates[0].sensitivity, 6.0);
+    assert_eq!(q.aggregates[1].sensitivity, 600.0);
+    assert!((q.aggregates[0].epsilon + q.aggregates[1].epsilon - q.epsilon).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn release_covers_the_whole_domain_and_drops_keys_outside_it() {
+    let q = dp(plan("SELECT channel, COUNT(*) AS n FROM events GROUP BY channel ORDER BY channel").await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = RedbLedger::open(dir.path()).unwrap();
+    let receipt = ledger
+        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon }, 10.0)
+        .unwrap();
+    let noisy = release(&q, &exact(&q).await, &receipt).unwrap();
+    let released = finish(&q, noisy).await.unwrap();
+    let batch = &released.batches()[0];
+    let keys: Vec<&str> = batch.column(0).as_string::<i32>().iter().map(|k| k.unwrap()).collect();
+    assert_eq!(keys, vec!["a", "b", "c"]);
+    assert_eq!(batch.column(1).as_primitive::<Int64Type>().len(), 3);
+    let field = released.schema().field(1).clone();
+    assert_eq!(field.metadata()["cleanroom.noise.mechanism"], "discrete_laplace");
+    assert_eq!(released.schema().metadata()["cleanroom.charge.epsilon"], "1");
+}
+
+#[tokio::test]
+async fn release_refuses_a_receipt_for_another_query() {
+    let q = dp(plan("SELECT channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = RedbLedger::open(dir.path()).unwrap();
+    let other = ledger
+        .charge(&Charge { party: "p".into(), query_id: "another".into(), epsilon: q.epsilon }, 10.0)
+        .unwrap();
+    assert!(release(&q, &exact(&q).await, &other).is_err());
+}
