@@ -61,10 +61,14 @@ struct Server {
 
 impl Server {
     fn start(state_dir: &Path) -> Server {
+        Server::start_with(&demo().join("manifest.toml"), state_dir)
+    }
+
+    fn start_with(manifest: &Path, state_dir: &Path) -> Server {
         let log = state_dir.with_extension("log");
         let child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--executors", "2", "--manifest"])
-            .arg(demo().join("manifest.toml"))
+            .arg(manifest)
             .arg("--state-dir")
             .arg(state_dir)
             .stdout(Stdio::piped())
@@ -194,6 +198,42 @@ async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
     assert!(collect(&mut client, info).await[0].num_rows() > 0);
     let info = client.get_xdbc_type_info(Default::default()).await.unwrap();
     assert!(collect(&mut client, info).await[0].num_rows() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_party_sees_and_queries_only_the_datasets_it_may_read() {
+    // The same collaboration, but only the advertiser may query conversions.
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let readers = r#"readers = ["advertiser", "adnetwork"]"#;
+    let second = text.rfind(readers).expect("readers of the second dataset");
+    let restricted = format!("{}readers = [\"advertiser\"]{}", &text[..second], &text[second + readers.len()..]);
+    assert!(restricted.contains("name = \"conversions\""));
+    let manifest = demo().join("restricted-manifest.toml");
+    std::fs::write(&manifest, restricted).unwrap();
+    let server = Server::start_with(&manifest, &state_dir("visibility"));
+
+    let mut adnetwork = server.login("adnetwork").await;
+    let info = adnetwork
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: None,
+            table_name_filter_pattern: None,
+            table_types: vec![],
+            include_schema: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(strings(&collect(&mut adnetwork, info).await, 2), vec!["impressions"]);
+    let err = adnetwork
+        .execute("SELECT product_category, COUNT(*) FROM conversions GROUP BY product_category".into(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("conversions") && err.to_string().contains("not found"), "{err}");
+
+    let mut advertiser = server.login("advertiser").await;
+    query(&mut advertiser, "SELECT product_category, COUNT(*) FROM conversions GROUP BY product_category")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
