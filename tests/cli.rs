@@ -43,8 +43,8 @@ revenue = { role = "measure", bounds = [10, 5] }
     assert!(stdout.contains("parties[0].password"), "{stdout}");
 }
 
-#[test]
-fn generated_manifest_passes_the_check() {
+/// A tiny AdBench collaboration in a fresh directory.
+fn generated_demo() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(BIN)
         .args(["generate", "--sf", "0.001", "--quiet", "--out"])
@@ -53,20 +53,19 @@ fn generated_manifest_passes_the_check() {
         .status()
         .unwrap();
     assert!(status.success());
+    dir
+}
+
+#[test]
+fn generated_manifest_passes_the_check() {
+    let dir = generated_demo();
     let out = Command::new(BIN).args(["manifest", "check"]).arg(dir.path().join("manifest.toml")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
 fn serve_stops_cleanly_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    let status = Command::new(BIN)
-        .args(["generate", "--sf", "0.001", "--quiet", "--out"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let dir = generated_demo();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--manifest"])
         .arg(dir.path().join("manifest.toml"))

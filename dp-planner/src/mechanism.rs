@@ -9,6 +9,7 @@
 //! done on big rationals). Samples come from OpenSSL's CSPRNG (`use-openssl`).
 //! Nothing here is hand-written float noise.
 
+use opendp::core::Measurement;
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_laplace;
 use opendp::measures::MaxDivergence;
@@ -73,53 +74,40 @@ impl Laplace {
     /// Add noise to every value of the column. Integer columns are rounded
     /// first (they hold whole numbers already).
     pub fn apply(&self, values: &[f64]) -> Result<Vec<f64>> {
-        let fail = |e: opendp::error::Error| DpError::Mechanism(e.to_string());
         if self.integer {
-            let m = make_laplace::<_, _, MaxDivergence>(
-                VectorDomain::new(AtomDomain::<i64>::default()),
-                L1Distance::<i64>::default(),
-                self.scale,
-                None,
-            )
-            .map_err(fail)?;
             let exact: Vec<i64> = values.iter().map(|v| v.round() as i64).collect();
-            Ok(m.invoke(&exact).map_err(fail)?.into_iter().map(|v| v as f64).collect())
+            let noisy = integer_laplace(self.scale)?.invoke(&exact).map_err(opendp_error)?;
+            Ok(noisy.into_iter().map(|v| v as f64).collect())
         } else {
-            let m = make_laplace::<_, _, MaxDivergence>(
-                VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
-                L1Distance::<f64>::default(),
-                self.scale,
-                None,
-            )
-            .map_err(fail)?;
-            m.invoke(&values.to_vec()).map_err(fail)
+            float_laplace(self.scale)?.invoke(&values.to_vec()).map_err(opendp_error)
         }
     }
 }
 
+type VectorLaplace<T> = Measurement<VectorDomain<AtomDomain<T>>, L1Distance<T>, MaxDivergence, Vec<T>>;
+
+fn opendp_error(e: opendp::error::Error) -> DpError {
+    DpError::Mechanism(e.to_string())
+}
+
+/// OpenDP's discrete Laplace over a vector of integers, L1 metric.
+fn integer_laplace(scale: f64) -> Result<VectorLaplace<i64>> {
+    make_laplace(VectorDomain::new(AtomDomain::<i64>::default()), L1Distance::<i64>::default(), scale, None)
+        .map_err(opendp_error)
+}
+
+/// OpenDP's exact float Laplace over a vector of non-NaN floats, L1 metric.
+fn float_laplace(scale: f64) -> Result<VectorLaplace<f64>> {
+    make_laplace(VectorDomain::new(AtomDomain::<f64>::new_non_nan()), L1Distance::<f64>::default(), scale, None)
+        .map_err(opendp_error)
+}
+
 /// ε that OpenDP's Laplace measurement spends on inputs `sensitivity` apart.
 fn privacy_map(sensitivity: f64, scale: f64, integer: bool) -> Result<f64> {
-    let fail = |e: opendp::error::Error| DpError::Mechanism(e.to_string());
     if integer {
-        make_laplace::<_, _, MaxDivergence>(
-            VectorDomain::new(AtomDomain::<i64>::default()),
-            L1Distance::<i64>::default(),
-            scale,
-            None,
-        )
-        .map_err(fail)?
-        .map(&(sensitivity as i64))
-        .map_err(fail)
+        integer_laplace(scale)?.map(&(sensitivity as i64)).map_err(opendp_error)
     } else {
-        make_laplace::<_, _, MaxDivergence>(
-            VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
-            L1Distance::<f64>::default(),
-            scale,
-            None,
-        )
-        .map_err(fail)?
-        .map(&sensitivity)
-        .map_err(fail)
+        float_laplace(scale)?.map(&sensitivity).map_err(opendp_error)
     }
 }
 
