@@ -90,3 +90,20 @@ fn serve_stops_cleanly_on_ctrl_c() {
     // The ledger was closed properly: it opens again.
     assert!(dir.path().join("state").join("ledger.redb").exists());
 }
+
+#[test]
+fn serve_refuses_a_manifest_whose_roles_do_not_fit_the_data() {
+    let dir = generated_demo();
+    let manifest = dir.path().join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let line = text.lines().find(|l| l.starts_with("channel = ")).unwrap().to_string();
+    std::fs::write(&manifest, text.replace(&line, r#"channel = { role = "measure", bounds = [0, 1] }"#)).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--manifest"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("column `channel`") && stderr.contains("does not fit its role measure"), "{stderr}");
+}

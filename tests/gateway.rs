@@ -342,7 +342,10 @@ async fn a_ticket_only_works_once_and_in_its_own_session() {
 async fn prepared_statements_and_session_settings_work() {
     let server = Server::start(&state_dir("prepared"));
     let mut client = server.login("advertiser").await;
-    client.execute_update("SET cleanroom.epsilon = 0.25".into(), None).await.unwrap();
+    client.execute_update("SET cleanroom.epsilon = 0.5".into(), None).await.unwrap();
+    // Sent as a query (as ADBC's cursor.execute does), SET answers with nothing to fetch.
+    let info = client.execute("SET cleanroom.epsilon = 0.25".into(), None).await.unwrap();
+    assert!(info.endpoint.is_empty());
     let mut prepared = client
         .prepare("SELECT device, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY device".into(), None)
         .await

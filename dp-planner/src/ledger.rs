@@ -48,8 +48,9 @@ pub struct Charge {
 }
 
 /// Proof that a charge is durably recorded. Only a ledger makes one (its
-/// fields are private), and the release path requires one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// fields are private and it cannot be deserialised), and the release path
+/// requires one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Receipt {
     id: String,
     party: String,

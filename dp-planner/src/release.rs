@@ -61,8 +61,9 @@ impl Released {
 }
 
 /// Answer a statement that reads no dataset (`SELECT 1`, a client's probe).
-/// It runs on a fresh context with no table registered, so it cannot reach
-/// any data, and it reveals nothing about anyone.
+/// The planner made a [`NoDataQuery`] only after finding no table scan
+/// anywhere in the plan (subqueries included), so it reveals nothing about
+/// anyone; it runs on a fresh context with no table registered.
 pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let ctx = SessionContext::new();
     let batches = ctx.execute_logical_plan(query.plan.clone()).await?.collect().await?;

@@ -36,7 +36,7 @@ use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    cast, col, lit, when, Aggregate, BinaryExpr, Expr, ExprFunctionExt, LogicalPlan,
+    col, lit, try_cast, when, Aggregate, BinaryExpr, Expr, ExprFunctionExt, LogicalPlan,
     LogicalPlanBuilder, Operator,
 };
 use rand::RngCore;
@@ -208,6 +208,11 @@ pub fn plan_query(
 /// Statements other than queries never reach data through the planner.
 fn refuse_statements(plan: &LogicalPlan) -> Result<()> {
     match plan {
+        LogicalPlan::DescribeTable(_) => Err(DpError::refused_with(
+            "describe",
+            "DESCRIBE is not supported",
+            "the table schemas of the Flight SQL metadata calls (GetTables with include_schema)",
+        )),
         LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Err(DpError::refused(
             "explain",
             "EXPLAIN of DP queries is not supported yet",
@@ -535,9 +540,15 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
                 return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: FILTER and ORDER BY inside aggregates are not supported yet"), allowed));
             }
             let name = func.name().to_ascii_lowercase();
+            if params.args.len() > 1 {
+                return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: aggregates of several arguments are not supported"), allowed));
+            }
             let arg = params.args.first();
             match (name.as_str(), arg, params.distinct) {
-                ("count", None, false) | ("count", Some(Expr::Literal(_, _)), false) => {
+                ("count", None, false) => {
+                    Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) })
+                }
+                ("count", Some(Expr::Literal(value, _)), false) if !value.is_null() => {
                     Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) })
                 }
                 ("count", Some(Expr::Column(c)), true) => {
@@ -579,33 +590,64 @@ fn rewrite(
     }
     let unit = col(Column::new(Some(qualifier), unit_name));
     let per_group_rows = options.max_contributions_per_group as f64;
-    let k = options.max_groups_contributed as f64;
+    // A person can reach no more groups than the domain has cells.
+    let cells = groups.iter().fold(1usize, |n, (_, g)| n.saturating_mul(g.domain.len()));
+    let k = (options.max_groups_contributed as usize).min(cells.max(1)) as f64;
 
-    // 1. Per person and group: partial aggregates.
+    // Every cast below is a TRY_CAST: a value that does not convert becomes
+    // NULL instead of failing the query, so whether a query fails never
+    // depends on the data.
+    //
+    // Rows without a person are dropped (a NULL identifier would lump several
+    // people into one "person" and break the contribution bound), and so are
+    // rows whose group key is outside the public domain (they could never be
+    // released, and would use up a person's `max_groups_contributed`).
+    let mut keep = unit.clone().is_not_null();
     let mut group_by = vec![unit.alias("__uid")];
     let mut group_cols = Vec::new();
     for (i, (column, key)) in groups.iter().enumerate() {
-        let as_type = match key.domain {
-            Domain::Strings(_) => DataType::Utf8,
-            Domain::IntRange { .. } => DataType::Int64,
+        let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match &key.domain {
+            Domain::Strings(values) => {
+                let values: Vec<Expr> = values.iter().map(|v| lit(v.as_str())).collect();
+                (DataType::Utf8, Box::new(move |e: Expr| e.in_list(values.clone(), false)))
+            }
+            Domain::IntRange { min, max } => {
+                let (min, max) = (*min, *max);
+                (DataType::Int64, Box::new(move |e: Expr| e.between(lit(min), lit(max))))
+            }
         };
-        group_by.push(cast(col(column.clone()), as_type).alias(format!("__g{i}")));
+        let key_expr = try_cast(col(column.clone()), as_type);
+        keep = keep.and(in_domain(key_expr.clone()));
+        group_by.push(key_expr.alias(format!("__g{i}")));
         group_cols.push(col(format!("__g{i}")));
     }
+
+    // 1. Per person and group: partial aggregates. Integer measures with
+    // integer bounds are clamped and summed as Int64, so the sums are exact;
+    // other measures as Float64.
     let mut partials = Vec::new();
+    let mut integral = Vec::new();
     for (j, r) in requested.iter().enumerate() {
         let name = format!("__p{j}");
+        let field_type = aggregate.schema.field(groups.len() + j).data_type().clone();
+        let whole = match r.kind {
+            AggregateKind::Sum => field_type.is_integer() && r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0,
+            _ => true,
+        };
+        integral.push(whole);
         match r.kind {
             AggregateKind::CountRows => partials.push(count(lit(1i64)).alias(name)),
             AggregateKind::CountValues => partials.push(count(col(r.column.clone().unwrap())).alias(name)),
             AggregateKind::CountPeople => {}
             AggregateKind::Sum => {
-                let value = cast(col(r.column.clone().unwrap()), DataType::Float64);
-                partials.push(sum(clamp(value, r.bounds.0, r.bounds.1)?).alias(name));
+                let value = col(r.column.clone().unwrap());
+                partials.push(sum(clamp(value, r.bounds.0, r.bounds.1, whole)).alias(name));
             }
         }
     }
-    let builder = LogicalPlanBuilder::from(aggregate.input.as_ref().clone()).aggregate(group_by, partials)?;
+    let builder = LogicalPlanBuilder::from(aggregate.input.as_ref().clone())
+        .filter(keep)?
+        .aggregate(group_by, partials)?;
 
     // Each partial bounded to what `max_contributions_per_group` rows give.
     let salt = rand::rngs::OsRng.next_u64() as i64;
@@ -621,7 +663,7 @@ fn rewrite(
         let p = col(format!("__p{j}"));
         let (partial, per_group, final_expr) = match r.kind {
             AggregateKind::CountRows | AggregateKind::CountValues => (
-                Some(clamp(p, 0.0, per_group_rows)?),
+                Some(clamp(p, 0.0, per_group_rows, true)),
                 per_group_rows,
                 sum(col(format!("__p{j}"))),
             ),
@@ -629,7 +671,7 @@ fn rewrite(
             AggregateKind::Sum => {
                 let low = per_group_rows * r.bounds.0.min(0.0);
                 let high = per_group_rows * r.bounds.1.max(0.0);
-                (Some(clamp(p, low, high)?), low.abs().max(high.abs()), sum(col(format!("__p{j}"))))
+                (Some(clamp(p, low, high, integral[j])), low.abs().max(high.abs()), sum(col(format!("__p{j}"))))
             }
         };
         if let Some(partial) = partial {
@@ -646,14 +688,7 @@ fn rewrite(
             // A person reaches at most k groups, changing each by at most `per_group`.
             sensitivity: k * per_group,
             epsilon: share,
-            integral: match r.kind {
-                AggregateKind::Sum => {
-                    field.data_type().is_integer()
-                        && r.bounds.0.fract() == 0.0
-                        && r.bounds.1.fract() == 0.0
-                }
-                _ => true,
-            },
+            integral: integral[j],
         });
     }
     bounded.push(key_fn.call(key_args).alias("__key"));
@@ -686,12 +721,19 @@ fn rewrite(
     })))
 }
 
-/// `value` clamped to `[low, high]` (NULL stays NULL).
-fn clamp(value: Expr, low: f64, high: f64) -> Result<Expr> {
-    let typed = |v: f64| lit(v);
-    Ok(when(value.clone().lt(typed(low)), typed(low))
-        .when(value.clone().gt(typed(high)), typed(high))
-        .otherwise(cast(value, DataType::Float64))?)
+/// `value` clamped to `[low, high]` as Int64 (`integral`, bounds are whole
+/// numbers) or Float64; NULL and values that do not convert become NULL,
+/// which no aggregate counts.
+fn clamp(value: Expr, low: f64, high: f64, integral: bool) -> Expr {
+    let (value, low, high) = if integral {
+        (try_cast(value, DataType::Int64), lit(low as i64), lit(high as i64))
+    } else {
+        (try_cast(value, DataType::Float64), lit(low), lit(high))
+    };
+    when(value.clone().lt(low.clone()), low)
+        .when(value.clone().gt(high.clone()), high)
+        .otherwise(value)
+        .expect("a CASE with WHEN branches")
 }
 
 /// The schema a release table for `query` has: one column per DP aggregate

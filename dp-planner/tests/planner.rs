@@ -33,10 +33,10 @@ fn policy() -> Policy {
 
 /// Five people: p1 in channels a, b, c (one row each), p2 three rows in a,
 /// p3 in b with cost 1000 (above the bound), p4 in channel "zzz" (outside
-/// the domain), p5 in a.
+/// the domain), p5 in a; and two rows in a that belong to no one (NULL uid).
 fn context() -> SessionContext {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("uid", DataType::Utf8, false),
+        Field::new("uid", DataType::Utf8, true),
         Field::new("channel", DataType::Utf8, true),
         Field::new("country", DataType::Utf8, true),
         Field::new("cost", DataType::Int64, true),
@@ -46,11 +46,12 @@ fn context() -> SessionContext {
         ("p1", "a", 10), ("p1", "b", 10), ("p1", "c", 10),
         ("p2", "a", 5), ("p2", "a", 5), ("p2", "a", 5),
         ("p3", "b", 1000), ("p4", "zzz", 1), ("p5", "a", 7),
+        ("", "a", 50), ("", "a", 50),
     ];
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| (!r.0.is_empty()).then_some(r.0)))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "DE"))),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
@@ -151,6 +152,31 @@ async fn filter_comparing_with_another_type_is_refused() {
 async fn unsupported_aggregates_are_refused() {
     assert_eq!(refused_rule("SELECT channel, COUNT(DISTINCT country) FROM events GROUP BY channel").await, "supported_aggregates");
     assert_eq!(refused_rule("SELECT channel, MAX(cost) FROM events GROUP BY channel").await, "supported_aggregates");
+}
+
+#[tokio::test]
+async fn describe_is_refused() {
+    assert_eq!(refused_rule("DESCRIBE events").await, "describe");
+}
+
+#[tokio::test]
+async fn count_of_null_or_of_several_columns_is_refused() {
+    assert_eq!(refused_rule("SELECT channel, COUNT(NULL) FROM events GROUP BY channel").await, "supported_aggregates");
+    assert_eq!(refused_rule("SELECT channel, COUNT(DISTINCT uid, secret) FROM events GROUP BY channel").await, "supported_aggregates");
+}
+
+#[tokio::test]
+async fn rows_without_a_person_are_not_counted() {
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) channel, COUNT(*), COUNT(DISTINCT uid) FROM events GROUP BY channel").await.unwrap());
+    // a: p1 1 row, p2 3 rows, p5 1 row; the two NULL-uid rows are dropped.
+    assert_eq!(exact_by_group(&q, 0).await["a"], 5.0);
+    assert_eq!(exact_by_group(&q, 1).await["a"], 3.0);
+}
+
+#[tokio::test]
+async fn without_group_by_a_person_reaches_one_cell() {
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 4) COUNT(DISTINCT uid) FROM events").await.unwrap());
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
 }
 
 #[tokio::test]

@@ -21,6 +21,40 @@ use crate::manifest::Manifest;
 
 pub use cleanroom_executor::{CATALOG, SCHEMA};
 
+/// The manifest's column roles must fit the data's types: a measure is
+/// numeric, an integer-range domain is on an integer column, a list of
+/// string keys on a string column. Checked once at start-up so that no query
+/// can hit a value that does not convert.
+fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema) -> anyhow::Result<()> {
+    use cleanroom_dp::policy::Domain;
+    use datafusion::arrow::datatypes::DataType;
+    let is_string = |t: &DataType| match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+        DataType::Dictionary(_, v) => matches!(v.as_ref(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+        _ => false,
+    };
+    for (name, column) in &dataset.columns {
+        let field = schema.field_with_name(name).map_err(|_| {
+            anyhow::anyhow!("dataset `{}`: column `{name}` is declared in the manifest but not in the data", dataset.name)
+        })?;
+        let t = field.data_type();
+        let fits = match (column.role, &column.domain) {
+            (crate::manifest::Role::Measure, _) => t.is_numeric(),
+            (_, Some(Domain::IntRange { .. })) => t.is_integer(),
+            (_, Some(Domain::Strings(_))) => is_string(t),
+            _ => true,
+        };
+        if !fits {
+            anyhow::bail!(
+                "dataset `{}`: column `{name}` has type {t} in the data, which does not fit its role {} in the manifest",
+                dataset.name,
+                column.role
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One dataset, ready to scan.
 pub struct Table {
     pub name: String,
@@ -52,6 +86,7 @@ impl Catalog {
                 .infer_schema(state, &url)
                 .await
                 .with_context(|| format!("dataset `{}`: cannot read the Parquet files under {location}", dataset.name))?;
+            check_columns(dataset, &schema)?;
             let config = ListingTableConfig::new(url)
                 .with_listing_options(options)
                 .with_schema(schema.clone());

@@ -77,10 +77,29 @@ struct Session {
     prepared: Mutex<HashMap<String, String>>,
 }
 
+impl Session {
+    /// The session's options with `name` set to `value`, checked.
+    #[allow(clippy::result_large_err)]
+    fn with_option(&self, name: &str, value: &str) -> Result<QueryOptions, Status> {
+        let mut options = self.options.lock().expect("options lock").clone();
+        options.set(name, value).map_err(dp_status)?;
+        options.resolve(&self.policy.defaults).map_err(dp_status)?;
+        Ok(options)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn set_option(&self, name: &str, value: &str) -> Result<(), Status> {
+        let options = self.with_option(name, value)?;
+        *self.options.lock().expect("options lock") = options;
+        Ok(())
+    }
+}
+
 /// What a statement turned out to be.
 enum Statement {
-    /// `SET cleanroom.<option> = <value>`: applied to the session, no result.
-    Set,
+    /// `SET cleanroom.<option> = <value>`, checked; applied to the session
+    /// when executed, with no result.
+    Set { name: String, value: String },
     Query(PlannedQuery),
 }
 
@@ -197,11 +216,9 @@ impl FlightSqlGateway {
     async fn plan(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
         if let Some(assignment) = parse_set(sql) {
             let (name, value) = assignment?;
-            let mut options = session.options.lock().expect("options lock").clone();
-            options.set(&name, &value).map_err(dp_status)?;
-            options.resolve(&session.policy.defaults).map_err(dp_status)?;
-            *session.options.lock().expect("options lock") = options;
-            return Ok(Statement::Set);
+            // Checked now, so a bad value fails at prepare time too.
+            session.with_option(&name, &value)?;
+            return Ok(Statement::Set { name, value });
         }
         let (sql, query_options) = split_dp_clause(sql).map_err(dp_status)?;
         let session_options = session.options.lock().expect("options lock").clone();
@@ -219,13 +236,22 @@ impl FlightSqlGateway {
         Ok(Statement::Query(planned))
     }
 
-    /// Register a planned statement in the session and describe it.
+    /// Execute a SET, or register a planned query in the session, and
+    /// describe it. A SET has nothing to fetch: its FlightInfo has no endpoint.
     fn flight_info(&self, session: &Session, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let schema = statement_schema(&statement)?;
+        let planned = match statement {
+            Statement::Set { name, value } => {
+                session.set_option(&name, &value)?;
+                return FlightInfo::new()
+                    .try_with_schema(&schema)
+                    .map(|info| info.with_descriptor(descriptor))
+                    .map_err(|e| Status::internal(format!("cannot encode schema: {e}")));
+            }
+            Statement::Query(planned) => planned,
+        };
         let id = random_id();
-        if let Statement::Query(planned) = statement {
-            session.pending.lock().expect("pending lock").insert(id.clone(), Arc::new(planned));
-        }
+        session.pending.lock().expect("pending lock").insert(id.clone(), Arc::new(planned));
         let ticket = TicketStatementQuery { statement_handle: encode_handle(&id, Kind::Query).into() };
         schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor)
     }
@@ -367,7 +393,7 @@ impl FlightSqlGateway {
 /// The result schema a statement announces before it runs.
 fn statement_schema(statement: &Statement) -> Result<Schema, Status> {
     Ok(match statement {
-        Statement::Set => Schema::empty(),
+        Statement::Set { .. } => Schema::empty(),
         Statement::Query(PlannedQuery::NoData(q)) => release::announced_schema(&q.output_schema()),
         Statement::Query(PlannedQuery::Dp(q)) => release::announced_dp_schema(q).map_err(dp_status)?,
     })
@@ -521,7 +547,10 @@ impl FlightSqlService for FlightSqlGateway {
     ) -> Result<i64, Status> {
         let session = self.session(&request)?;
         match self.plan(&session, &command.query).await? {
-            Statement::Set => Ok(0),
+            Statement::Set { name, value } => {
+                session.set_option(&name, &value)?;
+                Ok(0)
+            }
             Statement::Query(_) => Err(Status::invalid_argument(
                 "only SET cleanroom.<option> = <value> runs as an update; run queries as queries",
             )),

@@ -69,3 +69,13 @@ def test_select_star_is_refused_with_its_rule(server, demo):
             with pytest.raises(adbc_driver_manager.Error) as err:
                 cur.execute("SELECT * FROM conversions")
     assert "dp_aggregate_required" in str(err.value)
+
+
+def test_session_setting_applies_to_the_next_query(server, demo):
+    with connect(server, demo, "advertiser") as conn:
+        with conn.cursor() as cur:
+            cur.execute("SET cleanroom.epsilon = 0.25")
+            cur.execute("SELECT device, COUNT(*) AS n FROM impressions GROUP BY device")
+            table = cur.fetch_arrow_table()
+    assert table.num_rows == 4
+    assert table.schema.metadata[b"cleanroom.charge.epsilon"] == b"0.25"
