@@ -13,6 +13,7 @@ use anyhow::Context;
 use ballista_core::config::TaskSchedulingPolicy;
 use ballista_core::extension::SessionConfigExt;
 use ballista_core::serde::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
+use ballista_core::serde::protobuf::job_status::Status;
 use ballista_core::serde::BallistaCodec;
 use ballista_core::utils::{create_grpc_server, GrpcServerConfig};
 use ballista_scheduler::cluster::BallistaCluster;
@@ -102,7 +103,14 @@ impl EmbeddedCluster {
             .into_iter()
             .map(|j| JobSummary {
                 job_id: j.job_id.to_string(),
-                status: format!("{:?}", j.status.status).split('(').next().unwrap_or("").to_string(),
+                status: match j.status.status {
+                    Some(Status::Queued(_)) => "queued",
+                    Some(Status::Running(_)) => "running",
+                    Some(Status::Failed(_)) => "failed",
+                    Some(Status::Successful(_)) => "successful",
+                    None => "unknown",
+                }
+                .to_string(),
                 stages: j.num_stages,
                 completed_stages: j.completed_stages,
             })

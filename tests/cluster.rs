@@ -1,0 +1,60 @@
+//! The embedded cluster really executes queries: each DP query becomes a
+//! Ballista job in the scheduler's job list, with several stages (a shuffle)
+//! run by the in-process executors.
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use cleanroom_bench::generate::{generate, GenerateOptions};
+use cleanroom_scheduler::serve::{start, ServeOptions};
+use futures::TryStreamExt;
+use tonic::transport::Channel;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&GenerateOptions { scale_factor: 0.001, out_dir: dir.path().to_path_buf(), seed: 3, progress: false })
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(
+        &ServeOptions {
+            manifest: dir.path().join("manifest.toml"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            executors: 2,
+            executor_slots: 2,
+            state_dir: Some(dir.path().join("state")),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    assert!(running.cluster.scheduler_addr.ip().is_loopback(), "the scheduler must be internal");
+    assert!(running.cluster.jobs().await.unwrap().is_empty());
+
+    let credentials: toml::Value = toml::from_str(&std::fs::read_to_string(dir.path().join("credentials.toml")).unwrap()).unwrap();
+    let password = credentials["parties"]["adnetwork"]["password"].as_str().unwrap();
+    let channel = Channel::from_shared(format!("http://{}", running.addr)).unwrap().connect().await.unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.handshake("adnetwork", password).await.unwrap();
+    for _ in 0..2 {
+        let info = client
+            .execute("SELECT channel, COUNT(DISTINCT uid) FROM impressions GROUP BY channel".into(), None)
+            .await
+            .unwrap();
+        let stream = client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
+        stream.try_collect::<Vec<_>>().await.unwrap();
+    }
+    // A query that reads no dataset does not touch the cluster.
+    let info = client.execute("SELECT 1 AS one".into(), None).await.unwrap();
+    client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap().try_collect::<Vec<_>>().await.unwrap();
+
+    let jobs = running.cluster.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for job in &jobs {
+        assert!(job.status == "successful", "{job:?}");
+        assert!(job.stages >= 2 && job.completed_stages == job.stages, "{job:?}");
+    }
+    let _ = stop.send(());
+    running.wait().await.unwrap();
+}
