@@ -323,6 +323,22 @@ async fn spent_budget_is_refused_with_the_remainder_and_survives_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn explain_shows_the_cost_and_charges_nothing() {
+    let server = Server::start(&state_dir("explain"));
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) channel, COUNT(*) FROM impressions GROUP BY channel";
+    for _ in 0..3 {
+        let batches = query(&mut client, &format!("EXPLAIN {sql}")).await.unwrap();
+        let cost = strings(&batches, 1)[0].clone();
+        assert!(cost.contains("epsilon = 2"), "{cost}");
+    }
+    let err = client.execute(format!("EXPLAIN ANALYZE {sql}"), None).await.unwrap_err();
+    assert!(err.to_string().contains("`explain_analyze`"), "{err}");
+    let batches = query(&mut client, sql).await.unwrap();
+    assert_eq!(batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"], "48");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_ticket_only_works_once_and_in_its_own_session() {
     let server = Server::start(&state_dir("ticket"));
     let mut alice = server.login("advertiser").await;

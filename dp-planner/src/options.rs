@@ -129,12 +129,23 @@ impl QueryOptions {
     }
 }
 
-/// Split `SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (…) rest` into the plain
-/// `SELECT rest` and the options. SQL without the clause is returned unchanged.
+/// Split `[EXPLAIN [ANALYZE] [VERBOSE]] SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (…) rest` into the
+/// plain `[EXPLAIN] SELECT rest` and the options. SQL without the clause is
+/// returned unchanged.
 pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
     let mut options = QueryOptions::default();
     let trimmed = sql.trim_start();
     let mut words = Words { text: trimmed, pos: 0 };
+    let mut prefix = String::new();
+    if words.keyword("EXPLAIN") {
+        prefix.push_str("EXPLAIN ");
+        for modifier in ["ANALYZE", "VERBOSE"] {
+            if words.keyword(modifier) {
+                prefix.push_str(modifier);
+                prefix.push(' ');
+            }
+        }
+    }
     let is_clause = words.keyword("SELECT")
         && words.keyword("WITH")
         && words.keyword("DIFFERENTIAL_PRIVACY");
@@ -167,7 +178,7 @@ pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
         }
         words.pos = close + 1;
     }
-    Ok((format!("SELECT {}", &trimmed[words.pos..]), options))
+    Ok((format!("{prefix}SELECT {}", &trimmed[words.pos..]), options))
 }
 
 /// A tiny case-insensitive keyword reader over the head of a SQL string.

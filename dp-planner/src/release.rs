@@ -24,7 +24,7 @@ use crate::error::{DpError, Result};
 use crate::ledger::{round_for_display, Receipt};
 use crate::mechanism::Laplace;
 use crate::policy::Domain;
-use crate::rewrite::{release_table_schema, DpQuery, NoDataQuery};
+use crate::rewrite::{release_table_schema, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
 
 /// Arrow field metadata keys on every noisy column.
 pub const META_MECHANISM: &str = "cleanroom.noise.mechanism";
@@ -58,6 +58,66 @@ impl Released {
         &self.batches
     }
 
+}
+
+/// The schema of an `EXPLAIN` answer: one row per part of the explanation.
+pub fn explain_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("plan_type", DataType::Utf8, true),
+        Field::new("plan", DataType::Utf8, true),
+    ])
+}
+
+/// Answer `EXPLAIN`: the privacy cost and the rewritten plan. Everything in it
+/// is derived from the SQL text and the policy (the plan is a logical plan,
+/// with no statistics of any dataset), so it is public and costs nothing.
+pub fn explain(query: &ExplainQuery) -> Result<Released> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    match query.inner.as_ref() {
+        PlannedQuery::Dp(q) => {
+            let mut cost = format!(
+                "epsilon = {} (pure DP, delta = 0), charged to the querying party when the query runs\n",
+                round_for_display(q.epsilon)
+            );
+            let cells: usize = q.groups.iter().map(|g| g.domain.len()).product();
+            let keys: Vec<String> = q.groups.iter().map(|g| format!("{} ({} public keys)", g.name, g.domain.len())).collect();
+            cost.push_str(&format!(
+                "groups: {} -> {cells} rows released, every key of the public domains\n",
+                if keys.is_empty() { "none".to_string() } else { keys.join(" x ") }
+            ));
+            for (name, l) in calibrations(q)? {
+                cost.push_str(&format!(
+                    "{name}: {} noise, L1 sensitivity {}, epsilon {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}\n",
+                    if l.integer { "discrete Laplace" } else { "Laplace" },
+                    l.sensitivity,
+                    round_for_display(l.epsilon),
+                    l.scale,
+                    l.stddev(),
+                    l.ci95_half_width()
+                ));
+            }
+            rows.push(("dp_cost".into(), cost.trim_end().to_string()));
+            rows.push(("dp_rewritten_plan".into(), q.exact_plan.display_indent().to_string()));
+            rows.push(("post_processing_plan".into(), q.original.display_indent().to_string()));
+        }
+        PlannedQuery::NoData(q) => {
+            rows.push(("dp_cost".into(), "epsilon = 0: the statement reads no dataset".into()));
+            rows.push(("logical_plan".into(), q.plan.display_indent().to_string()));
+        }
+        PlannedQuery::Explain(_) => {
+            return Err(DpError::refused("explain", "EXPLAIN of an EXPLAIN is not supported"));
+        }
+    }
+    let schema = Arc::new(explain_schema());
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.as_str()))),
+        ],
+    )
+    .map_err(|e| DpError::Mechanism(e.to_string()))?;
+    Ok(Released { schema, batches: vec![batch] })
 }
 
 /// Answer a statement that reads no dataset (`SELECT 1`, a client's probe).

@@ -54,6 +54,16 @@ pub enum PlannedQuery {
     NoData(NoDataQuery),
     /// A DP query: run [`DpQuery::exact_plan`], then release it.
     Dp(Box<DpQuery>),
+    /// `EXPLAIN <query>`: the checked and rewritten plan and its privacy
+    /// cost, computed from the SQL and the policy only; nothing runs and
+    /// nothing is charged.
+    Explain(ExplainQuery),
+}
+
+/// A checked `EXPLAIN`.
+#[derive(Debug)]
+pub struct ExplainQuery {
+    pub inner: Box<PlannedQuery>,
 }
 
 /// A statement that reads no dataset.
@@ -177,6 +187,11 @@ pub fn plan_query(
     policy: &Policy,
     options: &ResolvedOptions,
 ) -> Result<PlannedQuery> {
+    if let LogicalPlan::Explain(explain) = plan {
+        return Ok(PlannedQuery::Explain(ExplainQuery {
+            inner: Box::new(plan_query(&explain.plan, policy, options)?),
+        }));
+    }
     refuse_statements(plan)?;
     let scans = table_scans(plan)?;
     if scans.is_empty() {
@@ -213,9 +228,10 @@ fn refuse_statements(plan: &LogicalPlan) -> Result<()> {
             "DESCRIBE is not supported",
             "the table schemas of the Flight SQL metadata calls (GetTables with include_schema)",
         )),
-        LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Err(DpError::refused(
-            "explain",
-            "EXPLAIN of DP queries is not supported yet",
+        LogicalPlan::Analyze(_) => Err(DpError::refused_with(
+            "explain_analyze",
+            "EXPLAIN ANALYZE would show row counts and timings of protected data",
+            "EXPLAIN, which shows the rewritten plan and the privacy cost",
         )),
         LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) | LogicalPlan::Copy(_) => Err(DpError::refused_with(
             "read_only",

@@ -180,8 +180,27 @@ async fn without_group_by_a_person_reaches_one_cell() {
 }
 
 #[tokio::test]
-async fn explain_is_refused_for_now() {
-    assert_eq!(refused_rule("EXPLAIN SELECT channel, COUNT(*) FROM events GROUP BY channel").await, "explain");
+async fn explain_shows_the_rewrite_and_the_cost() {
+    let planned = plan("EXPLAIN SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) channel, COUNT(*) FROM events GROUP BY channel").await.unwrap();
+    let PlannedQuery::Explain(explain) = planned else { panic!("not an explain") };
+    let released = cleanroom_dp::release::explain(&explain).unwrap();
+    let batch = &released.batches()[0];
+    let kinds: Vec<&str> = batch.column(0).as_string::<i32>().iter().map(|v| v.unwrap()).collect();
+    assert_eq!(kinds, vec!["dp_cost", "dp_rewritten_plan", "post_processing_plan"]);
+    let cost = batch.column(1).as_string::<i32>().value(0);
+    assert!(cost.contains("epsilon = 0.5"), "{cost}");
+    assert!(cost.contains("L1 sensitivity 10"), "{cost}");
+    assert!(batch.column(1).as_string::<i32>().value(1).contains("cleanroom_contribution_key"));
+}
+
+#[tokio::test]
+async fn explain_of_a_refused_query_is_refused_by_the_same_rule() {
+    assert_eq!(refused_rule("EXPLAIN SELECT * FROM events").await, "dp_aggregate_required");
+}
+
+#[tokio::test]
+async fn explain_analyze_is_refused() {
+    assert_eq!(refused_rule("EXPLAIN ANALYZE SELECT channel, COUNT(*) FROM events GROUP BY channel").await, "explain_analyze");
 }
 
 #[tokio::test]

@@ -260,6 +260,7 @@ impl FlightSqlGateway {
     async fn execute(&self, session: &Session, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
         let query = match planned.as_ref() {
             PlannedQuery::NoData(q) => return release::without_data(q).await.map_err(dp_status),
+            PlannedQuery::Explain(q) => return release::explain(q).map_err(dp_status),
             PlannedQuery::Dp(q) => q,
         };
         let party = self
@@ -396,6 +397,7 @@ fn statement_schema(statement: &Statement) -> Result<Schema, Status> {
         Statement::Set { .. } => Schema::empty(),
         Statement::Query(PlannedQuery::NoData(q)) => release::announced_schema(&q.output_schema()),
         Statement::Query(PlannedQuery::Dp(q)) => release::announced_dp_schema(q).map_err(dp_status)?,
+        Statement::Query(PlannedQuery::Explain(_)) => release::explain_schema(),
     })
 }
 
