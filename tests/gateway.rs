@@ -172,7 +172,7 @@ async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
         .await
         .unwrap();
     let schemas = collect(&mut client, info).await;
-    assert_eq!(strings(&schemas, 1), vec!["public"]);
+    assert_eq!(strings(&schemas, 1), vec!["public", "system"]);
 
     let info = client
         .get_tables(CommandGetTables {
@@ -185,7 +185,8 @@ async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
         .await
         .unwrap();
     let tables = collect(&mut client, info).await;
-    assert_eq!(strings(&tables, 2), vec!["conversions", "impressions"]);
+    assert_eq!(strings(&tables, 2), vec!["conversions", "impressions", "budget", "queries"]);
+    assert_eq!(strings(&tables, 3), vec!["TABLE", "TABLE", "SYSTEM TABLE", "SYSTEM TABLE"]);
     let schema_bytes = tables[0].column(4).as_binary::<i32>().value(1).to_vec();
     let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(&schema_bytes).unwrap();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -193,7 +194,7 @@ async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
     assert!(!names.contains(&"ts"), "hidden column ts is listed: {names:?}");
 
     let info = client.get_table_types().await.unwrap();
-    assert_eq!(strings(&collect(&mut client, info).await, 0), vec!["TABLE"]);
+    assert_eq!(strings(&collect(&mut client, info).await, 0), vec!["SYSTEM TABLE", "TABLE"]);
     let info = client.get_sql_info(vec![]).await.unwrap();
     assert!(collect(&mut client, info).await[0].num_rows() > 0);
     let info = client.get_xdbc_type_info(Default::default()).await.unwrap();
@@ -223,7 +224,7 @@ async fn a_party_sees_and_queries_only_the_datasets_it_may_read() {
         })
         .await
         .unwrap();
-    assert_eq!(strings(&collect(&mut adnetwork, info).await, 2), vec!["impressions"]);
+    assert_eq!(strings(&collect(&mut adnetwork, info).await, 2), vec!["impressions", "budget", "queries"]);
     let err = adnetwork
         .execute("SELECT product_category, COUNT(*) FROM conversions GROUP BY product_category".into(), None)
         .await
@@ -336,6 +337,35 @@ async fn explain_shows_the_cost_and_charges_nothing() {
     assert!(err.to_string().contains("`explain_analyze`"), "{err}");
     let batches = query(&mut client, sql).await.unwrap();
     assert_eq!(batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"], "48");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn system_tables_show_each_party_only_its_own_budget_and_history_for_free() {
+    let server = Server::start(&state_dir("system"));
+    let mut advertiser = server.login("advertiser").await;
+    let mut adnetwork = server.login("adnetwork").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.5) device, COUNT(*) FROM impressions GROUP BY device";
+    query(&mut advertiser, sql).await.unwrap();
+
+    for _ in 0..2 {
+        let budget = query(&mut advertiser, "SELECT party, spent_epsilon, remaining_epsilon FROM system.budget").await.unwrap();
+        assert_eq!(strings(&budget, 0), vec!["advertiser"]);
+        assert_eq!(strings(&budget, 1), vec!["1.5"]);
+        assert_eq!(strings(&budget, 2), vec!["48.5"]);
+    }
+    let history = query(&mut advertiser, "SELECT sql, epsilon FROM system.queries ORDER BY charged_at").await.unwrap();
+    assert_eq!(strings(&history, 0), vec![sql.to_string()]);
+
+    let theirs = query(&mut adnetwork, "SELECT * FROM system.queries").await.unwrap();
+    assert_eq!(theirs.iter().map(|b| b.num_rows()).sum::<usize>(), 0, "another party's history is private");
+    let budget = query(&mut adnetwork, "SELECT spent_epsilon FROM cleanroom.system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["0.0"]);
+
+    let err = advertiser
+        .execute("SELECT COUNT(*) FROM impressions, system.budget".into(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`system_tables_alone`"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -32,6 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DpError, Result};
 
 const SPENT: TableDefinition<&str, f64> = TableDefinition::new("spent_epsilon");
+/// Charge records keyed `party NUL time NUL receipt id`, so one party's
+/// history is one ordered range.
 const CHARGES: TableDefinition<&str, &str> = TableDefinition::new("charges");
 
 /// Budget totals are compared with this slack so that ten charges of 0.1 fit
@@ -45,6 +47,19 @@ pub struct Charge {
     /// The [`crate::rewrite::DpQuery::id`] this charge pays for.
     pub query_id: String,
     pub epsilon: f64,
+    /// The statement as the party sent it, for its query history.
+    pub sql: String,
+}
+
+/// One entry of a party's history: what it ran and what it paid.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ChargeRecord {
+    pub receipt_id: String,
+    pub query_id: String,
+    pub sql: String,
+    pub epsilon: f64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// Proof that a charge is durably recorded. Only a ledger makes one (its
@@ -101,6 +116,8 @@ pub trait Ledger: Send + Sync {
     fn charge(&self, charge: &Charge, budget: f64) -> Result<Receipt>;
     /// ε the party has spent so far.
     fn spent(&self, party: &str) -> Result<f64>;
+    /// The party's charges, oldest first.
+    fn history(&self, party: &str) -> Result<Vec<ChargeRecord>>;
 }
 
 /// The embedded ledger: one redb file under the state directory.
@@ -170,11 +187,17 @@ impl Ledger for RedbLedger {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
             };
-            let record = serde_json::to_string(&receipt).map_err(ledger_err)?;
+            let record = serde_json::to_string(&ChargeRecord {
+                receipt_id: receipt.id.clone(),
+                query_id: receipt.query_id.clone(),
+                sql: charge.sql.clone(),
+                epsilon: receipt.epsilon,
+                at: receipt.at,
+            })
+            .map_err(ledger_err)?;
+            let key = format!("{}\0{:020}\0{}", receipt.party, receipt.at, receipt.id);
             let mut charges = txn.open_table(CHARGES).map_err(ledger_err)?;
-            charges
-                .insert(receipt.id.as_str(), record.as_str())
-                .map_err(ledger_err)?;
+            charges.insert(key.as_str(), record.as_str()).map_err(ledger_err)?;
             receipt
         };
         txn.commit().map_err(ledger_err)?;
@@ -190,6 +213,18 @@ impl Ledger for RedbLedger {
             .map(|v| v.value())
             .unwrap_or(0.0))
     }
+
+    fn history(&self, party: &str) -> Result<Vec<ChargeRecord>> {
+        let txn = self.db.begin_read().map_err(ledger_err)?;
+        let table = txn.open_table(CHARGES).map_err(ledger_err)?;
+        let (from, to) = (format!("{party}\0"), format!("{party}\u{1}"));
+        let mut records = Vec::new();
+        for entry in table.range(from.as_str()..to.as_str()).map_err(ledger_err)? {
+            let (_, value) = entry.map_err(ledger_err)?;
+            records.push(serde_json::from_str(value.value()).map_err(ledger_err)?);
+        }
+        Ok(records)
+    }
 }
 
 /// Budget figures shown to people are rounded to 9 decimals so binary
@@ -203,7 +238,7 @@ mod tests {
     use super::*;
 
     fn charge(party: &str, epsilon: f64) -> Charge {
-        Charge { party: party.into(), query_id: "q".into(), epsilon }
+        Charge { party: party.into(), query_id: "q".into(), epsilon, sql: "SELECT 1".into() }
     }
 
     #[test]
@@ -219,6 +254,8 @@ mod tests {
         let l = RedbLedger::open(dir.path()).unwrap();
         assert!((l.spent("a").unwrap() - 1.0).abs() < 1e-9);
         assert_eq!(l.spent("b").unwrap(), 0.0);
+        assert_eq!(l.history("a").unwrap().len(), 10);
+        assert!(l.history("b").unwrap().is_empty());
     }
 
     #[test]

@@ -120,10 +120,12 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
     Ok(Released { schema, batches: vec![batch] })
 }
 
-/// Answer a statement that reads no dataset (`SELECT 1`, a client's probe).
-/// The planner made a [`NoDataQuery`] only after finding no table scan
+/// Answer a statement that reads no dataset (`SELECT 1`, a client's probe,
+/// or the querying party's own system tables). The planner made a
+/// [`NoDataQuery`] only after finding no scan of a collaboration dataset
 /// anywhere in the plan (subqueries included), so it reveals nothing about
-/// anyone; it runs on a fresh context with no table registered.
+/// anyone else; it runs on a fresh context (the system tables it may read
+/// travel inside the plan, built for this party only).
 pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let ctx = SessionContext::new();
     let batches = ctx.execute_logical_plan(query.plan.clone()).await?.collect().await?;

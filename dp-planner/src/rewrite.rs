@@ -49,8 +49,9 @@ use crate::udf::ContributionKey;
 /// What the gateway does with a planned statement.
 #[derive(Debug)]
 pub enum PlannedQuery {
-    /// The statement reads no dataset at all (`SELECT 1`, a client's probe):
-    /// it reveals nothing about anyone and costs nothing.
+    /// The statement reads no dataset (`SELECT 1`, a client's probe, or the
+    /// party's own system tables): it reveals nothing about anyone else and
+    /// costs nothing.
     NoData(NoDataQuery),
     /// A DP query: run [`DpQuery::exact_plan`], then release it.
     Dp(Box<DpQuery>),
@@ -193,10 +194,21 @@ pub fn plan_query(
         }));
     }
     refuse_statements(plan)?;
-    let scans = table_scans(plan)?;
-    if scans.is_empty() {
+    let all_scans = table_scans(plan)?;
+    let system = all_scans.iter().filter(|t| t.schema() == Some(SYSTEM_SCHEMA)).count();
+    if system > 0 && system < all_scans.len() {
+        return Err(DpError::refused_with(
+            "system_tables_alone",
+            "system tables cannot be combined with datasets in one query",
+            "query system.budget or system.queries on their own",
+        ));
+    }
+    // Only the party's own system tables, or nothing at all: no protected
+    // data is read, so the answer is exact and free.
+    if system == all_scans.len() {
         return Ok(PlannedQuery::NoData(NoDataQuery { plan: plan.clone() }));
     }
+    let scans: Vec<String> = all_scans.iter().map(|t| t.table().to_string()).collect();
     if scans.len() > 1 {
         return Err(DpError::refused_with(
             "one_dataset_per_query",
@@ -248,16 +260,20 @@ fn refuse_statements(plan: &LogicalPlan) -> Result<()> {
 }
 
 /// The dataset names of every table scan, subqueries included.
-fn table_scans(plan: &LogicalPlan) -> Result<Vec<String>> {
+fn table_scans(plan: &LogicalPlan) -> Result<Vec<TableReference>> {
     let mut scans = Vec::new();
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
-            scans.push(scan.table_name.table().to_string());
+            scans.push(scan.table_name.clone());
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
     Ok(scans)
 }
+
+/// The schema of the per-party system tables (`system.budget`,
+/// `system.queries`): each party sees only its own figures there.
+pub const SYSTEM_SCHEMA: &str = "system";
 
 /// Walk down through post-processing nodes to the first aggregate.
 fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {

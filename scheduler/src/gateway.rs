@@ -45,7 +45,7 @@ use cleanroom_dp::ledger::{Charge, Ledger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
-use cleanroom_dp::rewrite::{plan_query, PlannedQuery};
+use cleanroom_dp::rewrite::{plan_query, PlannedQuery, SYSTEM_SCHEMA};
 use cleanroom_dp::DpError;
 use cleanroom_proto::v1::statement_handle::Kind;
 use cleanroom_proto::StatementHandle;
@@ -60,6 +60,7 @@ use tracing::{info, warn};
 
 use crate::catalog::{Catalog, CATALOG, SCHEMA};
 use crate::cluster::EmbeddedCluster;
+use crate::system_tables::{SystemSchema, BUDGET, QUERIES};
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
 
@@ -71,8 +72,9 @@ struct Session {
     ctx: SessionContext,
     /// Options set with `SET cleanroom.<name> = <value>`.
     options: Mutex<QueryOptions>,
-    /// Statements planned by GetFlightInfo, waiting for their DoGet.
-    pending: Mutex<HashMap<String, Arc<PlannedQuery>>>,
+    /// Statements planned by GetFlightInfo (with their SQL text), waiting
+    /// for their DoGet.
+    pending: Mutex<HashMap<String, (String, Arc<PlannedQuery>)>>,
     /// Prepared statements: handle → SQL.
     prepared: Mutex<HashMap<String, String>>,
 }
@@ -202,6 +204,11 @@ impl FlightSqlGateway {
         self.catalog
             .register_for(party, &ctx)
             .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
+        let budget = self.catalog.manifest.party(party).map(|p| p.epsilon_budget).unwrap_or(0.0);
+        ctx.catalog(CATALOG)
+            .ok_or_else(|| Status::internal("the session has no catalog"))?
+            .register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(party, budget, self.ledger.clone())))
+            .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
         Ok(Session {
             party: party.to_string(),
             policy: self.catalog.manifest.policy_for(party),
@@ -238,7 +245,7 @@ impl FlightSqlGateway {
 
     /// Execute a SET, or register a planned query in the session, and
     /// describe it. A SET has nothing to fetch: its FlightInfo has no endpoint.
-    fn flight_info(&self, session: &Session, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    fn flight_info(&self, session: &Session, sql: &str, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let schema = statement_schema(&statement)?;
         let planned = match statement {
             Statement::Set { name, value } => {
@@ -251,13 +258,13 @@ impl FlightSqlGateway {
             Statement::Query(planned) => planned,
         };
         let id = random_id();
-        session.pending.lock().expect("pending lock").insert(id.clone(), Arc::new(planned));
+        session.pending.lock().expect("pending lock").insert(id.clone(), (sql.to_string(), Arc::new(planned)));
         let ticket = TicketStatementQuery { statement_handle: encode_handle(&id, Kind::Query).into() };
         schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor)
     }
 
     /// Charge, execute and release a planned statement.
-    async fn execute(&self, session: &Session, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
+    async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
         let query = match planned.as_ref() {
             PlannedQuery::NoData(q) => return release::without_data(q).await.map_err(dp_status),
             PlannedQuery::Explain(q) => return release::explain(q).map_err(dp_status),
@@ -269,7 +276,12 @@ impl FlightSqlGateway {
             .party(&session.party)
             .ok_or_else(|| Status::permission_denied("this party is no longer in the collaboration"))?;
         let budget = party.epsilon_budget;
-        let charge = Charge { party: session.party.clone(), query_id: query.id.clone(), epsilon: query.epsilon };
+        let charge = Charge {
+            party: session.party.clone(),
+            query_id: query.id.clone(),
+            epsilon: query.epsilon,
+            sql: sql.to_string(),
+        };
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
@@ -387,7 +399,7 @@ impl FlightSqlGateway {
 
     fn table_types_batch() -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("table_type", DataType::Utf8, false)]));
-        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["TABLE"]))]).expect("static batch")
+        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["SYSTEM TABLE", "TABLE"]))]).expect("static batch")
     }
 }
 
@@ -495,7 +507,7 @@ impl FlightSqlService for FlightSqlGateway {
     ) -> Result<Response<FlightInfo>, Status> {
         let session = self.session(&request)?;
         let statement = self.plan(&session, &query.query).await?;
-        let info = self.flight_info(&session, statement, request.into_inner())?;
+        let info = self.flight_info(&session, &query.query, statement, request.into_inner())?;
         Ok(Response::new(info))
     }
 
@@ -514,7 +526,7 @@ impl FlightSqlService for FlightSqlGateway {
             .cloned()
             .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
         let statement = self.plan(&session, &sql).await?;
-        let info = self.flight_info(&session, statement, request.into_inner())?;
+        let info = self.flight_info(&session, &sql, statement, request.into_inner())?;
         Ok(Response::new(info))
     }
 
@@ -523,13 +535,13 @@ impl FlightSqlService for FlightSqlGateway {
         let id = decode_handle(&ticket.statement_handle, Kind::Query)?;
         // Removed on use: a ticket executes (and is charged) once, and only in
         // the session that planned it.
-        let planned = session
+        let (sql, planned) = session
             .pending
             .lock()
             .expect("pending lock")
             .remove(&id)
             .ok_or_else(|| Status::not_found("no such statement in this session (tickets are valid once, in the session that planned them)"))?;
-        let released = self.execute(&session, planned).await?;
+        let released = self.execute(&session, &sql, planned).await?;
         Ok(Response::new(batches_stream(released.schema(), released.batches().to_vec())))
     }
 
@@ -625,6 +637,7 @@ impl FlightSqlService for FlightSqlGateway {
         self.session(&request)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG, SCHEMA);
+        builder.append(CATALOG, SYSTEM_SCHEMA);
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))
@@ -642,6 +655,8 @@ impl FlightSqlService for FlightSqlGateway {
         for table in self.catalog.readable(&session.party) {
             builder.append(CATALOG, SCHEMA, &table.name, "TABLE", &table.visible_schema)?;
         }
+        builder.append(CATALOG, SYSTEM_SCHEMA, BUDGET, "SYSTEM TABLE", &SystemSchema::budget_schema())?;
+        builder.append(CATALOG, SYSTEM_SCHEMA, QUERIES, "SYSTEM TABLE", &SystemSchema::queries_schema())?;
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))

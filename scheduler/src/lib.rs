@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod gateway;
 pub mod manifest;
 pub mod serve;
+pub mod system_tables;

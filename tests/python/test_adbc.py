@@ -38,7 +38,7 @@ def test_get_objects_lists_only_the_party_datasets(server, demo):
         for schema in catalog["catalog_db_schemas"]
         for t in schema["db_schema_tables"]
     )
-    assert tables == ["conversions", "impressions"]
+    assert tables == ["budget", "conversions", "impressions", "queries"]
 
 
 def test_dp_reach_per_channel_is_within_its_bound(server, demo):
