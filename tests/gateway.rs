@@ -303,23 +303,29 @@ async fn spent_budget_is_refused_with_the_remainder_and_survives_a_crash() {
     let state = state_dir("budget");
     let server = Server::start(&state);
     let mut client = server.login("advertiser").await;
-    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 4.5) product_category, SUM(revenue) FROM conversions GROUP BY product_category";
+    // Different questions each time (a re-run of the same one would be free).
+    let sql = |i: usize| {
+        format!(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 4.5) product_category, SUM(revenue) \
+             FROM conversions WHERE affiliate_id <> {i} GROUP BY product_category"
+        )
+    };
     // The demo budget is 50: eleven queries of 4.5 leave 0.5.
     for i in 0..11 {
-        let batches = query(&mut client, sql).await.unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let batches = query(&mut client, &sql(i)).await.unwrap_or_else(|e| panic!("query {i}: {e}"));
         let remaining: f64 = batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"].parse().unwrap();
         assert!((remaining - (50.0 - 4.5 * (i + 1) as f64)).abs() < 1e-9, "after query {i}: {remaining}");
     }
-    let err = query(&mut client, sql).await.unwrap_err();
+    let err = query(&mut client, &sql(11)).await.unwrap_err();
     assert!(err.to_string().contains("has only epsilon = 0.5 left"), "{err}");
     // Another party's budget is its own.
     let mut other = server.login("adnetwork").await;
-    query(&mut other, sql).await.unwrap();
+    query(&mut other, &sql(11)).await.unwrap();
 
     server.kill();
     let server = Server::start(&state);
     let mut client = server.login("advertiser").await;
-    let err = query(&mut client, sql).await.unwrap_err();
+    let err = query(&mut client, &sql(12)).await.unwrap_err();
     assert!(err.to_string().contains("has only epsilon = 0.5 left"), "after restart: {err}");
 }
 
@@ -366,6 +372,37 @@ async fn system_tables_show_each_party_only_its_own_budget_and_history_for_free(
         .await
         .unwrap_err();
     assert!(err.to_string().contains("`system_tables_alone`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_question_gets_the_same_answer_at_no_new_cost_even_after_a_restart() {
+    let state = state_dir("cache");
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) country, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY country";
+    let first = query(&mut client, sql).await.unwrap();
+    let again = query(&mut client, sql).await.unwrap();
+    assert_eq!(first, again, "a re-run must return the released answer");
+    let spent = |b: &[RecordBatch]| strings(b, 0);
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["2.0"]);
+
+    // Another option is another question.
+    query(&mut client, &sql.replace("epsilon = 2", "epsilon = 1")).await.unwrap();
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["3.0"]);
+    // Another party asking the same question pays for its own answer.
+    let mut other = server.login("adnetwork").await;
+    query(&mut other, sql).await.unwrap();
+    let budget = query(&mut other, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["2.0"]);
+
+    server.kill();
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    assert_eq!(query(&mut client, sql).await.unwrap(), first);
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["3.0"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,6 +36,10 @@ const SPENT: TableDefinition<&str, f64> = TableDefinition::new("spent_epsilon");
 /// history is one ordered range.
 const CHARGES: TableDefinition<&str, &str> = TableDefinition::new("charges");
 
+/// Released answers (Arrow IPC streams) by answer key; see
+/// [`crate::release::answer_key`].
+const RELEASED: TableDefinition<&str, &[u8]> = TableDefinition::new("released_answers");
+
 /// Budget totals are compared with this slack so that ten charges of 0.1 fit
 /// a budget of 1.0 despite binary rounding.
 const ROUNDING_SLACK: f64 = 1e-9;
@@ -118,6 +122,10 @@ pub trait Ledger: Send + Sync {
     fn spent(&self, party: &str) -> Result<f64>;
     /// The party's charges, oldest first.
     fn history(&self, party: &str) -> Result<Vec<ChargeRecord>>;
+    /// A released answer stored under `key`, if any.
+    fn released_answer(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Durably keep a released answer under `key`.
+    fn keep_released_answer(&self, key: &str, answer: &[u8]) -> Result<()>;
 }
 
 /// The embedded ledger: one redb file under the state directory.
@@ -141,6 +149,7 @@ impl RedbLedger {
         let txn = db.begin_write().map_err(ledger_err)?;
         txn.open_table(SPENT).map_err(ledger_err)?;
         txn.open_table(CHARGES).map_err(ledger_err)?;
+        txn.open_table(RELEASED).map_err(ledger_err)?;
         txn.commit().map_err(ledger_err)?;
         Ok(RedbLedger { db })
     }
@@ -212,6 +221,21 @@ impl Ledger for RedbLedger {
             .map_err(ledger_err)?
             .map(|v| v.value())
             .unwrap_or(0.0))
+    }
+
+    fn released_answer(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(ledger_err)?;
+        let table = txn.open_table(RELEASED).map_err(ledger_err)?;
+        Ok(table.get(key).map_err(ledger_err)?.map(|v| v.value().to_vec()))
+    }
+
+    fn keep_released_answer(&self, key: &str, answer: &[u8]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(ledger_err)?;
+        txn.open_table(RELEASED)
+            .map_err(ledger_err)?
+            .insert(key, answer)
+            .map_err(ledger_err)?;
+        txn.commit().map_err(ledger_err)
     }
 
     fn history(&self, party: &str) -> Result<Vec<ChargeRecord>> {

@@ -21,7 +21,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result};
-use crate::ledger::{round_for_display, Receipt};
+use crate::ledger::{round_for_display, Ledger, Receipt};
 use crate::mechanism::Laplace;
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
@@ -58,6 +58,55 @@ impl Released {
         &self.batches
     }
 
+}
+
+/// The key under which `party`'s released answer to `query` is kept: the
+/// party, the analyst's plan (not the rewrite, whose keyed-hash salt is fresh
+/// each time), the privacy options and the version of the data read.
+///
+/// Why the released-answer cache is private: an answer, once released to a
+/// party, is public to that party; handing the same bytes back to the same
+/// party for the same question on the same data reveals nothing new, so it
+/// costs nothing. Any change of party, plan, option or data is a new key.
+pub fn answer_key(query: &DpQuery, party: &str, data_version: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        party.to_string(),
+        query.original.display_indent().to_string(),
+        format!("{:?}", query.options),
+        data_version.to_string(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The answer kept under `key`, if `party` was already given one.
+pub fn recall(ledger: &dyn Ledger, key: &str) -> Result<Option<Released>> {
+    let Some(bytes) = ledger.released_answer(key)? else { return Ok(None) };
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| DpError::Ledger(format!("unreadable released answer: {e}")))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| DpError::Ledger(format!("unreadable released answer: {e}")))?;
+    Ok(Some(Released { schema, batches }))
+}
+
+/// Keep `answer` under `key`, so the same question is answered the same way.
+pub fn remember(ledger: &dyn Ledger, key: &str, answer: &Released) -> Result<()> {
+    let mut bytes = Vec::new();
+    {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &answer.schema)
+            .map_err(|e| DpError::Ledger(e.to_string()))?;
+        for batch in &answer.batches {
+            writer.write(batch).map_err(|e| DpError::Ledger(e.to_string()))?;
+        }
+        writer.finish().map_err(|e| DpError::Ledger(e.to_string()))?;
+    }
+    ledger.keep_released_answer(key, &bytes)
 }
 
 /// The schema of an `EXPLAIN` answer: one row per part of the explanation.

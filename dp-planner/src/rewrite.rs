@@ -132,6 +132,8 @@ pub struct DpQuery {
     pub epsilon: f64,
     /// The dataset read.
     pub dataset: String,
+    /// The privacy options the query was planned with.
+    pub options: ResolvedOptions,
     /// The analyst's plan; the DP aggregate in it is replaced by the released
     /// values before the post-processing above it runs.
     pub(crate) original: LogicalPlan,
@@ -748,6 +750,7 @@ fn rewrite(
         aggregates,
         epsilon: options.epsilon,
         dataset: dataset.name.clone(),
+        options: *options,
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
     })))

@@ -61,6 +61,40 @@ pub struct Table {
     pub provider: Arc<ListingTable>,
     /// Columns a party may see in metadata (hidden ones left out).
     pub visible_schema: SchemaRef,
+    /// Identifies the data as it was when the server started: a hash of the
+    /// Parquet files' paths, sizes and modification times.
+    pub version: String,
+}
+
+/// A hash of every Parquet file under `dir` (path, size, modification time).
+fn data_version(dir: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if entry.path().extension().is_some_and(|e| e == "parquet") {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                files.push(format!("{}\t{}\t{modified}", entry.path().display(), meta.len()));
+            }
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in &files {
+        h.update(f.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 pub struct Catalog {
@@ -104,10 +138,20 @@ impl Catalog {
                 .collect::<Vec<_>>();
             tables.insert(
                 dataset.name.clone(),
-                Table { name: dataset.name.clone(), provider, visible_schema: Arc::new(Schema::new(visible)) },
+                Table {
+                    name: dataset.name.clone(),
+                    provider,
+                    visible_schema: Arc::new(Schema::new(visible)),
+                    version: data_version(&dir)?,
+                },
             );
         }
         Ok(Catalog { manifest, tables })
+    }
+
+    /// The data version of a dataset.
+    pub fn version(&self, dataset: &str) -> Option<&str> {
+        self.tables.get(dataset).map(|t| t.version.as_str())
     }
 
     /// The tables `party` may query, by name.

@@ -276,6 +276,21 @@ impl FlightSqlGateway {
             .party(&session.party)
             .ok_or_else(|| Status::permission_denied("this party is no longer in the collaboration"))?;
         let budget = party.epsilon_budget;
+
+        // The same question on the same data gets the answer already
+        // released to this party, at no new cost.
+        let version = self.catalog.version(&query.dataset).unwrap_or_default();
+        let key = release::answer_key(query, &session.party, version);
+        let (ledger, lookup) = (self.ledger.clone(), key.clone());
+        let cached = tokio::task::spawn_blocking(move || release::recall(ledger.as_ref(), &lookup))
+            .await
+            .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
+            .map_err(dp_status)?;
+        if let Some(answer) = cached {
+            info!(party = %session.party, query = %query.id, "answered from the released-answer cache");
+            return Ok(answer);
+        }
+
         let charge = Charge {
             party: session.party.clone(),
             query_id: query.id.clone(),
@@ -306,7 +321,14 @@ impl FlightSqlGateway {
         .await
         .map_err(|e| Status::internal(format!("release task failed: {e}")))?
         .map_err(dp_status)?;
-        release::finish(query, noisy).await.map_err(dp_status)
+        let released = release::finish(query, noisy).await.map_err(dp_status)?;
+        let (ledger, kept) = (self.ledger.clone(), released.clone());
+        let stored = tokio::task::spawn_blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            // The answer is paid for; failing to cache it only means a re-run pays again.
+            warn!(party = %session.party, query = %query.id, "could not keep the released answer");
+        }
+        Ok(released)
     }
 
     /// Run a rewritten plan as a Ballista job and collect its (exact, small)
