@@ -37,9 +37,9 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     let channel = Channel::from_shared(format!("http://{}", running.addr)).unwrap().connect().await.unwrap();
     let mut client = FlightSqlServiceClient::new(channel);
     client.handshake("adnetwork", password).await.unwrap();
-    for _ in 0..2 {
+    for dimension in ["channel", "device"] {
         let info = client
-            .execute("SELECT channel, COUNT(DISTINCT uid) FROM impressions GROUP BY channel".into(), None)
+            .execute(format!("SELECT {dimension}, COUNT(DISTINCT uid) FROM impressions GROUP BY {dimension}"), None)
             .await
             .unwrap();
         let stream = client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
