@@ -1,7 +1,8 @@
-//! `cleanroom-bench`: times AdBench queries on plain single-process DataFusion
-//! (the baseline) and through cleanroom's DP path (Flight SQL gateway →
-//! DP planner → embedded Ballista cluster → release), in the same run, and
-//! prints the ratio. A benchmark, not a test: run it on a quiet machine.
+//! `cleanroom-bench`: times AdBench Q4 on plain single-process DataFusion (the
+//! baseline), the DP planner's rewritten plan on the same in-process
+//! DataFusion, and cleanroom's whole DP path (Flight SQL gateway → DP planner
+//! → embedded Ballista cluster → release), in the same run, and prints the
+//! ratios. A benchmark, not a test: run it on a quiet machine.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -59,7 +60,10 @@ async fn main() -> anyhow::Result<()> {
         .find(|(name, _)| name == "Q4_reach_frequency")
         .context("Q4 missing from the query suite")?
         .1;
-    println!("{:>6} {:>14} {:>14} {:>8}", "sf", "plain_ms", "dp_path_ms", "ratio");
+    println!(
+        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>14}",
+        "sf", "plain_ms", "dp_inproc_ms", "dp_path_ms", "dp/plain", "dp/dp_inproc"
+    );
     for sf in &args.sf {
         let dir = args.data_dir.join(format!("sf-{sf}"));
         if !dir.join("truth.json").exists() {
@@ -75,6 +79,27 @@ async fn main() -> anyhow::Result<()> {
             ctx.sql(&plain_q4).await?.collect().await?;
             if run > 0 {
                 plain.push(start.elapsed());
+            }
+        }
+
+        // The DP rewrite alone, on the same in-process DataFusion: separates the
+        // cost of contribution bounding from the cost of Ballista and Flight.
+        let manifest = cleanroom_scheduler::manifest::Manifest::load(&dir.join("manifest.toml"))?;
+        let policy = manifest.policy_for("adnetwork");
+        let mut inproc = Vec::new();
+        for run in 0..=args.runs {
+            let start = Instant::now();
+            let (sql, options) = cleanroom_dp::options::split_dp_clause(&dp_q4(run))?;
+            let plan = ctx.state().create_logical_plan(&sql).await?;
+            let options = options.resolve(&policy.defaults)?;
+            let cleanroom_dp::rewrite::PlannedQuery::Dp(query) =
+                cleanroom_dp::rewrite::plan_query(&plan, &policy, &options)?
+            else {
+                anyhow::bail!("Q4 is not a DP query");
+            };
+            ctx.execute_logical_plan(query.exact_plan.clone()).await?.collect().await?;
+            if run > 0 {
+                inproc.push(start.elapsed());
             }
         }
 
@@ -127,13 +152,15 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop.send(());
         running.wait().await?;
 
-        let (p, d) = (median(plain), median(dp));
+        let (p, i, d) = (median(plain), median(inproc), median(dp));
         println!(
-            "{:>6} {:>14.1} {:>14.1} {:>8.2}",
+            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>14.2}",
             sf,
             p.as_secs_f64() * 1e3,
+            i.as_secs_f64() * 1e3,
             d.as_secs_f64() * 1e3,
-            d.as_secs_f64() / p.as_secs_f64()
+            d.as_secs_f64() / p.as_secs_f64(),
+            d.as_secs_f64() / i.as_secs_f64()
         );
     }
     Ok(())

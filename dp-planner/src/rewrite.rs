@@ -725,21 +725,26 @@ fn rewrite(
             integral: integral[j],
         });
     }
-    bounded.push(key_fn.call(key_args).alias("__key"));
-
     // 2. At most k groups per person, the ones with the smallest keyed hash.
-    let rank = row_number()
-        .partition_by(vec![col("__uid")])
-        .order_by(vec![col("__key").sort(true, false)])
-        .build()?
-        .alias("__rank");
+    // Rows outside the public domain were dropped above, so a person reaches
+    // at most `cells` groups: when k covers them all, nothing needs dropping
+    // and the (costly) ranking is skipped.
+    let builder = if (options.max_groups_contributed as usize) < cells {
+        bounded.push(key_fn.call(key_args).alias("__key"));
+        let rank = row_number()
+            .partition_by(vec![col("__uid")])
+            .order_by(vec![col("__key").sort(true, false)])
+            .build()?
+            .alias("__rank");
+        builder
+            .project(bounded)?
+            .window(vec![rank])?
+            .filter(col("__rank").lt_eq(lit(options.max_groups_contributed as u64)))?
+    } else {
+        builder.project(bounded)?
+    };
     // 3. Sum the partials per group.
-    let exact_plan = builder
-        .project(bounded)?
-        .window(vec![rank])?
-        .filter(col("__rank").lt_eq(lit(options.max_groups_contributed as u64)))?
-        .aggregate(group_cols, finals)?
-        .build()?;
+    let exact_plan = builder.aggregate(group_cols, finals)?.build()?;
 
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);

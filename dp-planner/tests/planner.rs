@@ -191,6 +191,11 @@ async fn explain_shows_the_rewrite_and_the_cost() {
     assert!(cost.contains("epsilon = 0.5"), "{cost}");
     assert!(cost.contains("L1 sensitivity 10"), "{cost}");
     assert!(batch.column(1).as_string::<i32>().value(1).contains("cleanroom_contribution_key"));
+    // With k covering every cell of the domain nothing is dropped, and no ranking is planned.
+    let planned = plan("EXPLAIN SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) channel, COUNT(*) FROM events GROUP BY channel").await.unwrap();
+    let PlannedQuery::Explain(explain) = planned else { panic!("not an explain") };
+    let released = cleanroom_dp::release::explain(&explain).unwrap();
+    assert!(!released.batches()[0].column(1).as_string::<i32>().value(1).contains("row_number"));
 }
 
 #[tokio::test]
