@@ -124,6 +124,54 @@ mod tests {
         }
     }
 
+    /// Kolmogorov–Smirnov critical value at significance `alpha` for `n`
+    /// samples (asymptotic; conservative for discrete distributions).
+    fn ks_critical(n: usize, alpha: f64) -> f64 {
+        (-(alpha / 2.0).ln() / 2.0).sqrt() / (n as f64).sqrt()
+    }
+
+    #[test]
+    fn float_noise_follows_the_laplace_distribution() {
+        // KS test at significance 1e-6 against Laplace(0, b).
+        let m = Laplace::calibrate(3.0, 0.7, false).unwrap();
+        let b = m.scale;
+        let mut x = m.apply(&vec![0.0; 20_000]).unwrap();
+        x.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let cdf = |v: f64| if v < 0.0 { 0.5 * (v / b).exp() } else { 1.0 - 0.5 * (-v / b).exp() };
+        let n = x.len() as f64;
+        let d = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ((i + 1) as f64 / n - cdf(*v)).max(cdf(*v) - i as f64 / n))
+            .fold(0.0, f64::max);
+        assert!(d < ks_critical(x.len(), 1e-6), "KS statistic {d}");
+    }
+
+    #[test]
+    fn integer_noise_follows_the_discrete_laplace_distribution() {
+        // KS test at significance 1e-6 against the discrete Laplace with
+        // P(k) ∝ p^|k|, p = exp(-1/b): F(x) = p^|x| / (1 + p) for x < 0 and
+        // 1 - p^(x+1) / (1 + p) for x >= 0.
+        let m = Laplace::calibrate(4.0, 0.5, true).unwrap();
+        let p = (-1.0 / m.scale).exp();
+        let mut x = m.apply(&vec![0.0; 20_000]).unwrap();
+        x.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let cdf = |v: f64| if v < 0.0 { p.powf(-v) / (1.0 + p) } else { 1.0 - p.powf(v + 1.0) / (1.0 + p) };
+        let n = x.len() as f64;
+        let mut d: f64 = 0.0;
+        let mut i = 0;
+        while i < x.len() {
+            let v = x[i];
+            let below = i as f64 / n; // empirical P(X < v)
+            while i < x.len() && x[i] == v {
+                i += 1;
+            }
+            let upto = i as f64 / n; // empirical P(X <= v)
+            d = d.max((upto - cdf(v)).abs()).max((below - cdf(v - 1.0)).abs());
+        }
+        assert!(d < ks_critical(x.len(), 1e-6), "KS statistic {d}");
+    }
+
     #[test]
     fn noise_has_the_laplace_scale() {
         // Mean absolute deviation of Laplace(b) is b; with 20 000 draws the
