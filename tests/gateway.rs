@@ -406,6 +406,28 @@ async fn the_same_question_gets_the_same_answer_at_no_new_cost_even_after_a_rest
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_collaboration_cap_bounds_what_all_parties_spend_together() {
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let capped = text.replacen("name = \"adbench\"", "name = \"adbench\"\nepsilon_cap = 6.0", 1);
+    assert_ne!(capped, text);
+    let manifest = demo().join("capped-manifest.toml");
+    std::fs::write(&manifest, capped).unwrap();
+    let server = Server::start_with(&manifest, &state_dir("cap"));
+    let mut advertiser = server.login("advertiser").await;
+    let mut adnetwork = server.login("adnetwork").await;
+    query(&mut advertiser, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 5) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap();
+    let err = query(&mut adnetwork, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 1 left of its cap of 6"), "{err}");
+    query(&mut adnetwork, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_ticket_only_works_once_and_in_its_own_session() {
     let server = Server::start(&state_dir("ticket"));
     let mut alice = server.login("advertiser").await;

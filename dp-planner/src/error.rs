@@ -24,6 +24,9 @@ pub enum DpError {
         remaining: f64,
         budget: f64,
     },
+    /// The whole collaboration's cap does not cover the query.
+    #[error("collaboration privacy cap reached: the query needs epsilon = {needed}, but the collaboration has only epsilon = {remaining} left of its cap of {cap} (shared by all parties)")]
+    CollaborationCapExceeded { needed: f64, remaining: f64, cap: f64 },
     #[error("planning error: {0}")]
     Plan(#[from] datafusion::error::DataFusionError),
     #[error("noise mechanism error: {0}")]

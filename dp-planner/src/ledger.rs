@@ -11,7 +11,10 @@
 //! same data, so by the basic adaptive composition theorem the whole history
 //! is (Σ ε_q)-DP. The ledger therefore keeps, per party, the plain sum of the
 //! ε of every admitted query, and admits a query only if that sum stays
-//! within the party's budget. (zCDP composition, tighter for Gaussian noise,
+//! within the party's budget. Parties may collude and pool their answers, so
+//! the people in the data lose Σ over all parties' queries; the ledger also
+//! keeps that total and, when the manifest sets `epsilon_cap`, admits a query
+//! only if the collaboration stays within it. (zCDP composition, tighter for Gaussian noise,
 //! would need the Gaussian mechanism; pure DP keeps δ = 0.)
 //!
 //! ## Durability
@@ -35,6 +38,10 @@ const SPENT: TableDefinition<&str, f64> = TableDefinition::new("spent_epsilon");
 /// Charge records keyed `party NUL time NUL receipt id`, so one party's
 /// history is one ordered range.
 const CHARGES: TableDefinition<&str, &str> = TableDefinition::new("charges");
+
+/// The key of the whole collaboration's total in `SPENT` (party names cannot
+/// contain NUL).
+const COLLABORATION: &str = "\0collaboration";
 
 /// Released answers (Arrow IPC streams) by answer key; see
 /// [`crate::release::answer_key`].
@@ -115,9 +122,10 @@ impl Receipt {
 
 /// The per-party privacy budget.
 pub trait Ledger: Send + Sync {
-    /// Durably record `charge` if it fits `budget`, or refuse it with the
-    /// amount left. Blocking: call it off the async runtime.
-    fn charge(&self, charge: &Charge, budget: f64) -> Result<Receipt>;
+    /// Durably record `charge` if it fits the party's `budget` and the
+    /// collaboration's cap, or refuse it with the amount left. Blocking: call
+    /// it off the async runtime.
+    fn charge(&self, charge: &Charge, budget: f64, collaboration_cap: Option<f64>) -> Result<Receipt>;
     /// ε the party has spent so far.
     fn spent(&self, party: &str) -> Result<f64>;
     /// The party's charges, oldest first.
@@ -156,7 +164,7 @@ impl RedbLedger {
 }
 
 impl Ledger for RedbLedger {
-    fn charge(&self, charge: &Charge, budget: f64) -> Result<Receipt> {
+    fn charge(&self, charge: &Charge, budget: f64, collaboration_cap: Option<f64>) -> Result<Receipt> {
         if !(charge.epsilon.is_finite() && charge.epsilon > 0.0) {
             return Err(DpError::Ledger(format!("invalid charge of epsilon {}", charge.epsilon)));
         }
@@ -179,8 +187,27 @@ impl Ledger for RedbLedger {
                     budget,
                 });
             }
+            // The whole collaboration's total: parties may collude, so what
+            // they spend together is what the people in the data lose.
+            let all = spent_table
+                .get(COLLABORATION)
+                .map_err(ledger_err)?
+                .map(|v| v.value())
+                .unwrap_or(0.0);
+            if let Some(cap) = collaboration_cap {
+                if all + charge.epsilon > cap + ROUNDING_SLACK {
+                    return Err(DpError::CollaborationCapExceeded {
+                        needed: charge.epsilon,
+                        remaining: round_for_display((cap - all).max(0.0)),
+                        cap,
+                    });
+                }
+            }
             spent_table
                 .insert(charge.party.as_str(), total)
+                .map_err(ledger_err)?;
+            spent_table
+                .insert(COLLABORATION, all + charge.epsilon)
                 .map_err(ledger_err)?;
             let mut id = [0u8; 16];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
@@ -271,7 +298,7 @@ mod tests {
         {
             let l = RedbLedger::open(dir.path()).unwrap();
             for _ in 0..10 {
-                l.charge(&charge("a", 0.1), 1.0).unwrap();
+                l.charge(&charge("a", 0.1), 1.0, None).unwrap();
             }
             assert!((l.spent("a").unwrap() - 1.0).abs() < 1e-9);
         }
@@ -286,9 +313,20 @@ mod tests {
     fn charge_over_budget_is_refused_with_what_is_left() {
         let dir = tempfile::tempdir().unwrap();
         let l = RedbLedger::open(dir.path()).unwrap();
-        l.charge(&charge("a", 0.75), 1.0).unwrap();
-        let err = l.charge(&charge("a", 0.5), 1.0).unwrap_err();
+        l.charge(&charge("a", 0.75), 1.0, None).unwrap();
+        let err = l.charge(&charge("a", 0.5), 1.0, None).unwrap_err();
         assert!(err.to_string().contains("0.25 left"), "{err}");
         assert!((l.spent("a").unwrap() - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn collaboration_cap_bounds_what_all_parties_spend_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = RedbLedger::open(dir.path()).unwrap();
+        l.charge(&charge("a", 2.0), 5.0, Some(3.0)).unwrap();
+        let err = l.charge(&charge("b", 1.5), 5.0, Some(3.0)).unwrap_err();
+        assert!(err.to_string().contains("1 left of its cap of 3"), "{err}");
+        assert_eq!(l.spent("b").unwrap(), 0.0);
+        l.charge(&charge("b", 1.0), 5.0, Some(3.0)).unwrap();
     }
 }

@@ -256,7 +256,7 @@ async fn release_covers_the_whole_domain_and_drops_keys_outside_it() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = RedbLedger::open(dir.path()).unwrap();
     let receipt = ledger
-        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0)
+        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
         .unwrap();
     let noisy = release(&q, &exact(&q).await, &receipt).unwrap();
     let released = finish(&q, noisy).await.unwrap();
@@ -275,7 +275,7 @@ async fn release_refuses_a_receipt_for_another_query() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = RedbLedger::open(dir.path()).unwrap();
     let other = ledger
-        .charge(&Charge { party: "p".into(), query_id: "another".into(), epsilon: q.epsilon, sql: String::new() }, 10.0)
+        .charge(&Charge { party: "p".into(), query_id: "another".into(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
         .unwrap();
     assert!(release(&q, &exact(&q).await, &other).is_err());
 }

@@ -139,7 +139,9 @@ fn dp_status(e: DpError) -> Status {
         DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
             Status::invalid_argument(e.to_string())
         }
-        DpError::BudgetExceeded { .. } => Status::resource_exhausted(e.to_string()),
+        DpError::BudgetExceeded { .. } | DpError::CollaborationCapExceeded { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         DpError::Mechanism(_) | DpError::Ledger(_) => {
             warn!(error = %e, "release failed");
             Status::internal("the answer could not be released; any charge made for it is kept")
@@ -300,7 +302,8 @@ impl FlightSqlGateway {
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
-        let receipt = tokio::task::spawn_blocking(move || ledger.charge(&charge, budget))
+        let cap = self.catalog.manifest.collaboration.epsilon_cap;
+        let receipt = tokio::task::spawn_blocking(move || ledger.charge(&charge, budget, cap))
             .await
             .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
             .map_err(dp_status)?;

@@ -56,6 +56,10 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Collaboration {
     pub name: String,
+    /// A cap on the ε all parties together may spend. Parties may collude, so
+    /// the people in the data lose privacy to all of them together; `None`
+    /// means the sum of the party budgets.
+    pub epsilon_cap: Option<f64>,
 }
 
 /// One `[[parties]]` entry.
@@ -731,6 +735,7 @@ fn syntax_problem(text: &str, error: &toml::de::Error) -> Problem {
 fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     let mut collaboration = Collaboration {
         name: String::new(),
+        epsilon_cap: None,
     };
     let Some(value) = c.field(root, "", "collaboration", true) else {
         return collaboration;
@@ -738,12 +743,20 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     let Some(table) = c.table(value, "collaboration") else {
         return collaboration;
     };
-    c.unknown_keys(table, "collaboration", &["name"]);
+    c.unknown_keys(table, "collaboration", &["name", "epsilon_cap"]);
     if let Some(name) = c.required_string(table, "collaboration", "name") {
         if name.trim().is_empty() {
             c.report("collaboration.name", "must not be empty");
         }
         collaboration.name = name;
+    }
+    if let Some(v) = c.field(table, "collaboration", "epsilon_cap", false) {
+        if let Some(x) = c.number(v, "collaboration.epsilon_cap") {
+            if !(x.is_finite() && x > 0.0) {
+                c.report("collaboration.epsilon_cap", format!("must be a finite number above 0, found {x}"));
+            }
+            collaboration.epsilon_cap = Some(x);
+        }
     }
     collaboration
 }
@@ -1524,6 +1537,18 @@ campaign_id = {{ role = "dimension" }}
             err.to_string(),
             "datasets[0].readers[1]: unknown party \"y\"\ndatasets[1].owner: unknown party \"x\""
         );
+    }
+
+    #[test]
+    fn collaboration_cap_is_read_and_checked() {
+        let text = sample().replacen("name = \"adbench\"", "name = \"adbench\"\nepsilon_cap = 80.0", 1);
+        let m = Manifest::from_str(&text, Path::new("/data")).unwrap();
+        assert_eq!(m.collaboration.epsilon_cap, Some(80.0));
+        let bad = sample().replacen("name = \"adbench\"", "name = \"adbench\"\nepsilon_cap = -1", 1);
+        let ManifestError::Invalid(problems) = Manifest::from_str(&bad, Path::new("/data")).unwrap_err() else {
+            panic!("expected problems")
+        };
+        assert!(problems.iter().any(|p| p.path == "collaboration.epsilon_cap"), "{problems:?}");
     }
 
     #[test]
