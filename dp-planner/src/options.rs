@@ -17,14 +17,18 @@ pub struct QueryOptions {
     pub delta: Option<f64>,
     pub max_groups_contributed: Option<u32>,
     pub max_contributions_per_group: Option<u32>,
+    /// BigQuery's `privacy_unit_column`: accepted when it names the dataset's
+    /// privacy-unit column (the manifest decides what a person is).
+    pub privacy_unit_column: Option<String>,
 }
 
 /// Options after defaults were applied and ranges checked.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedOptions {
     pub epsilon: f64,
     pub max_groups_contributed: u32,
     pub max_contributions_per_group: u32,
+    pub privacy_unit_column: Option<String>,
 }
 
 /// Largest per-person group or row bound a query may ask for: beyond it the
@@ -54,11 +58,12 @@ impl QueryOptions {
             "delta" => self.delta = Some(number()?),
             "max_groups_contributed" => self.max_groups_contributed = Some(count()?),
             "max_contributions_per_group" => self.max_contributions_per_group = Some(count()?),
+            "privacy_unit_column" => self.privacy_unit_column = Some(value.to_string()),
             other => {
                 return Err(DpError::InvalidOption {
                     option: other.to_string(),
                     detail: "unknown option; known options are epsilon, delta, \
-                             max_groups_contributed, max_contributions_per_group"
+                             max_groups_contributed, max_contributions_per_group, privacy_unit_column"
                         .into(),
                 })
             }
@@ -75,6 +80,10 @@ impl QueryOptions {
             max_contributions_per_group: self
                 .max_contributions_per_group
                 .or(base.max_contributions_per_group),
+            privacy_unit_column: self
+                .privacy_unit_column
+                .clone()
+                .or_else(|| base.privacy_unit_column.clone()),
         }
     }
 
@@ -114,6 +123,7 @@ impl QueryOptions {
             Ok(value)
         };
         Ok(ResolvedOptions {
+            privacy_unit_column: self.privacy_unit_column.clone(),
             epsilon,
             max_groups_contributed: bound(
                 "max_groups_contributed",

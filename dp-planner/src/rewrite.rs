@@ -619,6 +619,18 @@ fn rewrite(
     qualifier: TableReference,
 ) -> Result<PlannedQuery> {
     let unit_name = dataset.privacy_unit.clone().unwrap_or_default();
+    if let Some(asked) = &options.privacy_unit_column {
+        if !asked.eq_ignore_ascii_case(&unit_name) {
+            return Err(DpError::refused_with(
+                "privacy_unit",
+                format!(
+                    "privacy_unit_column = {asked}: the privacy unit of `{}` is `{unit_name}`, set by the collaboration manifest",
+                    dataset.name
+                ),
+                format!("privacy_unit_column = {unit_name}, or leave the option out"),
+            ));
+        }
+    }
     if input_schema.field_with_unqualified_name(&unit_name).is_err() {
         return Err(DpError::refused("privacy_unit", format!("dataset `{}` has no privacy-unit column `{unit_name}`", dataset.name)));
     }
@@ -755,7 +767,7 @@ fn rewrite(
         aggregates,
         epsilon: options.epsilon,
         dataset: dataset.name.clone(),
-        options: *options,
+        options: options.clone(),
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
     })))

@@ -155,6 +155,15 @@ async fn unsupported_aggregates_are_refused() {
 }
 
 #[tokio::test]
+async fn privacy_unit_column_must_be_the_manifests() {
+    assert!(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (privacy_unit_column = uid) channel, COUNT(*) FROM events GROUP BY channel").await.is_ok());
+    assert_eq!(
+        refused_rule("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (privacy_unit_column = country) channel, COUNT(*) FROM events GROUP BY channel").await,
+        "privacy_unit"
+    );
+}
+
+#[tokio::test]
 async fn describe_is_refused() {
     assert_eq!(refused_rule("DESCRIBE events").await, "describe");
 }

@@ -459,7 +459,7 @@ fn parse_set(sql: &str) -> Option<Result<(String, String), Status>> {
     let lower = name.to_ascii_lowercase();
     let Some(option) = lower.strip_prefix("cleanroom.") else {
         return Some(Err(Status::invalid_argument(format!(
-            "SET {name}: only cleanroom.<option> settings (epsilon, delta, max_groups_contributed, max_contributions_per_group) can be set"
+            "SET {name}: only cleanroom.<option> settings (epsilon, delta, max_groups_contributed, max_contributions_per_group, privacy_unit_column) can be set"
         ))));
     };
     Some(Ok((option.to_string(), value.to_string())))
