@@ -20,6 +20,9 @@ pub struct QueryOptions {
     /// BigQuery's `privacy_unit_column`: accepted when it names the dataset's
     /// privacy-unit column (the manifest decides what a person is).
     pub privacy_unit_column: Option<String>,
+    /// Add `<column>_ci_low` / `<column>_ci_high` companion columns (the 95 %
+    /// interval) next to every noisy column.
+    pub confidence_intervals: Option<bool>,
 }
 
 /// Options after defaults were applied and ranges checked.
@@ -29,6 +32,7 @@ pub struct ResolvedOptions {
     pub max_groups_contributed: u32,
     pub max_contributions_per_group: u32,
     pub privacy_unit_column: Option<String>,
+    pub confidence_intervals: bool,
 }
 
 /// Largest per-person group or row bound a query may ask for: beyond it the
@@ -59,11 +63,24 @@ impl QueryOptions {
             "max_groups_contributed" => self.max_groups_contributed = Some(count()?),
             "max_contributions_per_group" => self.max_contributions_per_group = Some(count()?),
             "privacy_unit_column" => self.privacy_unit_column = Some(value.to_string()),
+            "confidence_intervals" => {
+                self.confidence_intervals = Some(match value.to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(DpError::InvalidOption {
+                            option: name.clone(),
+                            detail: format!("`{value}` is not true or false"),
+                        })
+                    }
+                })
+            }
             other => {
                 return Err(DpError::InvalidOption {
                     option: other.to_string(),
                     detail: "unknown option; known options are epsilon, delta, \
-                             max_groups_contributed, max_contributions_per_group, privacy_unit_column"
+                             max_groups_contributed, max_contributions_per_group, privacy_unit_column, \
+                             confidence_intervals"
                         .into(),
                 })
             }
@@ -84,6 +101,7 @@ impl QueryOptions {
                 .privacy_unit_column
                 .clone()
                 .or_else(|| base.privacy_unit_column.clone()),
+            confidence_intervals: self.confidence_intervals.or(base.confidence_intervals),
         }
     }
 
@@ -124,6 +142,7 @@ impl QueryOptions {
         };
         Ok(ResolvedOptions {
             privacy_unit_column: self.privacy_unit_column.clone(),
+            confidence_intervals: self.confidence_intervals.unwrap_or(false),
             epsilon,
             max_groups_contributed: bound(
                 "max_groups_contributed",

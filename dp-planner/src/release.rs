@@ -322,10 +322,31 @@ pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
             None => f.as_ref().clone(),
         })
         .collect();
+    let mut fields = fields;
+    for (name, _) in companion_intervals(query, &fields)? {
+        fields.push(Field::new(format!("{name}_ci_low"), DataType::Float64, true));
+        fields.push(Field::new(format!("{name}_ci_high"), DataType::Float64, true));
+    }
     Ok(Schema::new_with_metadata(
         fields,
         HashMap::from([(META_CHARGE.to_string(), format!("{}", round_for_display(query.epsilon)))]),
     ))
+}
+
+/// When the query asked for `confidence_intervals`, the noisy output columns
+/// among `fields` (those carrying a 95 % half-width) as (name, (index,
+/// half-width)), in output order.
+fn companion_intervals<F: std::borrow::Borrow<Field>>(query: &DpQuery, fields: &[F]) -> Result<Vec<(String, (usize, f64))>> {
+    if !query.options.confidence_intervals {
+        return Ok(Vec::new());
+    }
+    let noise = noisy_outputs(&query.original, &calibrations(query)?);
+    Ok(fields
+        .iter()
+        .zip(noise)
+        .enumerate()
+        .filter_map(|(i, (f, n))| n.map(|l| (f.borrow().name().clone(), (i, l.ci95_half_width()))))
+        .collect())
 }
 
 /// Run the analyst's post-processing on the released values and attach the
@@ -342,15 +363,25 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
     metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id().to_string());
     let schema = Arc::new(announced.with_metadata(metadata));
+    let intervals = companion_intervals(query, schema.fields())?;
     let batches = batches
         .into_iter()
         .map(|b| {
-            let columns = b
+            let mut columns = b
                 .columns()
                 .iter()
                 .zip(schema.fields())
                 .map(|(c, f)| cast(c, f.data_type()))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
+            // Interval bounds are computed from the released values only.
+            for (_, (index, half)) in &intervals {
+                let values = cast(&columns[*index], &DataType::Float64)?;
+                let values = values.as_any().downcast_ref::<Float64Array>().expect("f64");
+                let low: Float64Array = values.iter().map(|v| v.map(|v| v - half)).collect();
+                let high: Float64Array = values.iter().map(|v| v.map(|v| v + half)).collect();
+                columns.push(Arc::new(low));
+                columns.push(Arc::new(high));
+            }
             RecordBatch::try_new(schema.clone(), columns)
         })
         .collect::<std::result::Result<Vec<_>, _>>()

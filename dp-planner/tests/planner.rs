@@ -279,6 +279,26 @@ async fn release_covers_the_whole_domain_and_drops_keys_outside_it() {
 }
 
 #[tokio::test]
+async fn confidence_intervals_come_as_companion_columns_when_asked() {
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (confidence_intervals = true) channel, COUNT(*) AS n FROM events GROUP BY channel").await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = RedbLedger::open(dir.path()).unwrap();
+    let receipt = ledger
+        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
+        .unwrap();
+    let released = finish(&q, release(&q, &exact(&q).await, &receipt).unwrap()).await.unwrap();
+    let names: Vec<String> = released.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, vec!["channel", "n", "n_ci_low", "n_ci_high"]);
+    assert_eq!(cleanroom_dp::release::announced_dp_schema(&q).unwrap().fields().len(), 4);
+    let half: f64 = released.schema().field(1).metadata()["cleanroom.ci95.half_width"].parse().unwrap();
+    let b = &released.batches()[0];
+    let n = b.column(1).as_primitive::<Int64Type>().value(0) as f64;
+    let low = b.column(2).as_primitive::<arrow::datatypes::Float64Type>().value(0);
+    let high = b.column(3).as_primitive::<arrow::datatypes::Float64Type>().value(0);
+    assert!((n - half - low).abs() < 1e-9 && (n + half - high).abs() < 1e-9);
+}
+
+#[tokio::test]
 async fn release_refuses_a_receipt_for_another_query() {
     let q = dp(plan("SELECT channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
     let dir = tempfile::tempdir().unwrap();

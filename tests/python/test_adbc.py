@@ -79,3 +79,18 @@ def test_session_setting_applies_to_the_next_query(server, demo):
             table = cur.fetch_arrow_table()
     assert table.num_rows == 4
     assert table.schema.metadata[b"cleanroom.charge.epsilon"] == b"0.25"
+
+
+def test_confidence_interval_columns_when_asked(server, demo):
+    with connect(server, demo, "adnetwork") as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, confidence_intervals = true) "
+                "test_group, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY test_group ORDER BY test_group"
+            )
+            table = cur.fetch_arrow_table()
+    assert table.column_names == ["test_group", "people", "people_ci_low", "people_ci_high"]
+    half = float(table.schema.field("people").metadata[b"cleanroom.ci95.half_width"])
+    for row in table.to_pylist():
+        assert row["people_ci_low"] == pytest.approx(row["people"] - half)
+        assert row["people_ci_high"] == pytest.approx(row["people"] + half)
