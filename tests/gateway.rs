@@ -285,7 +285,7 @@ async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule()
         ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "group_key_public_domain"),
         ("SELECT uid, COUNT(*) FROM impressions GROUP BY uid", "privacy_unit_in_output"),
         ("SELECT channel, COUNT(*) FROM impressions i JOIN conversions c ON i.uid = c.uid GROUP BY channel", "one_dataset_per_query"),
-        ("SELECT channel, AVG(cost_micros) FROM impressions GROUP BY channel", "supported_aggregates"),
+        ("SELECT channel, MAX(cost_micros) FROM impressions GROUP BY channel", "supported_aggregates"),
         ("SELECT channel, COUNT(*) FROM impressions WHERE campaign_id = 'x' GROUP BY channel", "filter_on_dimensions"),
     ];
     for (sql, rule) in cases {

@@ -145,6 +145,14 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                     l.ci95_half_width()
                 ));
             }
+            for a in q.aggregates.iter().filter(|a| a.average.is_some()) {
+                cost.push_str(&format!(
+                    "{}: noisy sum (L1 sensitivity {}) / noisy count, each with epsilon {}, clamped to the bounds\n",
+                    a.output_name,
+                    a.sensitivity,
+                    round_for_display(a.epsilon / 2.0)
+                ));
+            }
             rows.push(("dp_cost".into(), cost.trim_end().to_string()));
             rows.push(("dp_rewritten_plan".into(), q.exact_plan.display_indent().to_string()));
             rows.push(("post_processing_plan".into(), q.original.display_indent().to_string()));
@@ -215,17 +223,38 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     let index: HashMap<&[String], usize> = cells.iter().enumerate().map(|(i, k)| (k.as_slice(), i)).collect();
 
     let groups = query.groups.len();
-    let mut values = vec![vec![0.0f64; cells.len()]; query.aggregates.len()];
+    // Exact columns by name: `__a<j>` per aggregate, and `__b<j>` (the count
+    // of values) for an AVG.
+    let exact_columns: Vec<String> = query
+        .aggregates
+        .iter()
+        .enumerate()
+        .flat_map(|(j, a)| {
+            let mut names = vec![format!("__a{j}")];
+            if a.average.is_some() {
+                names.push(format!("__b{j}"));
+            }
+            names
+        })
+        .collect();
+    let mut exact_values: HashMap<&str, Vec<f64>> =
+        exact_columns.iter().map(|n| (n.as_str(), vec![0.0f64; cells.len()])).collect();
     for batch in exact {
         let keys: Vec<ArrayRef> = (0..groups)
             .map(|g| cast(batch.column(g), &DataType::Utf8))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| DpError::Mechanism(e.to_string()))?;
         let keys: Vec<&StringArray> = keys.iter().map(|a| a.as_any().downcast_ref::<StringArray>().expect("utf8")).collect();
-        let aggs: Vec<ArrayRef> = (0..query.aggregates.len())
-            .map(|j| cast(batch.column(groups + j), &DataType::Float64))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| DpError::Mechanism(e.to_string()))?;
+        let aggs: Vec<(&str, ArrayRef)> = exact_columns
+            .iter()
+            .map(|name| {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| DpError::Mechanism(format!("exact column {name} missing")))?;
+                let column = cast(column, &DataType::Float64).map_err(|e| DpError::Mechanism(e.to_string()))?;
+                Ok((name.as_str(), column))
+            })
+            .collect::<Result<_>>()?;
         for row in 0..batch.num_rows() {
             if keys.iter().any(|k| k.is_null(row)) {
                 continue; // NULL is outside every public domain
@@ -234,10 +263,10 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // Keys outside the public domain are dropped: releasing them would
             // reveal that someone has that value.
             let Some(&cell) = index.get(key.as_slice()) else { continue };
-            for (j, a) in aggs.iter().enumerate() {
+            for (name, a) in &aggs {
                 let a = a.as_any().downcast_ref::<Float64Array>().expect("f64");
                 if !a.is_null(row) {
-                    values[j][cell] = a.value(row);
+                    exact_values.get_mut(name).expect("known column")[cell] = a.value(row);
                 }
             }
         }
@@ -255,8 +284,23 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
         columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
     for (j, agg) in query.aggregates.iter().enumerate() {
-        let laplace = Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral)?;
-        let noisy = laplace.apply(&values[j])?;
+        let sums = &exact_values[format!("__a{j}").as_str()];
+        let noisy = match agg.average {
+            None => Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral)?.apply(sums)?,
+            // AVG: a noisy sum and a noisy count, each with half of this
+            // aggregate's ε (sequential composition); their ratio is
+            // post-processing, clamped to the measure's bounds.
+            Some((count_sensitivity, (low, high))) => {
+                let noisy_sums = Laplace::calibrate(agg.sensitivity, agg.epsilon / 2.0, false)?.apply(sums)?;
+                let counts = &exact_values[format!("__b{j}").as_str()];
+                let noisy_counts = Laplace::calibrate(count_sensitivity, agg.epsilon / 2.0, true)?.apply(counts)?;
+                noisy_sums
+                    .iter()
+                    .zip(noisy_counts)
+                    .map(|(s, c)| (s / c.max(1.0)).clamp(low, high))
+                    .collect()
+            }
+        };
         let array: ArrayRef = if agg.integral {
             Arc::new(Int64Array::from_iter_values(noisy.iter().map(|v| *v as i64)))
         } else {
@@ -297,6 +341,7 @@ fn calibrations(query: &DpQuery) -> Result<Vec<(String, Laplace)>> {
     query
         .aggregates
         .iter()
+        .filter(|a| a.average.is_none())
         .map(|a| Ok((a.output_name.clone(), Laplace::calibrate(a.sensitivity, a.epsilon, a.integral)?)))
         .collect()
 }

@@ -90,6 +90,9 @@ pub enum AggregateKind {
     CountPeople,
     /// `SUM(measure)`, each value clamped to the measure's bounds.
     Sum,
+    /// `AVG(measure)`: a noisy sum of clamped values over a noisy count of
+    /// values, each with half of the aggregate's ε, clamped to the bounds.
+    Avg,
 }
 
 /// One noisy column of the DP aggregate.
@@ -107,6 +110,9 @@ pub struct DpAggregate {
     /// The exact column holds whole numbers (counts, sums of an integer
     /// measure with integer bounds): noise it with the discrete Laplace.
     pub integral: bool,
+    /// For `AVG`: the L1 sensitivity of the count of values (the exact plan's
+    /// `__b<j>` column) and the measure's bounds, to clamp the ratio.
+    pub average: Option<(f64, (f64, f64))>,
 }
 
 /// One group column with its public domain.
@@ -562,7 +568,7 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
         ));
     }
     let unit = dataset.privacy_unit.as_deref().unwrap_or_default();
-    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM(<measure>)";
+    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM(<measure>), AVG(<measure>)";
     aggregate
         .aggr_expr
         .iter()
@@ -596,6 +602,10 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
                 ("count", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
                     ColumnRole::JoinKey if c.name == unit => Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) }),
                     _ => Ok(Requested { kind: AggregateKind::CountValues, column: Some(c.clone()), bounds: (0.0, 0.0) }),
+                },
+                ("avg", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
+                    ColumnRole::Measure { lower, upper } => Ok(Requested { kind: AggregateKind::Avg, column: Some(c.clone()), bounds: (lower, upper) }),
+                    _ => Err(DpError::refused_with("sum_of_measure", format!("`{expr}`: only columns declared as measures (with bounds) can be averaged"), "AVG(<measure column>)")),
                 },
                 ("sum", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
                     ColumnRole::Measure { lower, upper } => Ok(Requested { kind: AggregateKind::Sum, column: Some(c.clone()), bounds: (lower, upper) }),
@@ -678,6 +688,7 @@ fn rewrite(
         let field_type = aggregate.schema.field(groups.len() + j).data_type().clone();
         let whole = match r.kind {
             AggregateKind::Sum => field_type.is_integer() && r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0,
+            AggregateKind::Avg => false,
             _ => true,
         };
         integral.push(whole);
@@ -688,6 +699,11 @@ fn rewrite(
             AggregateKind::Sum => {
                 let value = col(r.column.clone().unwrap());
                 partials.push(sum(clamp(value, r.bounds.0, r.bounds.1, whole)).alias(name));
+            }
+            AggregateKind::Avg => {
+                let value = col(r.column.clone().unwrap());
+                partials.push(sum(clamp(value.clone(), r.bounds.0, r.bounds.1, false)).alias(name));
+                partials.push(count(value).alias(format!("__q{j}")));
             }
         }
     }
@@ -714,12 +730,18 @@ fn rewrite(
                 sum(col(format!("__p{j}"))),
             ),
             AggregateKind::CountPeople => (None, 1.0, count(lit(1i64))),
-            AggregateKind::Sum => {
+            AggregateKind::Sum | AggregateKind::Avg => {
                 let low = per_group_rows * r.bounds.0.min(0.0);
                 let high = per_group_rows * r.bounds.1.max(0.0);
                 (Some(clamp(p, low, high, integral[j])), low.abs().max(high.abs()), sum(col(format!("__p{j}"))))
             }
         };
+        if r.kind == AggregateKind::Avg {
+            // The denominator: values counted per person and group, at most
+            // `max_contributions_per_group`.
+            bounded.push(clamp(col(format!("__q{j}")), 0.0, per_group_rows, true).alias(format!("__q{j}")));
+            finals.push(sum(col(format!("__q{j}"))).alias(format!("__b{j}")));
+        }
         if let Some(partial) = partial {
             bounded.push(partial.alias(format!("__p{j}")));
         }
@@ -735,6 +757,7 @@ fn rewrite(
             sensitivity: k * per_group,
             epsilon: share,
             integral: integral[j],
+            average: (r.kind == AggregateKind::Avg).then_some((k * per_group_rows, r.bounds)),
         });
     }
     // 2. At most k groups per person, the ones with the smallest keyed hash.

@@ -310,6 +310,26 @@ async fn confidence_intervals_come_as_companion_columns_when_asked() {
 }
 
 #[tokio::test]
+async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, epsilon = 2) channel, AVG(cost) AS avg_cost FROM events GROUP BY channel").await.unwrap());
+    let a = &q.aggregates[0];
+    // 3 groups x 10 rows x bound 100 for the sum, 3 x 10 for the count.
+    assert_eq!(a.sensitivity, 3000.0);
+    assert_eq!(a.average, Some((30.0, (0.0, 100.0))));
+    let b = &exact(&q).await[0];
+    assert!(b.column_by_name("__a0").is_some() && b.column_by_name("__b0").is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = RedbLedger::open(dir.path()).unwrap();
+    let receipt = ledger
+        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
+        .unwrap();
+    let released = finish(&q, release(&q, &exact(&q).await, &receipt).unwrap()).await.unwrap();
+    let avg = released.batches()[0].column(1).as_primitive::<arrow::datatypes::Float64Type>().clone();
+    assert_eq!(avg.len(), 3);
+    assert!(avg.values().iter().all(|v| (0.0..=100.0).contains(v)), "{avg:?}");
+}
+
+#[tokio::test]
 async fn release_refuses_a_receipt_for_another_query() {
     let q = dp(plan("SELECT channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
     let dir = tempfile::tempdir().unwrap();
