@@ -428,6 +428,20 @@ async fn the_collaboration_cap_bounds_what_all_parties_spend_together() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn unfetched_tickets_are_bounded_per_session() {
+    let server = Server::start(&state_dir("bounded"));
+    let mut client = server.login("advertiser").await;
+    let mut tickets = Vec::new();
+    for i in 0..1030 {
+        let info = client.execute(format!("SELECT {i} AS n"), None).await.unwrap();
+        tickets.push(info.endpoint[0].ticket.clone().unwrap());
+    }
+    assert!(client.do_get(tickets[0].clone()).await.is_err(), "the oldest unfetched ticket is forgotten");
+    let last = client.do_get(tickets[1029].clone()).await.unwrap().try_collect::<Vec<_>>().await.unwrap();
+    assert_eq!(strings(&last, 0), vec!["1029"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_ticket_only_works_once_and_in_its_own_session() {
     let server = Server::start(&state_dir("ticket"));
     let mut alice = server.login("advertiser").await;

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -67,6 +68,8 @@ type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
 /// One authenticated connection of a party.
 struct Session {
     party: String,
+    /// When the session was last used; idle sessions expire.
+    last_used: Mutex<Instant>,
     policy: Policy,
     /// A Ballista client session with only this party's datasets registered.
     ctx: SessionContext,
@@ -74,9 +77,9 @@ struct Session {
     options: Mutex<QueryOptions>,
     /// Statements planned by GetFlightInfo (with their SQL text), waiting
     /// for their DoGet.
-    pending: Mutex<HashMap<String, (String, Arc<PlannedQuery>)>>,
+    pending: Mutex<HashMap<String, (Instant, (String, Arc<PlannedQuery>))>>,
     /// Prepared statements: handle → SQL.
-    prepared: Mutex<HashMap<String, String>>,
+    prepared: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl Session {
@@ -95,6 +98,25 @@ impl Session {
         *self.options.lock().expect("options lock") = options;
         Ok(())
     }
+}
+
+/// A session unused this long expires; its client must authenticate again.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 3600);
+/// Statements planned but not yet fetched, per session: past this, the oldest
+/// is forgotten (it was never charged), so a client cannot grow the server's
+/// memory without bound.
+const MAX_PENDING_PER_SESSION: usize = 1024;
+/// Prepared statements per session, likewise.
+const MAX_PREPARED_PER_SESSION: usize = 1024;
+
+/// Insert into a bounded map of statements, forgetting the oldest when full.
+fn insert_bounded<V>(map: &mut HashMap<String, (Instant, V)>, limit: usize, key: String, value: V) {
+    if map.len() >= limit {
+        if let Some(oldest) = map.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) {
+            map.remove(&oldest);
+        }
+    }
+    map.insert(key, (Instant::now(), value));
 }
 
 /// What a statement turned out to be.
@@ -187,12 +209,20 @@ impl FlightSqlGateway {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| Status::unauthenticated("expected a Bearer token from the handshake"))?;
-        self.sessions
-            .lock()
-            .expect("sessions lock")
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let session = sessions
             .get(token)
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown or expired token: authenticate again"))
+            .ok_or_else(|| Status::unauthenticated("unknown or expired token: authenticate again"))?;
+        let mut last_used = session.last_used.lock().expect("session clock");
+        if last_used.elapsed() > SESSION_IDLE_TIMEOUT {
+            drop(last_used);
+            sessions.remove(token);
+            return Err(Status::unauthenticated("unknown or expired token: authenticate again"));
+        }
+        *last_used = Instant::now();
+        drop(last_used);
+        Ok(session)
     }
 
     async fn open_session(&self, party: &str) -> Result<Session, Status> {
@@ -218,6 +248,7 @@ impl FlightSqlGateway {
             options: Mutex::new(QueryOptions::default()),
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(Instant::now()),
         })
     }
 
@@ -260,7 +291,12 @@ impl FlightSqlGateway {
             Statement::Query(planned) => planned,
         };
         let id = random_id();
-        session.pending.lock().expect("pending lock").insert(id.clone(), (sql.to_string(), Arc::new(planned)));
+        insert_bounded(
+            &mut session.pending.lock().expect("pending lock"),
+            MAX_PENDING_PER_SESSION,
+            id.clone(),
+            (sql.to_string(), Arc::new(planned)),
+        );
         let ticket = TicketStatementQuery { statement_handle: encode_handle(&id, Kind::Query).into() };
         schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor)
     }
@@ -507,7 +543,10 @@ impl FlightSqlService for FlightSqlGateway {
         }
         let session = self.open_session(&party).await?;
         let token = random_id() + &random_id();
-        self.sessions.lock().expect("sessions lock").insert(token.clone(), Arc::new(session));
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        sessions.retain(|_, s| s.last_used.lock().expect("session clock").elapsed() <= SESSION_IDLE_TIMEOUT);
+        sessions.insert(token.clone(), Arc::new(session));
+        drop(sessions);
         info!(party = %party, "authenticated");
         let response = HandshakeResponse { protocol_version: 0, payload: token.clone().into() };
         let stream: Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>> =
@@ -548,7 +587,7 @@ impl FlightSqlService for FlightSqlGateway {
             .lock()
             .expect("prepared lock")
             .get(&id)
-            .cloned()
+            .map(|(_, sql)| sql.clone())
             .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
         let statement = self.plan(&session, &sql).await?;
         let info = self.flight_info(&session, &sql, statement, request.into_inner())?;
@@ -560,7 +599,7 @@ impl FlightSqlService for FlightSqlGateway {
         let id = decode_handle(&ticket.statement_handle, Kind::Query)?;
         // Removed on use: a ticket executes (and is charged) once, and only in
         // the session that planned it.
-        let (sql, planned) = session
+        let (_, (sql, planned)) = session
             .pending
             .lock()
             .expect("pending lock")
@@ -615,7 +654,12 @@ impl FlightSqlService for FlightSqlGateway {
         // client learns the result schema; nothing runs and nothing is charged.
         let schema = statement_schema(&self.plan(&session, &query.query).await?)?;
         let id = random_id();
-        session.prepared.lock().expect("prepared lock").insert(id.clone(), query.query.clone());
+        insert_bounded(
+            &mut session.prepared.lock().expect("prepared lock"),
+            MAX_PREPARED_PER_SESSION,
+            id.clone(),
+            query.query.clone(),
+        );
         let IpcMessage(schema_bytes) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e: arrow::error::ArrowError| Status::internal(format!("cannot encode schema: {e}")))?;
