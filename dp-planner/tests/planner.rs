@@ -273,13 +273,7 @@ async fn rows_and_values_are_clamped_per_person_and_group() {
 #[tokio::test]
 async fn release_covers_the_whole_domain_and_drops_keys_outside_it() {
     let q = dp(plan("SELECT channel, COUNT(*) AS n FROM events GROUP BY channel ORDER BY channel").await.unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = RedbLedger::open(dir.path()).unwrap();
-    let receipt = ledger
-        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
-        .unwrap();
-    let noisy = release(&q, &exact(&q).await, &receipt).unwrap();
-    let released = finish(&q, noisy).await.unwrap();
+    let released = charged_release(&q).await;
     let batch = &released.batches()[0];
     let keys: Vec<&str> = batch.column(0).as_string::<i32>().iter().map(|k| k.unwrap()).collect();
     assert_eq!(keys, vec!["a", "b", "c"]);
@@ -292,12 +286,7 @@ async fn release_covers_the_whole_domain_and_drops_keys_outside_it() {
 #[tokio::test]
 async fn confidence_intervals_come_as_companion_columns_when_asked() {
     let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (confidence_intervals = true) channel, COUNT(*) AS n FROM events GROUP BY channel").await.unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = RedbLedger::open(dir.path()).unwrap();
-    let receipt = ledger
-        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
-        .unwrap();
-    let released = finish(&q, release(&q, &exact(&q).await, &receipt).unwrap()).await.unwrap();
+    let released = charged_release(&q).await;
     let names: Vec<String> = released.schema().fields().iter().map(|f| f.name().clone()).collect();
     assert_eq!(names, vec!["channel", "n", "n_ci_low", "n_ci_high"]);
     assert_eq!(cleanroom_dp::release::announced_dp_schema(&q).unwrap().fields().len(), 4);
@@ -318,12 +307,7 @@ async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
     assert_eq!(a.average, Some((30.0, (0.0, 100.0))));
     let b = &exact(&q).await[0];
     assert!(b.column_by_name("__a0").is_some() && b.column_by_name("__b0").is_some());
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = RedbLedger::open(dir.path()).unwrap();
-    let receipt = ledger
-        .charge(&Charge { party: "p".into(), query_id: q.id.clone(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
-        .unwrap();
-    let released = finish(&q, release(&q, &exact(&q).await, &receipt).unwrap()).await.unwrap();
+    let released = charged_release(&q).await;
     let avg = released.batches()[0].column(1).as_primitive::<arrow::datatypes::Float64Type>().clone();
     assert_eq!(avg.len(), 3);
     assert!(avg.values().iter().all(|v| (0.0..=100.0).contains(v)), "{avg:?}");
@@ -333,11 +317,23 @@ async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
 async fn release_refuses_a_receipt_for_another_query() {
     let q = dp(plan("SELECT channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let ledger = RedbLedger::open(dir.path()).unwrap();
-    let other = ledger
-        .charge(&Charge { party: "p".into(), query_id: "another".into(), epsilon: q.epsilon, sql: String::new() }, 10.0, None)
-        .unwrap();
+    let other = receipt(&dir, "another", q.epsilon);
     assert!(release(&q, &exact(&q).await, &other).is_err());
+}
+
+/// A durable charge of `epsilon` for `query_id` on a fresh ledger in `dir`.
+fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64) -> cleanroom_dp::ledger::Receipt {
+    let ledger = RedbLedger::open(dir.path()).unwrap();
+    ledger
+        .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, sql: String::new() }, 10.0, None)
+        .unwrap()
+}
+
+/// `q` charged on a fresh ledger, run on the test data and released.
+async fn charged_release(q: &DpQuery) -> cleanroom_dp::release::Released {
+    let dir = tempfile::tempdir().unwrap();
+    let receipt = receipt(&dir, &q.id, q.epsilon);
+    finish(q, release(q, &exact(q).await, &receipt).unwrap()).await.unwrap()
 }
 
 /// Empirical privacy audit: the same query on two neighbouring datasets (one
