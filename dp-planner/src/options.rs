@@ -10,6 +10,16 @@
 use crate::error::{DpError, Result};
 use crate::policy::Defaults;
 
+/// Every option a query (OPTIONS clause) or a session (`SET cleanroom.…`) can set.
+pub const OPTION_NAMES: &[&str] = &[
+    "epsilon",
+    "delta",
+    "max_groups_contributed",
+    "max_contributions_per_group",
+    "privacy_unit_column",
+    "confidence_intervals",
+];
+
 /// Options a query or a session asked for; `None` means "use the default".
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueryOptions {
@@ -78,10 +88,7 @@ impl QueryOptions {
             other => {
                 return Err(DpError::InvalidOption {
                     option: other.to_string(),
-                    detail: "unknown option; known options are epsilon, delta, \
-                             max_groups_contributed, max_contributions_per_group, privacy_unit_column, \
-                             confidence_intervals"
-                        .into(),
+                    detail: format!("unknown option; known options are {}", OPTION_NAMES.join(", ")),
                 })
             }
         }

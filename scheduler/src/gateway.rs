@@ -43,7 +43,7 @@ use arrow_flight::{
 use base64::Engine;
 use ballista_core::execution_plans::DistributedQueryExec;
 use cleanroom_dp::ledger::{Charge, Ledger};
-use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::options::{split_dp_clause, QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
 use cleanroom_dp::rewrite::{plan_query, PlannedQuery, SYSTEM_SCHEMA};
@@ -83,6 +83,11 @@ struct Session {
 }
 
 impl Session {
+    /// Unused for longer than the idle timeout.
+    fn expired(&self) -> bool {
+        self.last_used.lock().expect("session clock").elapsed() > SESSION_IDLE_TIMEOUT
+    }
+
     /// The session's options with `name` set to `value`, checked.
     #[allow(clippy::result_large_err)]
     fn with_option(&self, name: &str, value: &str) -> Result<QueryOptions, Status> {
@@ -171,6 +176,14 @@ fn dp_status(e: DpError) -> Status {
     }
 }
 
+/// Run blocking work (ledger I/O, argon2, OpenDP sampling) off the async
+/// runtime.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("background task failed: {e}")))
+}
+
 fn schema_only_info(schema: &Schema, ticket: Vec<u8>, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
     Ok(FlightInfo::new()
         .try_with_schema(schema)
@@ -214,14 +227,11 @@ impl FlightSqlGateway {
             .get(token)
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown or expired token: authenticate again"))?;
-        let mut last_used = session.last_used.lock().expect("session clock");
-        if last_used.elapsed() > SESSION_IDLE_TIMEOUT {
-            drop(last_used);
+        if session.expired() {
             sessions.remove(token);
             return Err(Status::unauthenticated("unknown or expired token: authenticate again"));
         }
-        *last_used = Instant::now();
-        drop(last_used);
+        *session.last_used.lock().expect("session clock") = Instant::now();
         Ok(session)
     }
 
@@ -320,10 +330,7 @@ impl FlightSqlGateway {
         let version = self.catalog.version(&query.dataset).unwrap_or_default();
         let key = release::answer_key(query, &session.party, version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
-        let cached = tokio::task::spawn_blocking(move || release::recall(ledger.as_ref(), &lookup))
-            .await
-            .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
-            .map_err(dp_status)?;
+        let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
             info!(party = %session.party, query = %query.id, "answered from the released-answer cache");
             return Ok(answer);
@@ -339,10 +346,7 @@ impl FlightSqlGateway {
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
         let cap = self.catalog.manifest.collaboration.epsilon_cap;
-        let receipt = tokio::task::spawn_blocking(move || ledger.charge(&charge, budget, cap))
-            .await
-            .map_err(|e| Status::internal(format!("ledger task failed: {e}")))?
-            .map_err(dp_status)?;
+        let receipt = blocking(move || ledger.charge(&charge, budget, cap)).await?.map_err(dp_status)?;
         info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), "budget charged");
 
         let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
@@ -353,16 +357,15 @@ impl FlightSqlGateway {
             ))
         })?;
         let planned_for_release = planned.clone();
-        let noisy = tokio::task::spawn_blocking(move || {
+        let noisy = blocking(move || {
             let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
             release::release(q, &exact, &receipt)
         })
-        .await
-        .map_err(|e| Status::internal(format!("release task failed: {e}")))?
+        .await?
         .map_err(dp_status)?;
         let released = release::finish(query, noisy).await.map_err(dp_status)?;
         let (ledger, kept) = (self.ledger.clone(), released.clone());
-        let stored = tokio::task::spawn_blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
+        let stored = blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
         if !matches!(stored, Ok(Ok(()))) {
             // The answer is paid for; failing to cache it only means a re-run pays again.
             warn!(party = %session.party, query = %query.id, "could not keep the released answer");
@@ -495,7 +498,8 @@ fn parse_set(sql: &str) -> Option<Result<(String, String), Status>> {
     let lower = name.to_ascii_lowercase();
     let Some(option) = lower.strip_prefix("cleanroom.") else {
         return Some(Err(Status::invalid_argument(format!(
-            "SET {name}: only cleanroom.<option> settings (epsilon, delta, max_groups_contributed, max_contributions_per_group, privacy_unit_column) can be set"
+            "SET {name}: only cleanroom.<option> settings ({}) can be set",
+            OPTION_NAMES.join(", ")
         ))));
     };
     Some(Ok((option.to_string(), value.to_string())))
@@ -534,9 +538,7 @@ impl FlightSqlService for FlightSqlGateway {
         let (party, password) = (party.to_string(), password.to_string());
         let manifest = self.catalog.manifest.clone();
         let party_for_check = party.clone();
-        let valid = tokio::task::spawn_blocking(move || manifest.verify_password(&party_for_check, &password))
-            .await
-            .map_err(|e| Status::internal(format!("authentication task failed: {e}")))?;
+        let valid = blocking(move || manifest.verify_password(&party_for_check, &password)).await?;
         if !valid {
             warn!(party = %party, "authentication failed");
             return Err(refused());
@@ -544,7 +546,7 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.open_session(&party).await?;
         let token = random_id() + &random_id();
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        sessions.retain(|_, s| s.last_used.lock().expect("session clock").elapsed() <= SESSION_IDLE_TIMEOUT);
+        sessions.retain(|_, s| !s.expired());
         sessions.insert(token.clone(), Arc::new(session));
         drop(sessions);
         info!(party = %party, "authenticated");
