@@ -99,10 +99,8 @@ pub enum AggregateKind {
 #[derive(Debug, Clone)]
 pub struct DpAggregate {
     pub kind: AggregateKind,
-    /// Index of the column in the DP aggregate's output.
-    pub output_index: usize,
+    /// The column's name in the DP aggregate's output.
     pub output_name: String,
-    pub output_type: DataType,
     /// L1 sensitivity of this column over all groups.
     pub sensitivity: f64,
     /// This column's share of the query's ε.
@@ -120,7 +118,6 @@ pub struct DpAggregate {
 pub struct GroupKey {
     pub name: String,
     pub domain: Domain,
-    pub output_type: DataType,
 }
 
 /// A checked DP query.
@@ -500,7 +497,7 @@ fn check_group_keys(
 ) -> Result<Vec<(Column, GroupKey)>> {
     let mut keys = Vec::new();
     let mut cells: usize = 1;
-    for (i, expr) in aggregate.group_expr.iter().enumerate() {
+    for expr in &aggregate.group_expr {
         let Expr::Column(column) = expr else {
             return Err(DpError::refused_with(
                 "group_by_columns",
@@ -536,8 +533,7 @@ fn check_group_keys(
             }
         };
         cells = cells.saturating_mul(domain.len());
-        let output_type = aggregate.schema.field(i).data_type().clone();
-        keys.push((column.clone(), GroupKey { name: column.name.clone(), domain, output_type }));
+        keys.push((column.clone(), GroupKey { name: column.name.clone(), domain }));
     }
     if cells > policy.defaults.max_output_groups {
         return Err(DpError::refused_with(
@@ -746,13 +742,10 @@ fn rewrite(
             bounded.push(partial.alias(format!("__p{j}")));
         }
         finals.push(final_expr.alias(format!("__a{j}")));
-        let output_index = groups.len() + j;
-        let field = aggregate.schema.field(output_index);
+        let field = aggregate.schema.field(groups.len() + j);
         aggregates.push(DpAggregate {
             kind: r.kind,
-            output_index,
             output_name: field.name().clone(),
-            output_type: field.data_type().clone(),
             // A person reaches at most k groups, changing each by at most `per_group`.
             sensitivity: k * per_group,
             epsilon: share,

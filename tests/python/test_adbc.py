@@ -21,6 +21,15 @@ def connect(server, demo, party, password=None):
     )
 
 
+def fetch(server, demo, party, *statements):
+    """Run the statements in one connection; the Arrow table of the last."""
+    with connect(server, demo, party) as conn:
+        with conn.cursor() as cur:
+            for sql in statements:
+                cur.execute(sql)
+            return cur.fetch_arrow_table()
+
+
 def test_wrong_password_is_refused(server, demo):
     with pytest.raises(adbc_driver_manager.Error) as err:
         with connect(server, demo, "advertiser", "wrong") as conn:
@@ -46,13 +55,11 @@ def test_dp_reach_per_channel_is_within_its_bound(server, demo):
     no contribution is dropped (5 channels), noise is discrete Laplace with
     b = 5, and P(any of the 5 |noise| > b ln(5 / 1e-6)) <= 1e-6."""
     truth = json.loads((demo / "truth.json").read_text())["queries"]["Q4_reach_frequency"]
-    with connect(server, demo, "advertiser") as conn:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 5) "
-                "channel, COUNT(DISTINCT uid) AS users FROM impressions GROUP BY channel ORDER BY channel"
-            )
-            table = cur.fetch_arrow_table()
+    table = fetch(
+        server, demo, "advertiser",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 5) "
+        "channel, COUNT(DISTINCT uid) AS users FROM impressions GROUP BY channel ORDER BY channel",
+    )
     rows = table.to_pylist()
     assert [r["channel"] for r in rows] == [t["channel"] for t in truth]
     bound = 5 * math.log(5 / 1e-6)
@@ -72,23 +79,21 @@ def test_select_star_is_refused_with_its_rule(server, demo):
 
 
 def test_session_setting_applies_to_the_next_query(server, demo):
-    with connect(server, demo, "advertiser") as conn:
-        with conn.cursor() as cur:
-            cur.execute("SET cleanroom.epsilon = 0.25")
-            cur.execute("SELECT device, COUNT(*) AS n FROM impressions GROUP BY device")
-            table = cur.fetch_arrow_table()
+    table = fetch(
+        server, demo, "advertiser",
+        "SET cleanroom.epsilon = 0.25",
+        "SELECT device, COUNT(*) AS n FROM impressions GROUP BY device",
+    )
     assert table.num_rows == 4
     assert table.schema.metadata[b"cleanroom.charge.epsilon"] == b"0.25"
 
 
 def test_confidence_interval_columns_when_asked(server, demo):
-    with connect(server, demo, "adnetwork") as conn:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, confidence_intervals = true) "
-                "test_group, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY test_group ORDER BY test_group"
-            )
-            table = cur.fetch_arrow_table()
+    table = fetch(
+        server, demo, "adnetwork",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, confidence_intervals = true) "
+        "test_group, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY test_group ORDER BY test_group",
+    )
     assert table.column_names == ["test_group", "people", "people_ci_low", "people_ci_high"]
     half = float(table.schema.field("people").metadata[b"cleanroom.ci95.half_width"])
     for row in table.to_pylist():
