@@ -998,7 +998,7 @@ readers = ["advertiser", "adnetwork"]
 
 [datasets.columns]
 uid = {{ role = "join_key" }}
-ts = {{ role = "hidden" }}
+ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-03-31" }} }}
 campaign_id = {{ role = "dimension", domain = {{ min = 1, max = {CAMPAIGNS} }} }}
 creative_id = {{ role = "dimension", domain = {{ min = 1, max = {creatives} }} }}
 channel = {{ role = "dimension", domain = {channels} }}
@@ -1017,7 +1017,8 @@ readers = ["advertiser", "adnetwork"]
 
 [datasets.columns]
 uid = {{ role = "join_key" }}
-ts = {{ role = "hidden" }}
+# A purchase follows an impression by at most 30 days and a second.
+ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-05-01" }} }}
 order_id = {{ role = "hidden" }}
 revenue = {{ role = "measure", bounds = [0, 500] }}
 product_category = {{ role = "dimension", domain = {categories} }}

@@ -28,6 +28,7 @@ pub mod options;
 pub mod policy;
 pub mod release;
 pub mod rewrite;
+pub mod tracking;
 pub mod udf;
 
 pub use error::DpError;

@@ -165,44 +165,44 @@ impl QueryOptions {
     }
 }
 
-/// Split `[EXPLAIN [ANALYZE] [VERBOSE]] SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (…) rest` into the
-/// plain `[EXPLAIN] SELECT rest` and the options. SQL without the clause is
-/// returned unchanged.
+/// Cut the `WITH DIFFERENTIAL_PRIVACY [OPTIONS (…)]` clause out of the one
+/// `SELECT` that carries it — at the start of the statement, after `EXPLAIN`,
+/// or in the final `SELECT` after a `WITH` list of CTEs — and read its
+/// options. SQL without the clause is returned unchanged. Words inside string
+/// literals, quoted identifiers and comments are never taken for the clause.
 pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
     let mut options = QueryOptions::default();
-    let trimmed = sql.trim_start();
-    let mut words = Words { text: trimmed, pos: 0 };
-    let mut prefix = String::new();
-    if words.keyword("EXPLAIN") {
-        prefix.push_str("EXPLAIN ");
-        for modifier in ["ANALYZE", "VERBOSE"] {
-            if words.keyword(modifier) {
-                prefix.push_str(modifier);
-                prefix.push(' ');
-            }
-        }
-    }
-    let is_clause = words.keyword("SELECT")
-        && words.keyword("WITH")
-        && words.keyword("DIFFERENTIAL_PRIVACY");
-    if !is_clause {
+    let tokens = tokens(sql);
+    let is_word = |t: &Token, w: &str| t.word && sql[t.start..t.end].eq_ignore_ascii_case(w);
+    let found: Vec<usize> = (0..tokens.len().saturating_sub(2))
+        .filter(|&i| {
+            is_word(&tokens[i], "SELECT") && is_word(&tokens[i + 1], "WITH") && is_word(&tokens[i + 2], "DIFFERENTIAL_PRIVACY")
+        })
+        .collect();
+    let Some(&at) = found.first() else {
         return Ok((sql.to_string(), options));
+    };
+    if found.len() > 1 {
+        return Err(DpError::InvalidOption {
+            option: "WITH DIFFERENTIAL_PRIVACY".into(),
+            detail: "a query has one DP aggregate, so the clause may appear once".into(),
+        });
     }
-    if words.keyword("OPTIONS") {
-        let rest = &trimmed[words.pos..];
-        let rest_trimmed = rest.trim_start();
-        if !rest_trimmed.starts_with('(') {
-            return Err(DpError::InvalidOption {
-                option: "OPTIONS".into(),
-                detail: "expected `(` after OPTIONS".into(),
-            });
-        }
-        let open = trimmed.len() - rest_trimmed.len();
-        let close = trimmed[open..].find(')').ok_or_else(|| DpError::InvalidOption {
+    let cut_from = tokens[at].end;
+    let mut cut_to = tokens[at + 2].end;
+    if tokens.get(at + 3).is_some_and(|t| is_word(t, "OPTIONS")) {
+        let open = tokens.get(at + 4).filter(|t| !t.word && &sql[t.start..t.end] == "(").ok_or_else(|| DpError::InvalidOption {
             option: "OPTIONS".into(),
-            detail: "missing `)` closing the OPTIONS list".into(),
-        })? + open;
-        for pair in trimmed[open + 1..close].split(',') {
+            detail: "expected `(` after OPTIONS".into(),
+        })?;
+        let close = tokens[at + 5..]
+            .iter()
+            .find(|t| !t.word && &sql[t.start..t.end] == ")")
+            .ok_or_else(|| DpError::InvalidOption {
+                option: "OPTIONS".into(),
+                detail: "missing `)` closing the OPTIONS list".into(),
+            })?;
+        for pair in sql[open.end..close.start].split(',') {
             if pair.trim().is_empty() {
                 continue;
             }
@@ -212,33 +212,67 @@ pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
             })?;
             options.set(name, value)?;
         }
-        words.pos = close + 1;
+        cut_to = close.end;
     }
-    Ok((format!("{prefix}SELECT {}", &trimmed[words.pos..]), options))
+    Ok((format!("{} {}", &sql[..cut_from], &sql[cut_to..]), options))
 }
 
-/// A tiny case-insensitive keyword reader over the head of a SQL string.
-struct Words<'a> {
-    text: &'a str,
-    pos: usize,
+/// A word (keyword or identifier) or one punctuation character of SQL text,
+/// by byte offsets.
+struct Token {
+    start: usize,
+    end: usize,
+    word: bool,
 }
 
-impl Words<'_> {
-    fn keyword(&mut self, word: &str) -> bool {
-        let rest = &self.text[self.pos..];
-        let start = rest.len() - rest.trim_start().len();
-        let candidate = &rest[start..];
-        let matches = candidate.len() >= word.len()
-            && candidate[..word.len()].eq_ignore_ascii_case(word)
-            && candidate[word.len()..]
-                .chars()
-                .next()
-                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-        if matches {
-            self.pos += start + word.len();
+/// The words and punctuation of `sql`, skipping whitespace, comments, string
+/// literals and quoted identifiers (which can never be the clause).
+fn tokens(sql: &str) -> Vec<Token> {
+    let bytes = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let is_word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b.is_ascii_whitespace() {
+            i += 1;
+        } else if b == b'-' && bytes.get(i + 1) == Some(&b'-') {
+            while i < bytes.len() && bytes[i] != b'\n' {
+                i += 1;
+            }
+        } else if b == b'/' && bytes.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                i += 1;
+            }
+            i = (i + 2).min(bytes.len());
+        } else if b == b'\'' || b == b'"' || b == b'`' {
+            // A quoted string or identifier; a doubled quote is an escaped one.
+            i += 1;
+            loop {
+                match bytes.get(i) {
+                    None => break,
+                    Some(&q) if q == b && bytes.get(i + 1) == Some(&b) => i += 2,
+                    Some(&q) if q == b => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            out.push(Token { start: i, end: i, word: false });
+        } else if is_word_byte(b) {
+            let start = i;
+            while i < bytes.len() && is_word_byte(bytes[i]) {
+                i += 1;
+            }
+            out.push(Token { start, end: i, word: true });
+        } else {
+            out.push(Token { start: i, end: i + 1, word: false });
+            i += 1;
         }
-        matches
     }
+    out
 }
 
 #[cfg(test)]
@@ -251,7 +285,7 @@ mod tests {
             "select with differential_privacy options (epsilon = 0.5, max_groups_contributed = 2) channel, count(*) from t group by channel",
         )
         .unwrap();
-        assert_eq!(sql, "SELECT  channel, count(*) from t group by channel");
+        assert_eq!(sql, "select  channel, count(*) from t group by channel");
         assert_eq!(o.epsilon, Some(0.5));
         assert_eq!(o.max_groups_contributed, Some(2));
     }
@@ -278,6 +312,19 @@ mod tests {
         let mut o = QueryOptions::default();
         o.set("delta", "1").unwrap();
         assert!(o.resolve(&Defaults::default()).is_err());
+    }
+
+    #[test]
+    fn clause_after_ctes_and_explain_is_found_but_not_inside_strings_or_comments() {
+        let (sql, o) = split_dp_clause(
+            "EXPLAIN WITH x AS (SELECT uid FROM t) SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) COUNT(*) FROM x",
+        )
+        .unwrap();
+        assert_eq!(sql, "EXPLAIN WITH x AS (SELECT uid FROM t) SELECT  COUNT(*) FROM x");
+        assert_eq!(o.epsilon, Some(2.0));
+        let quoted = "SELECT 'SELECT WITH DIFFERENTIAL_PRIVACY' -- SELECT WITH DIFFERENTIAL_PRIVACY\n FROM t";
+        assert_eq!(split_dp_clause(quoted).unwrap().0, quoted);
+        assert!(split_dp_clause("SELECT WITH DIFFERENTIAL_PRIVACY 1 UNION ALL SELECT WITH DIFFERENTIAL_PRIVACY 2").is_err());
     }
 
     #[test]

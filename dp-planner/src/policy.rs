@@ -31,6 +31,10 @@ pub enum Domain {
     Strings(Vec<String>),
     /// Every integer in `min..=max`.
     IntRange { min: i64, max: i64 },
+    /// Every day in `from..=to`, as days since 1970-01-01 (Arrow's `Date32`).
+    /// On a timestamp or date column it is the domain of the column's day,
+    /// `CAST(col AS DATE)`.
+    DateRange { from: i32, to: i32 },
 }
 
 impl Domain {
@@ -38,12 +42,39 @@ impl Domain {
         match self {
             Domain::Strings(v) => v.len(),
             Domain::IntRange { min, max } => (max - min + 1).max(0) as usize,
+            Domain::DateRange { from, to } => (*to as i64 - *from as i64 + 1).max(0) as usize,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every value of the domain as text, in domain order (dates as
+    /// `YYYY-MM-DD`, Arrow's text form of a `Date32`).
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            Domain::Strings(v) => v.clone(),
+            Domain::IntRange { min, max } => (*min..=*max).map(|v| v.to_string()).collect(),
+            Domain::DateRange { from, to } => {
+                let days = arrow::array::Date32Array::from_iter_values(*from..=*to);
+                let text = arrow::compute::cast(&days, &arrow::datatypes::DataType::Utf8).expect("dates format as text");
+                let text = text.as_any().downcast_ref::<arrow::array::StringArray>().expect("utf8");
+                text.iter().map(|v| v.unwrap_or_default().to_string()).collect()
+            }
+        }
+    }
+}
+
+/// Parse a `YYYY-MM-DD` date into days since 1970-01-01.
+pub fn parse_date(text: &str) -> Option<i32> {
+    use arrow::compute::kernels::cast_utils::Parser;
+    let bytes = text.as_bytes();
+    let shaped = bytes.len() == 10 && bytes[4] == b'-' && bytes[7] == b'-';
+    if !shaped {
+        return None;
+    }
+    arrow::datatypes::Date32Type::parse(text)
 }
 
 /// One dataset as the planner sees it.

@@ -280,6 +280,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             Domain::IntRange { .. } => Arc::new(Int64Array::from_iter_values(
                 cells.iter().map(|c| c[g].parse::<i64>().expect("integer domain key")),
             )),
+            Domain::DateRange { .. } => Arc::new(arrow::array::Date32Array::from_iter_values(
+                cells.iter().map(|c| crate::policy::parse_date(&c[g]).expect("date domain key")),
+            )),
         };
         columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
@@ -316,10 +319,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
 fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
     let mut cells: Vec<Vec<String>> = vec![Vec::new()];
     for key in &query.groups {
-        let values: Vec<String> = match &key.domain {
-            Domain::Strings(v) => v.clone(),
-            Domain::IntRange { min, max } => (*min..=*max).map(|v| v.to_string()).collect(),
-        };
+        let values = key.domain.values();
         cells = cells
             .into_iter()
             .flat_map(|prefix| {

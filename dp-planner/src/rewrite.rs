@@ -1,13 +1,12 @@
-//! Privacy checks and the rewrite of the DP aggregate.
+//! The DP aggregate: finding it, checking it and rewriting it.
 //!
-//! This slice accepts one shape:
+//! A DP query has the shape
 //!
 //! ```text
 //! [post-processing: Projection | Filter (HAVING) | Sort | Limit | SubqueryAlias]*
-//!   Aggregate  (the DP aggregate: GROUP BY public-domain dimensions)
-//!     [Filter: comparisons of dimensions with literals]*
-//!       [SubqueryAlias]
-//!         TableScan of one protected dataset
+//!   Aggregate  (the DP aggregate: the outermost one, not grouped by the privacy unit)
+//!     any plan that [`crate::tracking`] can track: joins on the privacy unit,
+//!     per-person aggregates and windows, CTEs, UNION ALL, filters …
 //! ```
 //!
 //! Everything else is refused with the rule it breaks. The DP aggregate is
@@ -30,20 +29,21 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef, ExprSchema, ScalarValue, TableReference};
+use datafusion::common::{Column, DFSchemaRef, ScalarValue, TableReference};
 use datafusion::datasource::{provider_as_source, MemTable};
-use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::functions_aggregate::expr_fn::{count, max, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    col, lit, try_cast, when, Aggregate, BinaryExpr, Expr, ExprFunctionExt, LogicalPlan,
-    LogicalPlanBuilder, Operator,
+    col, lit, try_cast, when, Aggregate, Expr, ExprFunctionExt, ExprSchemable, LogicalPlan,
+    LogicalPlanBuilder,
 };
 use rand::RngCore;
 
 use crate::error::{DpError, Result};
 use crate::options::ResolvedOptions;
-use crate::policy::{ColumnRole, DatasetPolicy, Domain, Policy};
+use crate::policy::{Domain, Policy};
+use crate::tracking::{lineage, make_total, node_name, track, Lineage, Tracked};
 use crate::udf::ContributionKey;
 
 /// What the gateway does with a planned statement.
@@ -133,8 +133,8 @@ pub struct DpQuery {
     pub aggregates: Vec<DpAggregate>,
     /// ε this query costs (pure DP; δ = 0).
     pub epsilon: f64,
-    /// The dataset read.
-    pub dataset: String,
+    /// The datasets read (sorted, each once).
+    pub datasets: Vec<String>,
     /// The privacy options the query was planned with.
     pub options: ResolvedOptions,
     /// The analyst's plan; the DP aggregate in it is replaced by the released
@@ -173,9 +173,11 @@ impl DpQuery {
         let plan = self
             .original
             .clone()
-            .transform_up(|node| {
+            .transform_down(|node| {
                 if matches!(node, LogicalPlan::Aggregate(_)) {
-                    Ok(Transformed::yes(substitute.clone()))
+                    // The outermost aggregate is the DP aggregate; nothing
+                    // below it is kept.
+                    Ok(Transformed::new(substitute.clone(), true, TreeNodeRecursion::Jump))
                 } else {
                     Ok(Transformed::no(node))
                 }
@@ -213,28 +215,38 @@ pub fn plan_query(
     if system == all_scans.len() {
         return Ok(PlannedQuery::NoData(NoDataQuery { plan: plan.clone() }));
     }
-    let scans: Vec<String> = all_scans.iter().map(|t| t.table().to_string()).collect();
-    if scans.len() > 1 {
-        return Err(DpError::refused_with(
-            "one_dataset_per_query",
-            "this version reads one dataset per query; joins, unions and subqueries over several datasets are not supported yet",
-            "one aggregate over a single protected dataset",
-        ));
+    let mut datasets: Vec<String> = all_scans.iter().map(|t| t.table().to_string()).collect();
+    datasets.sort();
+    datasets.dedup();
+    for name in &datasets {
+        if policy.dataset(name).is_none() {
+            return Err(DpError::refused("unknown_dataset", format!("dataset `{name}` is not in the collaboration")));
+        }
     }
-    let dataset = policy.dataset(&scans[0]).ok_or_else(|| {
-        DpError::refused("unknown_dataset", format!("dataset `{}` is not in the collaboration", scans[0]))
-    })?;
-    if dataset.privacy_unit.is_none() {
+    let plan = analyze(plan)?;
+    let aggregate = find_dp_aggregate(&plan)?;
+    let input = track(&aggregate.input, policy)?;
+    if !input.protected {
         return Err(DpError::refused(
             "public_dataset",
-            format!("queries over the public dataset `{}` are not supported yet", dataset.name),
+            "queries that read only public datasets are not supported yet",
         ));
     }
-    let aggregate = find_dp_aggregate(plan)?;
-    let (input_schema, scan_qualifier) = check_aggregate_input(&aggregate.input, dataset)?;
-    let groups = check_group_keys(aggregate, dataset, policy)?;
-    let kinds = check_aggregates(aggregate, dataset)?;
-    rewrite(plan, aggregate, dataset, groups, kinds, options, &input_schema, scan_qualifier)
+    let groups = check_group_keys(aggregate, &input, policy)?;
+    let kinds = check_aggregates(aggregate, &input)?;
+    rewrite(&plan, aggregate, &input, datasets, groups, kinds, options)
+}
+
+/// Type coercion (the casts DataFusion would add before running the plan),
+/// then every cast made a `TRY_CAST`, so that what is checked is what runs
+/// and no cast fails on a value.
+fn analyze(plan: &LogicalPlan) -> Result<LogicalPlan> {
+    let analyzed = datafusion::optimizer::Analyzer::new().execute_and_check(
+        plan.clone(),
+        &datafusion::config::ConfigOptions::default(),
+        |_, _| {},
+    )?;
+    make_total(analyzed)
 }
 
 /// Statements other than queries never reach data through the planner.
@@ -292,31 +304,23 @@ fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
             | LogicalPlan::Limit(_)
             | LogicalPlan::SubqueryAlias(_) => {
                 if contains_subquery(node) {
-                    return Err(DpError::refused(
+                    return Err(DpError::refused_with(
                         "subquery",
-                        "subqueries are not supported yet",
+                        "subqueries in expressions are not supported",
+                        "a JOIN on the privacy unit, or a CTE",
                     ));
                 }
                 node = node.inputs()[0];
             }
-            LogicalPlan::TableScan(_) => {
+            LogicalPlan::TableScan(_)
+            | LogicalPlan::Join(_)
+            | LogicalPlan::Window(_)
+            | LogicalPlan::Union(_)
+            | LogicalPlan::Distinct(_) => {
                 return Err(DpError::refused_with(
                     "dp_aggregate_required",
                     "a protected dataset can only be released as an aggregate; this query would return its rows",
                     "SELECT <dimension>, COUNT(*) FROM <dataset> GROUP BY <dimension>",
-                ))
-            }
-            LogicalPlan::Join(_) => {
-                return Err(DpError::refused(
-                    "join",
-                    "joins are not supported yet",
-                ))
-            }
-            LogicalPlan::Window(_) => {
-                return Err(DpError::refused_with(
-                    "dp_aggregate_required",
-                    "window functions over protected rows are not supported yet",
-                    "an aggregate with GROUP BY",
                 ))
             }
             other => {
@@ -327,10 +331,6 @@ fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
             }
         }
     }
-}
-
-fn node_name(plan: &LogicalPlan) -> String {
-    plan.display().to_string().split(':').next().unwrap_or("").trim().to_string()
 }
 
 fn contains_subquery(node: &LogicalPlan) -> bool {
@@ -350,190 +350,54 @@ fn contains_subquery(node: &LogicalPlan) -> bool {
     found
 }
 
-/// Below the DP aggregate only filters on dimensions, an alias and the scan.
-/// Returns the input schema and the qualifier under which the dataset's
-/// columns appear.
-fn check_aggregate_input(
-    input: &LogicalPlan,
-    dataset: &DatasetPolicy,
-) -> Result<(DFSchemaRef, TableReference)> {
-    let mut node = input;
-    loop {
-        match node {
-            LogicalPlan::Filter(filter) => {
-                check_predicate(&filter.predicate, filter.input.schema(), dataset)?;
-                node = &filter.input;
-            }
-            LogicalPlan::SubqueryAlias(alias) => {
-                if matches!(alias.input.as_ref(), LogicalPlan::TableScan(_)) {
-                    return Ok((input.schema().clone(), alias.alias.clone()));
-                }
-                node = &alias.input;
-            }
-            LogicalPlan::TableScan(scan) => {
-                if !scan.filters.is_empty() || scan.fetch.is_some() {
-                    return Err(DpError::refused("unsupported_shape", "pre-filtered scans are not supported"));
-                }
-                return Ok((input.schema().clone(), scan.table_name.clone()));
-            }
-            LogicalPlan::Limit(_) => {
-                return Err(DpError::refused_with(
-                    "limit_below_dp_aggregate",
-                    "LIMIT below the DP aggregate would make the answer depend on which rows come first",
-                    "LIMIT on the aggregated result",
-                ))
-            }
-            LogicalPlan::Join(_) => return Err(DpError::refused("join", "joins are not supported yet")),
-            LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) | LogicalPlan::Window(_) => {
-                return Err(DpError::refused(
-                    "subquery",
-                    "derived tables, nested aggregates and expressions computed before the DP aggregate are not supported yet",
-                ))
-            }
-            other => {
-                return Err(DpError::refused(
-                    "unsupported_shape",
-                    format!("`{}` below the DP aggregate is not supported yet", node_name(other)),
-                ))
-            }
-        }
-    }
-}
-
-/// The role of a column referenced by `expr`, refusing hidden columns.
-fn column_role(column: &Column, dataset: &DatasetPolicy) -> Result<ColumnRole> {
-    let role = dataset.role(&column.name);
-    if role == ColumnRole::Hidden {
-        return Err(DpError::refused(
-            "hidden_column",
-            format!(
-                "column `{}` of `{}` is hidden by the collaboration manifest and cannot be used in any query",
-                column.name, dataset.name
-            ),
-        ));
-    }
-    Ok(role)
-}
-
-/// WHERE may compare dimensions with literals. Comparing with a literal of
-/// another type family is refused: the implicit cast could fail at run time on
-/// some values, and whether a query fails must never depend on the data.
-fn check_predicate(expr: &Expr, schema: &DFSchemaRef, dataset: &DatasetPolicy) -> Result<()> {
-    let refuse = |what: String| {
-        DpError::refused_with(
-            "filter_on_dimensions",
-            format!("WHERE may only compare dimension columns with literals; {what}"),
-            "comparisons (=, <>, <, <=, >, >=, IN, BETWEEN, IS NULL) of a dimension with literals, combined with AND, OR, NOT",
-        )
-    };
-    let dimension = |e: &Expr| -> Result<DataType> {
-        let Expr::Column(c) = e else {
-            return Err(refuse(format!("`{e}` is not a column")));
-        };
-        match column_role(c, dataset)? {
-            ColumnRole::Dimension { .. } => Ok(schema.field_from_column(c)?.data_type().clone()),
-            ColumnRole::JoinKey => Err(refuse(format!("`{}` is the privacy unit or a join key", c.name))),
-            _ => Err(refuse(format!("`{}` is a measure", c.name))),
-        }
-    };
-    let literal = |e: &Expr, column_type: &DataType| -> Result<()> {
-        match e {
-            Expr::Literal(value, _) if value.is_null() || same_family(column_type, &value.data_type()) => Ok(()),
-            Expr::Literal(value, _) => Err(refuse(format!(
-                "the literal {value} is of type {} but the column is {column_type}",
-                value.data_type()
-            ))),
-            other => Err(refuse(format!("`{other}` is not a literal"))),
-        }
-    };
-    match expr {
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
-            Operator::And | Operator::Or => {
-                check_predicate(left, schema, dataset)?;
-                check_predicate(right, schema, dataset)
-            }
-            Operator::Eq | Operator::NotEq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq => {
-                if matches!(left.as_ref(), Expr::Column(_)) {
-                    let t = dimension(left)?;
-                    literal(right, &t)
-                } else {
-                    let t = dimension(right)?;
-                    literal(left, &t)
-                }
-            }
-            other => Err(refuse(format!("operator `{other}` is not allowed"))),
-        },
-        Expr::Not(inner) => check_predicate(inner, schema, dataset),
-        Expr::IsNull(inner) | Expr::IsNotNull(inner) => dimension(inner).map(|_| ()),
-        Expr::InList(list) => {
-            let t = dimension(&list.expr)?;
-            list.list.iter().try_for_each(|e| literal(e, &t))
-        }
-        Expr::Between(between) => {
-            let t = dimension(&between.expr)?;
-            literal(&between.low, &t)?;
-            literal(&between.high, &t)
-        }
-        Expr::Literal(ScalarValue::Boolean(_), _) => Ok(()),
-        other => Err(refuse(format!("`{other}` is not allowed"))),
-    }
-}
-
-fn same_family(a: &DataType, b: &DataType) -> bool {
-    let family = |t: &DataType| match t {
-        t if t.is_numeric() => 1,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => 2,
-        DataType::Dictionary(_, v) if matches!(v.as_ref(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => 2,
-        DataType::Boolean => 3,
-        _ => 0,
-    };
-    family(a) != 0 && family(a) == family(b)
-}
-
-fn check_group_keys(
-    aggregate: &Aggregate,
-    dataset: &DatasetPolicy,
-    policy: &Policy,
-) -> Result<Vec<(Column, GroupKey)>> {
+fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> Result<Vec<(Expr, GroupKey)>> {
+    let schema = aggregate.input.schema();
     let mut keys = Vec::new();
     let mut cells: usize = 1;
-    for expr in &aggregate.group_expr {
-        let Expr::Column(column) = expr else {
+    for (i, expr) in aggregate.group_expr.iter().enumerate() {
+        if matches!(expr, Expr::GroupingSet(_)) {
             return Err(DpError::refused_with(
-                "group_by_columns",
-                format!("GROUP BY `{expr}` is not a plain column"),
-                "GROUP BY dimension columns that have a public domain in the manifest",
+                "grouping_sets",
+                "GROUPING SETS, CUBE and ROLLUP are not supported",
+                "one GROUP BY per query",
             ));
-        };
-        let domain = match column_role(column, dataset)? {
-            ColumnRole::Dimension { domain: Some(domain) } => domain,
-            ColumnRole::Dimension { domain: None } => {
+        }
+        let name = aggregate.schema.field(i).name().clone();
+        let domain = match lineage(expr, schema, &input.columns)? {
+            Lineage::Dimension(Some(domain)) => domain,
+            Lineage::Unit | Lineage::UnitOrNull | Lineage::Key => {
+                return Err(DpError::refused_with(
+                    "privacy_unit_in_output",
+                    format!("GROUP BY `{name}` would release one row per person or join key"),
+                    "COUNT(DISTINCT <privacy unit>) to count people",
+                ))
+            }
+            Lineage::Dimension(None) => {
                 return Err(DpError::refused_with(
                     "group_key_public_domain",
                     format!(
-                        "GROUP BY `{}`: the column has no public domain in the manifest, and DP partition selection is not supported yet",
-                        column.name
+                        "GROUP BY `{name}`: the column has no public domain in the manifest, and DP partition selection is not supported yet"
                     ),
                     "GROUP BY dimensions whose manifest entry lists a domain",
-                ))
-            }
-            ColumnRole::JoinKey => {
-                return Err(DpError::refused_with(
-                    "privacy_unit_in_output",
-                    format!("GROUP BY `{}` would release one row per person or join key", column.name),
-                    "COUNT(DISTINCT <privacy unit>) to count people",
                 ))
             }
             _ => {
                 return Err(DpError::refused_with(
                     "group_key_public_domain",
-                    format!("GROUP BY `{}`: measures cannot be group keys", column.name),
+                    format!("GROUP BY `{name}`: only dimensions with a public domain can be group keys"),
                     "GROUP BY dimensions whose manifest entry lists a domain",
                 ))
             }
         };
+        if matches!(domain, Domain::DateRange { .. }) && expr.get_type(schema)? != DataType::Date32 {
+            return Err(DpError::refused_with(
+                "group_key_public_domain",
+                format!("GROUP BY `{name}`: the public domain is a range of days, and a timestamp has many values per day"),
+                format!("GROUP BY CAST({name} AS DATE)"),
+            ));
+        }
         cells = cells.saturating_mul(domain.len());
-        keys.push((column.clone(), GroupKey { name: column.name.clone(), domain }));
+        keys.push((expr.clone(), GroupKey { name, domain }));
     }
     if cells > policy.defaults.max_output_groups {
         return Err(DpError::refused_with(
@@ -551,11 +415,15 @@ fn check_group_keys(
 /// An aggregate of the DP aggregate with what it reads.
 struct Requested {
     kind: AggregateKind,
-    column: Option<Column>,
+    /// The value aggregated (over the DP aggregate's input).
+    arg: Option<Expr>,
+    /// For `COUNT(DISTINCT x)`: `x` is the row's person itself (not the
+    /// possibly-NULL unit of an outer join's optional side).
+    of_unit: bool,
     bounds: (f64, f64),
 }
 
-fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Vec<Requested>> {
+fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Requested>> {
     if aggregate.aggr_expr.is_empty() {
         return Err(DpError::refused_with(
             "dp_aggregate_required",
@@ -563,8 +431,9 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
             "add COUNT(*), COUNT(DISTINCT <privacy unit>) or SUM(<measure>)",
         ));
     }
-    let unit = dataset.privacy_unit.as_deref().unwrap_or_default();
-    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM(<measure>), AVG(<measure>)";
+    let schema = aggregate.input.schema();
+    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM(<bounded value>), AVG(<bounded value>)";
+    let rows = || Requested { kind: AggregateKind::CountRows, arg: None, of_unit: false, bounds: (0.0, 0.0) };
     aggregate
         .aggr_expr
         .iter()
@@ -579,34 +448,39 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
             if params.args.len() > 1 {
                 return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: aggregates of several arguments are not supported"), allowed));
             }
-            let arg = params.args.first();
-            match (name.as_str(), arg, params.distinct) {
-                ("count", None, false) => {
-                    Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) })
-                }
-                ("count", Some(Expr::Literal(value, _)), false) if !value.is_null() => {
-                    Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) })
-                }
-                ("count", Some(Expr::Column(c)), true) => {
-                    column_role(c, dataset)?;
-                    if c.name == unit {
-                        Ok(Requested { kind: AggregateKind::CountPeople, column: Some(c.clone()), bounds: (0.0, 0.0) })
-                    } else {
-                        Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: COUNT(DISTINCT) is only supported on the privacy unit `{unit}`"), allowed))
-                    }
-                }
-                ("count", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
-                    ColumnRole::JoinKey if c.name == unit => Ok(Requested { kind: AggregateKind::CountRows, column: None, bounds: (0.0, 0.0) }),
-                    _ => Ok(Requested { kind: AggregateKind::CountValues, column: Some(c.clone()), bounds: (0.0, 0.0) }),
+            let Some(arg) = params.args.first() else {
+                return match name.as_str() {
+                    "count" => Ok(rows()),
+                    _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not supported yet"), allowed)),
+                };
+            };
+            if name == "count" && !params.distinct && matches!(arg, Expr::Literal(v, _) if !v.is_null()) {
+                return Ok(rows());
+            }
+            let l = lineage(arg, schema, &input.columns)?;
+            let bounded = |kind| match l.bounds() {
+                Some(bounds) => Ok(Requested { kind, arg: Some(arg.clone()), of_unit: false, bounds }),
+                None => Err(DpError::refused_with(
+                    "sum_of_measure",
+                    format!("`{expr}`: the value has no bounds, so one person could change the sum without limit"),
+                    "SUM/AVG of a measure the manifest bounds, or of a clamped value: LEAST(GREATEST(x, <low>), <high>)",
+                )),
+            };
+            match (name.as_str(), params.distinct) {
+                ("count", true) => match l {
+                    Lineage::Unit | Lineage::UnitOrNull => Ok(Requested {
+                        kind: AggregateKind::CountPeople,
+                        arg: Some(arg.clone()),
+                        of_unit: l == Lineage::Unit,
+                        bounds: (0.0, 0.0),
+                    }),
+                    _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: COUNT(DISTINCT) is only supported on the privacy unit"), allowed)),
                 },
-                ("avg", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
-                    ColumnRole::Measure { lower, upper } => Ok(Requested { kind: AggregateKind::Avg, column: Some(c.clone()), bounds: (lower, upper) }),
-                    _ => Err(DpError::refused_with("sum_of_measure", format!("`{expr}`: only columns declared as measures (with bounds) can be averaged"), "AVG(<measure column>)")),
-                },
-                ("sum", Some(Expr::Column(c)), false) => match column_role(c, dataset)? {
-                    ColumnRole::Measure { lower, upper } => Ok(Requested { kind: AggregateKind::Sum, column: Some(c.clone()), bounds: (lower, upper) }),
-                    _ => Err(DpError::refused_with("sum_of_measure", format!("`{expr}`: only columns declared as measures (with bounds) can be summed"), "SUM(<measure column>)")),
-                },
+                // Every row the DP aggregate keeps has a person.
+                ("count", false) if l == Lineage::Unit => Ok(rows()),
+                ("count", false) => Ok(Requested { kind: AggregateKind::CountValues, arg: Some(arg.clone()), of_unit: false, bounds: (0.0, 0.0) }),
+                ("sum", false) => bounded(AggregateKind::Sum),
+                ("avg", false) => bounded(AggregateKind::Avg),
                 _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not supported yet"), allowed)),
             }
         })
@@ -617,31 +491,34 @@ fn check_aggregates(aggregate: &Aggregate, dataset: &DatasetPolicy) -> Result<Ve
 fn rewrite(
     original: &LogicalPlan,
     aggregate: &Aggregate,
-    dataset: &DatasetPolicy,
-    groups: Vec<(Column, GroupKey)>,
+    input: &Tracked,
+    datasets: Vec<String>,
+    groups: Vec<(Expr, GroupKey)>,
     requested: Vec<Requested>,
     options: &ResolvedOptions,
-    input_schema: &DFSchemaRef,
-    qualifier: TableReference,
 ) -> Result<PlannedQuery> {
-    let unit_name = dataset.privacy_unit.clone().unwrap_or_default();
+    let input_schema = aggregate.input.schema();
+    let unit_index = input
+        .unit_index()
+        .ok_or_else(|| DpError::refused("privacy_unit", "the input of the DP aggregate has no privacy-unit column"))?;
+    let unit_column = Column::from(input_schema.qualified_field(unit_index));
     if let Some(asked) = &options.privacy_unit_column {
-        if !asked.eq_ignore_ascii_case(&unit_name) {
+        if !asked.eq_ignore_ascii_case(&unit_column.name) {
             return Err(DpError::refused_with(
                 "privacy_unit",
                 format!(
-                    "privacy_unit_column = {asked}: the privacy unit of `{}` is `{unit_name}`, set by the collaboration manifest",
-                    dataset.name
+                    "privacy_unit_column = {asked}: the privacy unit is `{}`, set by the collaboration manifest",
+                    unit_column.name
                 ),
-                format!("privacy_unit_column = {unit_name}, or leave the option out"),
+                format!("privacy_unit_column = {}, or leave the option out", unit_column.name),
             ));
         }
     }
-    if input_schema.field_with_unqualified_name(&unit_name).is_err() {
-        return Err(DpError::refused("privacy_unit", format!("dataset `{}` has no privacy-unit column `{unit_name}`", dataset.name)));
-    }
-    let unit = col(Column::new(Some(qualifier), unit_name));
-    let per_group_rows = options.max_contributions_per_group as f64;
+    let unit = col(unit_column);
+    // Rows per person and group: the option, or fewer when the plan's shape
+    // guarantees it (e.g. one row per person after GROUP BY uid).
+    let per_group_rows = (options.max_contributions_per_group as u64)
+        .min(input.rows_per_person.unwrap_or(u64::MAX)) as f64;
     // A person can reach no more groups than the domain has cells.
     let cells = groups.iter().fold(1usize, |n, (_, g)| n.saturating_mul(g.domain.len()));
     let k = (options.max_groups_contributed as usize).min(cells.max(1)) as f64;
@@ -657,7 +534,7 @@ fn rewrite(
     let mut keep = unit.clone().is_not_null();
     let mut group_by = vec![unit.alias("__uid")];
     let mut group_cols = Vec::new();
-    for (i, (column, key)) in groups.iter().enumerate() {
+    for (i, (expr, key)) in groups.iter().enumerate() {
         let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match &key.domain {
             Domain::Strings(values) => {
                 let values: Vec<Expr> = values.iter().map(|v| lit(v.as_str())).collect();
@@ -667,8 +544,17 @@ fn rewrite(
                 let (min, max) = (*min, *max);
                 (DataType::Int64, Box::new(move |e: Expr| e.between(lit(min), lit(max))))
             }
+            Domain::DateRange { from, to } => {
+                let (from, to) = (*from, *to);
+                (
+                    DataType::Date32,
+                    Box::new(move |e: Expr| {
+                        e.between(lit(ScalarValue::Date32(Some(from))), lit(ScalarValue::Date32(Some(to))))
+                    }),
+                )
+            }
         };
-        let key_expr = try_cast(col(column.clone()), as_type);
+        let key_expr = try_cast(expr.clone(), as_type);
         keep = keep.and(in_domain(key_expr.clone()));
         group_by.push(key_expr.alias(format!("__g{i}")));
         group_cols.push(col(format!("__g{i}")));
@@ -688,18 +574,22 @@ fn rewrite(
             _ => true,
         };
         integral.push(whole);
+        let arg = || r.arg.clone().expect("an aggregate with an argument");
         match r.kind {
             AggregateKind::CountRows => partials.push(count(lit(1i64)).alias(name)),
-            AggregateKind::CountValues => partials.push(count(col(r.column.clone().unwrap())).alias(name)),
-            AggregateKind::CountPeople => {}
+            AggregateKind::CountValues => partials.push(count(arg()).alias(name)),
+            // Each kept row has a person: one per (person, group).
+            AggregateKind::CountPeople if r.of_unit => {}
+            // The unit of an outer join's optional side: this person, or NULL.
+            AggregateKind::CountPeople => partials.push(
+                max(when(arg().is_not_null(), lit(1i64)).otherwise(lit(0i64))?).alias(name),
+            ),
             AggregateKind::Sum => {
-                let value = col(r.column.clone().unwrap());
-                partials.push(sum(clamp(value, r.bounds.0, r.bounds.1, whole)).alias(name));
+                partials.push(sum(clamp(arg(), r.bounds.0, r.bounds.1, whole)).alias(name));
             }
             AggregateKind::Avg => {
-                let value = col(r.column.clone().unwrap());
-                partials.push(sum(clamp(value.clone(), r.bounds.0, r.bounds.1, false)).alias(name));
-                partials.push(count(value).alias(format!("__q{j}")));
+                partials.push(sum(clamp(arg(), r.bounds.0, r.bounds.1, false)).alias(name));
+                partials.push(count(arg()).alias(format!("__q{j}")));
             }
         }
     }
@@ -725,7 +615,8 @@ fn rewrite(
                 per_group_rows,
                 sum(col(format!("__p{j}"))),
             ),
-            AggregateKind::CountPeople => (None, 1.0, count(lit(1i64))),
+            AggregateKind::CountPeople if r.of_unit => (None, 1.0, count(lit(1i64))),
+            AggregateKind::CountPeople => (Some(p), 1.0, sum(col(format!("__p{j}")))),
             AggregateKind::Sum | AggregateKind::Avg => {
                 let low = per_group_rows * r.bounds.0.min(0.0);
                 let high = per_group_rows * r.bounds.1.max(0.0);
@@ -782,7 +673,7 @@ fn rewrite(
         groups: groups.into_iter().map(|(_, g)| g).collect(),
         aggregates,
         epsilon: options.epsilon,
-        dataset: dataset.name.clone(),
+        datasets,
         options: options.clone(),
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),

@@ -27,8 +27,27 @@ fn policy() -> Policy {
     columns.insert("cost".to_string(), ColumnRole::Measure { lower: 0.0, upper: 100.0 });
     columns.insert("secret".to_string(), ColumnRole::Hidden);
     let events = DatasetPolicy { name: "events".into(), privacy_unit: Some("uid".into()), columns };
+    let mut columns = BTreeMap::new();
+    columns.insert("uid".to_string(), ColumnRole::JoinKey);
+    columns.insert("amount".to_string(), ColumnRole::Measure { lower: 0.0, upper: 50.0 });
+    let days = Domain::DateRange {
+        from: cleanroom_dp::policy::parse_date("2026-01-01").unwrap(),
+        to: cleanroom_dp::policy::parse_date("2026-01-03").unwrap(),
+    };
+    columns.insert("ts".to_string(), ColumnRole::Dimension { domain: Some(days) });
+    columns.insert("order_id".to_string(), ColumnRole::Hidden);
+    let orders = DatasetPolicy { name: "orders".into(), privacy_unit: Some("uid".into()), columns };
+    let mut columns = BTreeMap::new();
+    columns.insert(
+        "channel".to_string(),
+        ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["a".into(), "b".into(), "c".into()])) },
+    );
+    columns.insert("family".to_string(), ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["ab".into(), "c".into()])) });
+    let families = DatasetPolicy { name: "families".into(), privacy_unit: None, columns };
     let mut datasets = BTreeMap::new();
     datasets.insert("events".to_string(), events);
+    datasets.insert("orders".to_string(), orders);
+    datasets.insert("families".to_string(), families);
     Policy { datasets, defaults: Defaults::default() }
 }
 
@@ -68,6 +87,46 @@ fn context_without(person: &str) -> SessionContext {
     .unwrap();
     let ctx = SessionContext::new();
     ctx.register_table("events", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
+
+    // orders: p1 two orders (10 on Jan 1, 20 on Jan 2), p2 one of 100 (above
+    // the bound 50) on Jan 1, p6 (no events) one of 5 on Jan 3, and one order
+    // without a person.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("uid", DataType::Utf8, true),
+        Field::new("ts", DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new("amount", DataType::Int64, true),
+        Field::new("order_id", DataType::Int64, true),
+    ]));
+    const DAY: i64 = 86_400_000_000;
+    let jan1 = 1_767_225_600_000_000i64;
+    let orders = [("p1", jan1 + 3600, 10), ("p1", jan1 + DAY, 20), ("p2", jan1 + 7200, 100), ("p6", jan1 + 2 * DAY, 5), ("", jan1, 7)];
+    let orders: Vec<_> = orders.iter().filter(|r| person.is_empty() || r.0 != person).collect();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter(orders.iter().map(|r| (!r.0.is_empty()).then_some(r.0)))),
+            Arc::new(arrow::array::TimestampMicrosecondArray::from_iter_values(orders.iter().map(|r| r.1)).with_timezone("UTC")),
+            Arc::new(Int64Array::from_iter_values(orders.iter().map(|r| r.2))),
+            Arc::new(Int64Array::from_iter_values(orders.iter().enumerate().map(|(i, _)| i as i64))),
+        ],
+    )
+    .unwrap();
+    ctx.register_table("orders", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
+
+    // families: a public table mapping channels to families.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("channel", DataType::Utf8, true),
+        Field::new("family", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(["a", "b", "c"])),
+            Arc::new(StringArray::from_iter_values(["ab", "ab", "c"])),
+        ],
+    )
+    .unwrap();
+    ctx.register_table("families", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
     ctx
 }
 
@@ -94,6 +153,13 @@ fn dp(planned: PlannedQuery) -> DpQuery {
         PlannedQuery::Dp(q) => *q,
         other => panic!("not a DP query: {other:?}"),
     }
+}
+
+/// The exact bounded value of aggregate `agg` of a query without GROUP BY.
+async fn exact_value(query: &DpQuery, agg: usize) -> f64 {
+    let b = exact(query).await;
+    let values = arrow::compute::cast(b[0].column(agg), &DataType::Float64).unwrap();
+    values.as_primitive::<arrow::datatypes::Float64Type>().value(0)
 }
 
 async fn exact(query: &DpQuery) -> Vec<RecordBatch> {
@@ -146,17 +212,137 @@ async fn limit_below_the_dp_aggregate_is_refused() {
 }
 
 #[tokio::test]
-async fn self_join_is_refused() {
+async fn joins_must_equate_the_privacy_unit() {
+    for (sql, rule) in [
+        ("SELECT a.channel, COUNT(*) FROM events a JOIN events b ON a.country = b.country GROUP BY a.channel", "join_on_privacy_unit"),
+        ("SELECT e.channel, COUNT(*) FROM events e JOIN orders o ON e.cost = o.amount GROUP BY e.channel", "join_on_privacy_unit"),
+        ("SELECT e.channel, COUNT(*) FROM events e JOIN orders o ON e.uid = o.uid OR e.cost = o.amount GROUP BY e.channel", "join_on_privacy_unit"),
+        ("SELECT e.channel, COUNT(*) FROM events e CROSS JOIN orders o GROUP BY e.channel", "cross_join"),
+        ("SELECT e.channel, COUNT(*) FROM events e, orders o GROUP BY e.channel", "cross_join"),
+        ("SELECT e.channel, COUNT(*) FROM events e FULL JOIN orders o ON e.uid = o.uid GROUP BY e.channel", "join_type"),
+        ("SELECT f.family, COUNT(*) FROM families f LEFT JOIN events e ON f.channel = e.channel GROUP BY f.family", "public_outer_join"),
+    ] {
+        assert_eq!(refused_rule(sql).await, rule, "{sql}");
+    }
+    // A self-join on the unit pairs a person's rows with their own.
+    plan("SELECT a.channel, COUNT(*) FROM events a JOIN events b ON a.uid = b.uid GROUP BY a.channel").await.unwrap();
+}
+
+#[tokio::test]
+async fn filters_may_use_any_visible_column_but_not_compute_with_identifiers() {
+    plan("SELECT channel, COUNT(*) FROM events WHERE channel = 3 GROUP BY channel").await.unwrap();
+    plan("SELECT channel, COUNT(*) FROM events WHERE cost > 3 AND country LIKE 'D%' GROUP BY channel").await.unwrap();
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE uid = 'p1' GROUP BY channel").await, "join_key_use");
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE length(uid) > 3 GROUP BY channel").await, "join_key_use");
+}
+
+#[tokio::test]
+async fn expressions_that_could_fail_on_a_value_are_refused() {
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost / cost > 1 GROUP BY channel").await, "integer_division");
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost % (cost - 1) = 0 GROUP BY channel").await, "integer_division");
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE to_timestamp(country) > now() GROUP BY channel").await, "function_not_allowed");
+    // Floating-point division and a fixed divisor cannot fail.
+    plan("SELECT channel, COUNT(*) FROM events WHERE CAST(cost AS DOUBLE) / cost > 1 GROUP BY channel").await.unwrap();
+    plan("SELECT channel, COUNT(*) FROM events WHERE cost / 7 > 1 GROUP BY channel").await.unwrap();
+    // Casts run as TRY_CAST: a value that does not convert is NULL, not an error.
+    let q = dp(plan("SELECT channel, COUNT(*) FROM events WHERE CAST(country AS INT) IS NULL GROUP BY channel").await.unwrap());
+    assert!(!exact(&q).await.is_empty());
+}
+
+#[tokio::test]
+async fn cross_party_join_on_the_privacy_unit_counts_matched_people() {
+    // p1 and p2 are in both datasets.
+    let q = dp(plan("SELECT COUNT(DISTINCT e.uid) AS matched FROM events e JOIN orders o ON e.uid = o.uid").await.unwrap());
+    assert_eq!(exact_value(&q, 0).await, 2.0);
+    // USING and a semi-join written as a join with the distinct people.
+    let q = dp(plan("SELECT SUM(o.amount) AS spend FROM orders o JOIN (SELECT DISTINCT uid FROM events) e USING (uid)").await.unwrap());
+    // p1: 10 + 20, p2: 100 clamped to 50.
+    assert_eq!(exact_value(&q, 0).await, 80.0);
+    let released = charged_release(&q).await;
+    assert_eq!(released.batches()[0].num_rows(), 1);
+}
+
+#[tokio::test]
+async fn per_person_subqueries_ctes_and_windows_are_tracked() {
+    // Per-person total, then an unbounded SUM is refused and a clamped one accepted.
+    let per_person = "WITH spend AS (SELECT uid, SUM(amount) AS total FROM orders GROUP BY uid) ";
+    assert_eq!(refused_rule(&format!("{per_person} SELECT SUM(total) FROM spend")).await, "sum_of_measure");
+    let q = dp(plan(&format!("{per_person} SELECT SUM(LEAST(total, 25)) AS capped, COUNT(*) AS people FROM spend")).await.unwrap());
+    // p1: min(30, 25), p2: min(100, 25), p6: 5; one row per person, so the
+    // per-group bound is 1 row: sensitivity 25 and 1.
+    assert_eq!(exact_value(&q, 0).await, 55.0);
+    assert_eq!(exact_value(&q, 1).await, 3.0);
+    assert_eq!(q.aggregates[0].sensitivity, 25.0);
+    assert_eq!(q.aggregates[1].sensitivity, 1.0);
+
+    // A left join of per-person facts: people with and without orders.
+    let q = dp(plan(&format!(
+        "{per_person} SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) e.channel, COUNT(DISTINCT e.uid) AS people, COUNT(DISTINCT s.uid) AS buyers \
+         FROM events e LEFT JOIN spend s ON e.uid = s.uid GROUP BY e.channel"
+    ))
+    .await
+    .unwrap());
+    // Channel a: p1, p2, p5; buyers among them p1, p2.
+    assert_eq!(exact_by_group(&q, 0).await["a"], 3.0);
+    assert_eq!(exact_by_group(&q, 1).await["a"], 2.0);
+
+    // First order per person, by a window partitioned by the unit.
+    let q = dp(plan(
+        "WITH ranked AS (SELECT uid, amount, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY ts) AS rn FROM orders) \
+         SELECT SUM(amount) AS first_orders FROM ranked WHERE rn = 1",
+    )
+    .await
+    .unwrap());
+    assert_eq!(exact_value(&q, 0).await, 10.0 + 50.0 + 5.0);
     assert_eq!(
-        refused_rule("SELECT a.channel, COUNT(*) FROM events a JOIN events b ON a.uid = b.uid GROUP BY a.channel").await,
-        "one_dataset_per_query"
+        refused_rule("SELECT SUM(amount) FROM (SELECT amount, ROW_NUMBER() OVER (ORDER BY ts) AS rn FROM orders) WHERE rn = 1").await,
+        "window_partition"
+    );
+    assert_eq!(refused_rule("SELECT SUM(n) FROM (SELECT channel, COUNT(*) AS n FROM events GROUP BY channel)").await, "nested_aggregate");
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT uid FROM events LIMIT 3)").await, "limit_below_dp_aggregate");
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM events WHERE uid IN (SELECT uid FROM orders)").await, "subquery");
+}
+
+#[tokio::test]
+async fn union_all_of_protected_inputs_keeps_each_row_s_person() {
+    // The match-rate shape: one row per person with 0/1 flags.
+    let q = dp(plan(
+        "WITH people AS (SELECT uid, 1 AS in_events, 0 AS in_orders FROM events UNION ALL SELECT uid, 0, 1 FROM orders), \
+         flags AS (SELECT uid, MAX(in_events) AS e, MAX(in_orders) AS o FROM people GROUP BY uid) \
+         SELECT SUM(e) AS event_people, SUM(o) AS order_people, SUM(e * o) AS both_people FROM flags",
+    )
+    .await
+    .unwrap());
+    // events: p1..p5; orders: p1, p2, p6; both: p1, p2.
+    assert_eq!(exact_value(&q, 0).await, 5.0);
+    assert_eq!(exact_value(&q, 1).await, 3.0);
+    assert_eq!(exact_value(&q, 2).await, 2.0);
+    assert!(q.aggregates.iter().all(|a| a.sensitivity == 1.0 && a.integral), "{:?}", q.aggregates);
+    assert_eq!(
+        refused_rule("SELECT COUNT(*) FROM (SELECT uid FROM events UNION ALL SELECT channel FROM families)").await,
+        "union_of_protected_and_public"
     );
 }
 
 #[tokio::test]
-async fn filter_comparing_with_another_type_is_refused() {
-    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE channel = 3 GROUP BY channel").await, "filter_on_dimensions");
-    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost > 3 GROUP BY channel").await, "filter_on_dimensions");
+async fn joins_with_public_data_and_date_keys() {
+    // Group by a public table's dimension.
+    let q = dp(plan(
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 2) f.family, COUNT(*) AS n \
+         FROM events e JOIN families f ON e.channel = f.channel GROUP BY f.family",
+    )
+    .await
+    .unwrap());
+    // ab: p1 a+b (2), p2 3, p3 1, p5 1.
+    assert_eq!(exact_by_group(&q, 0).await["ab"], 7.0);
+
+    // Days of a timestamp with a date-range domain; every day of it is released.
+    let q = dp(plan("SELECT CAST(ts AS DATE) AS day, COUNT(*) AS orders FROM orders GROUP BY CAST(ts AS DATE) ORDER BY day").await.unwrap());
+    let released = charged_release(&q).await;
+    let days = arrow::compute::cast(released.batches()[0].column(0), &DataType::Utf8).unwrap();
+    let days: Vec<&str> = days.as_string::<i32>().iter().map(|d| d.unwrap()).collect();
+    assert_eq!(days, vec!["2026-01-01", "2026-01-02", "2026-01-03"]);
+    assert_eq!(refused_rule("SELECT ts, COUNT(*) FROM orders GROUP BY ts").await, "group_key_public_domain");
 }
 
 #[tokio::test]
@@ -180,8 +366,7 @@ async fn describe_is_refused() {
 }
 
 #[tokio::test]
-async fn count_of_null_or_of_several_columns_is_refused() {
-    assert_eq!(refused_rule("SELECT channel, COUNT(NULL) FROM events GROUP BY channel").await, "supported_aggregates");
+async fn count_of_several_columns_is_refused() {
     assert_eq!(refused_rule("SELECT channel, COUNT(DISTINCT uid, secret) FROM events GROUP BY channel").await, "supported_aggregates");
 }
 

@@ -23,7 +23,7 @@ pub use cleanroom_executor::{CATALOG, SCHEMA};
 
 /// The manifest's column roles must fit the data's types: a measure is
 /// numeric, an integer-range domain is on an integer column, a list of
-/// string keys on a string column. Checked once at start-up so that no query
+/// string keys on a string column, a date range on a date or timestamp column. Checked once at start-up so that no query
 /// can hit a value that does not convert.
 fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema) -> anyhow::Result<()> {
     use cleanroom_dp::policy::Domain;
@@ -42,6 +42,7 @@ fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema) -> anyhow:
             (crate::manifest::Role::Measure, _) => t.is_numeric(),
             (_, Some(Domain::IntRange { .. })) => t.is_integer(),
             (_, Some(Domain::Strings(_))) => is_string(t),
+            (_, Some(Domain::DateRange { .. })) => matches!(t, DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)),
             _ => true,
         };
         if !fits {

@@ -327,7 +327,7 @@ impl FlightSqlGateway {
 
         // The same question on the same data gets the answer already
         // released to this party, at no new cost.
-        let version = self.catalog.version(&query.dataset).unwrap_or_default();
+        let version = query.datasets.iter().map(|d| self.catalog.version(d).unwrap_or_default()).collect::<Vec<_>>().join("+");
         let key = release::answer_key(query, &session.party, version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
         let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;

@@ -14,7 +14,8 @@
 //!   `public = true` → `None`;
 //! - `role = "join_key"` → [`ColumnRole::JoinKey`];
 //! - `role = "dimension"` with an optional `domain` (a list of strings →
-//!   [`Domain::Strings`], `{ min, max }` → [`Domain::IntRange`]) →
+//!   [`Domain::Strings`], `{ min, max }` → [`Domain::IntRange`],
+//!   `{ from = "YYYY-MM-DD", to = "YYYY-MM-DD" }` → [`Domain::DateRange`]) →
 //!   [`ColumnRole::Dimension`];
 //! - `role = "measure"` with `bounds = [lower, upper]` → [`ColumnRole::Measure`];
 //! - `role = "hidden"` → [`ColumnRole::Hidden`] (undeclared columns are hidden
@@ -1214,6 +1215,30 @@ fn parse_domain(c: &mut Checker, value: &Value, at: &str, defaults: &Defaults) -
             }
             ok.then_some(Domain::Strings(values))
         }
+        Value::Table(range) if range.contains_key("from") || range.contains_key("to") => {
+            c.unknown_keys(range, at, &["from", "to"]);
+            let mut day = |key: &str| -> Option<i32> {
+                let path = join(at, key);
+                let text = c.field(range, at, key, true).and_then(|v| c.string(v, &path))?.to_string();
+                let parsed = cleanroom_dp::policy::parse_date(&text);
+                if parsed.is_none() {
+                    c.report(&path, format!("{text:?} is not a date (YYYY-MM-DD)"));
+                }
+                parsed
+            };
+            let (from, to) = (day("from"), day("to"));
+            let (from, to) = (from?, to?);
+            if from > to {
+                c.report(at, "`from` is after `to`");
+                return None;
+            }
+            let size = to as i64 - from as i64 + 1;
+            if size > cap as i64 {
+                c.report(at, format!("the date range has {size} days, more than defaults.max_output_groups = {cap}"));
+                return None;
+            }
+            Some(Domain::DateRange { from, to })
+        }
         Value::Table(range) => {
             c.unknown_keys(range, at, &["min", "max"]);
             let min = c
@@ -1241,7 +1266,7 @@ fn parse_domain(c: &mut Checker, value: &Value, at: &str, defaults: &Defaults) -
             Some(Domain::IntRange { min, max })
         }
         other => {
-            c.mismatch(at, "a list of strings or a table { min, max }", other);
+            c.mismatch(at, "a list of strings, a table { min, max } or a table { from, to } of dates", other);
             None
         }
     }

@@ -1,0 +1,754 @@
+//! Privacy-unit tracking: what every column below the DP aggregate is, and
+//! whether every row still belongs to exactly one person.
+//!
+//! [`track`] walks the analyst's logical plan below the DP aggregate, bottom
+//! up, and gives each node's output either *protected* (every row belongs to
+//! one person, whose id is in a column of lineage [`Lineage::Unit`]) or
+//! *public* (derived from public datasets only), plus a [`Lineage`] per output
+//! column. Anything it cannot track is refused with the rule it breaks.
+//!
+//! Why this keeps the DP guarantee: neighbouring databases differ in all rows
+//! of one person, across every dataset. Each rule below keeps the invariant
+//! "an output row depends only on the input rows of the person in its unit
+//! column (and on public data)":
+//! - a scan of a protected dataset: by definition, its unit column;
+//! - filters, projections, sorts, `DISTINCT` work row by row;
+//! - an inner join of two protected inputs equates their unit columns, so a
+//!   joined row pairs two rows of the same person; a left/right join keeps the
+//!   preserved side's person; semi/anti joins on the unit only filter a
+//!   person's rows by that person's other rows;
+//! - a join with a public input pairs a person's row with public rows;
+//! - an aggregate or window grouped/partitioned by the unit computes within
+//!   one person's rows;
+//! - `UNION ALL` of protected inputs keeps each row's person.
+//!
+//! So removing a person changes only the rows carrying that person's id, and
+//! the DP aggregate's contribution bounding ([`crate::rewrite`]) limits how
+//! much those rows can change the released values.
+//!
+//! The same walk keeps every query *total*: whether a query fails must never
+//! depend on the data, so expressions that could fail on some value
+//! (integer division by a column, functions outside an allow-list) are
+//! refused; casts are made `TRY_CAST` by [`make_total`].
+
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
+use datafusion::logical_expr::{
+    BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, TryCast,
+};
+
+use crate::error::{DpError, Result};
+use crate::policy::{ColumnRole, Domain, Policy};
+
+/// What a column holds, as far as privacy is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lineage {
+    /// The person the row belongs to (the privacy unit); never NULL on rows
+    /// the DP aggregate keeps.
+    Unit,
+    /// The row's person or NULL (the unit of the optional side of an outer join).
+    UnitOrNull,
+    /// Another join key (or an identifier of the manifest's `join_key` role):
+    /// it may be joined on, partitioned by and counted, never released or
+    /// computed with.
+    Key,
+    /// A dimension value, with the public domain of its values if it has one.
+    Dimension(Option<Domain>),
+    /// A number within `[lo, hi]` (either end may be infinite).
+    Number { lo: f64, hi: f64 },
+    /// Any other value (a boolean, a string with no declared domain…).
+    Other,
+    /// A column the manifest hides: no expression may read it.
+    Hidden { dataset: String, column: String },
+}
+
+impl Lineage {
+    fn unbounded() -> Self {
+        Lineage::Number { lo: f64::NEG_INFINITY, hi: f64::INFINITY }
+    }
+
+    /// Finite bounds, if the value is a number known to lie within them.
+    pub fn bounds(&self) -> Option<(f64, f64)> {
+        match self {
+            Lineage::Number { lo, hi } if lo.is_finite() && hi.is_finite() => Some((*lo, *hi)),
+            _ => None,
+        }
+    }
+
+    fn is_identifier(&self) -> bool {
+        matches!(self, Lineage::Unit | Lineage::UnitOrNull | Lineage::Key)
+    }
+}
+
+/// The tracked output of a plan node.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// Every row belongs to one person (false: the rows are public).
+    pub protected: bool,
+    /// One lineage per output column, in schema order.
+    pub columns: Vec<Lineage>,
+    /// At most this many rows belong to one person, when that is known from
+    /// the plan's shape (an aggregate grouped by the unit alone gives one).
+    pub rows_per_person: Option<u64>,
+}
+
+impl Tracked {
+    /// The first column holding the row's person.
+    pub fn unit_index(&self) -> Option<usize> {
+        self.columns.iter().position(|l| *l == Lineage::Unit)
+    }
+}
+
+fn refuse(rule: &'static str, message: impl Into<String>, instead: impl Into<String>) -> DpError {
+    DpError::refused_with(rule, message, instead)
+}
+
+/// Replace every `CAST` by `TRY_CAST`: a value that does not convert becomes
+/// NULL instead of failing the query, so no query fails because of a value.
+pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_up_with_subqueries(|node| {
+            node.map_expressions(|e| {
+                e.transform_up(|e| match e {
+                    Expr::Cast(c) => Ok(Transformed::yes(Expr::TryCast(TryCast::new_from_field(c.expr, c.field)))),
+                    other => Ok(Transformed::no(other)),
+                })
+            })
+        })?
+        .data)
+}
+
+/// Track `plan`, the input of the DP aggregate (or any node below it).
+pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            if !scan.filters.is_empty() || scan.fetch.is_some() {
+                return Err(DpError::refused("unsupported_shape", "pre-filtered scans are not supported"));
+            }
+            let name = scan.table_name.table();
+            let dataset = policy.dataset(name).ok_or_else(|| {
+                DpError::refused("unknown_dataset", format!("dataset `{name}` is not in the collaboration"))
+            })?;
+            let unit = dataset.privacy_unit.as_deref();
+            let columns: Vec<Lineage> = scan
+                .projected_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    if Some(f.name().as_str()) == unit {
+                        return Lineage::Unit;
+                    }
+                    match dataset.role(f.name()) {
+                        ColumnRole::JoinKey => Lineage::Key,
+                        ColumnRole::Dimension { domain } => Lineage::Dimension(domain),
+                        ColumnRole::Measure { lower, upper } => Lineage::Number { lo: lower, hi: upper },
+                        ColumnRole::Hidden => Lineage::Hidden { dataset: dataset.name.clone(), column: f.name().clone() },
+                    }
+                })
+                .collect();
+            let protected = unit.is_some();
+            if protected && !columns.contains(&Lineage::Unit) {
+                return Err(DpError::refused(
+                    "privacy_unit",
+                    format!("dataset `{}` has no privacy-unit column `{}`", dataset.name, unit.unwrap_or_default()),
+                ));
+            }
+            Ok(Tracked { protected, columns, rows_per_person: None })
+        }
+        LogicalPlan::Filter(filter) => {
+            let input = track(&filter.input, policy)?;
+            lineage(&filter.predicate, filter.input.schema(), &input.columns)?;
+            Ok(input)
+        }
+        LogicalPlan::Projection(projection) => {
+            let input = track(&projection.input, policy)?;
+            let columns = projection
+                .expr
+                .iter()
+                .map(|e| lineage(e, projection.input.schema(), &input.columns))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tracked { columns, ..input })
+        }
+        LogicalPlan::SubqueryAlias(alias) => track(&alias.input, policy),
+        LogicalPlan::Sort(sort) => {
+            if sort.fetch.is_some() {
+                return Err(limit_below());
+            }
+            let input = track(&sort.input, policy)?;
+            for s in &sort.expr {
+                lineage(&s.expr, sort.input.schema(), &input.columns)?;
+            }
+            Ok(input)
+        }
+        LogicalPlan::Limit(_) => Err(limit_below()),
+        LogicalPlan::Distinct(Distinct::All(input)) => track(input, policy),
+        LogicalPlan::Join(join) => track_join(join, policy),
+        LogicalPlan::Aggregate(aggregate) => {
+            let input = track(&aggregate.input, policy)?;
+            let schema = aggregate.input.schema();
+            let mut columns = Vec::new();
+            let mut by_unit = false;
+            for g in &aggregate.group_expr {
+                if matches!(g, Expr::GroupingSet(_)) {
+                    return Err(refuse("grouping_sets", "GROUPING SETS, CUBE and ROLLUP are not supported", "one GROUP BY per query"));
+                }
+                let l = lineage(g, schema, &input.columns)?;
+                by_unit |= l == Lineage::Unit && matches!(g, Expr::Column(_));
+                columns.push(l);
+            }
+            if input.protected && !by_unit {
+                // Only the DP aggregate may mix people; it is the outermost one.
+                return Err(refuse(
+                    "nested_aggregate",
+                    "an aggregate below the DP aggregate must be grouped by the privacy unit (one person at a time)",
+                    "GROUP BY uid in the inner query, or move this aggregate to the outermost query",
+                ));
+            }
+            for a in &aggregate.aggr_expr {
+                columns.push(aggregate_lineage(a, schema, &input.columns, "aggregate")?);
+            }
+            let only_unit = aggregate.group_expr.len() == 1;
+            let rows_per_person = if only_unit { Some(1) } else { input.rows_per_person };
+            Ok(Tracked { protected: input.protected, columns, rows_per_person })
+        }
+        LogicalPlan::Window(window) => {
+            let input = track(&window.input, policy)?;
+            let schema = window.input.schema();
+            let mut columns = input.columns.clone();
+            for w in &window.window_expr {
+                let mut inner = w;
+                while let Expr::Alias(a) = inner {
+                    inner = &a.expr;
+                }
+                let Expr::WindowFunction(f) = inner else {
+                    return Err(DpError::refused("unsupported_shape", format!("`{w}` is not a window function")));
+                };
+                let WindowFunction { fun, params } = f.as_ref();
+                let mut partitioned = false;
+                for p in &params.partition_by {
+                    let l = lineage(p, schema, &input.columns)?;
+                    partitioned |= l == Lineage::Unit && matches!(p, Expr::Column(_));
+                }
+                if input.protected && !partitioned {
+                    return Err(refuse(
+                        "window_partition",
+                        format!("the window of `{}` must be partitioned by the privacy unit", fun.name()),
+                        "OVER (PARTITION BY uid …), so the window looks at one person's rows",
+                    ));
+                }
+                for s in &params.order_by {
+                    lineage(&s.expr, schema, &input.columns)?;
+                }
+                if let Some(filter) = &params.filter {
+                    lineage(filter, schema, &input.columns)?;
+                }
+                let args = params
+                    .args
+                    .iter()
+                    .map(|a| lineage(a, schema, &input.columns))
+                    .collect::<Result<Vec<_>>>()?;
+                columns.push(function_lineage(&fun.name().to_ascii_lowercase(), &args, "window")?);
+            }
+            Ok(Tracked { columns, ..input })
+        }
+        LogicalPlan::Union(union) => {
+            let inputs = union.inputs.iter().map(|i| track(i, policy)).collect::<Result<Vec<_>>>()?;
+            let protected = inputs.iter().filter(|t| t.protected).count();
+            if protected > 0 && protected < inputs.len() {
+                return Err(refuse(
+                    "union_of_protected_and_public",
+                    "a UNION of protected and public rows would mix rows that belong to no one with people's rows",
+                    "UNION ALL of protected inputs only",
+                ));
+            }
+            let mut columns = inputs[0].columns.clone();
+            for t in &inputs[1..] {
+                columns = columns.iter().zip(&t.columns).map(|(a, b)| merge(a, b)).collect();
+            }
+            if protected > 0 && !columns.contains(&Lineage::Unit) {
+                return Err(refuse(
+                    "union_privacy_unit",
+                    "every input of a UNION must have its privacy unit in the same column",
+                    "SELECT uid, … FROM a UNION ALL SELECT uid, … FROM b",
+                ));
+            }
+            let rows_per_person = inputs
+                .iter()
+                .try_fold(0u64, |n, t| t.rows_per_person.and_then(|r| n.checked_add(r)));
+            Ok(Tracked { protected: protected > 0, columns, rows_per_person })
+        }
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Ok(Tracked {
+            protected: false,
+            columns: vec![Lineage::Other; plan.schema().fields().len()],
+            rows_per_person: None,
+        }),
+        other => Err(DpError::refused(
+            "unsupported_shape",
+            format!("`{}` is not supported below the DP aggregate", node_name(other)),
+        )),
+    }
+}
+
+pub(crate) fn node_name(plan: &LogicalPlan) -> String {
+    plan.display().to_string().split(':').next().unwrap_or("").trim().to_string()
+}
+
+fn limit_below() -> DpError {
+    refuse(
+        "limit_below_dp_aggregate",
+        "LIMIT below the DP aggregate would make the answer depend on which rows come first",
+        "LIMIT on the aggregated result",
+    )
+}
+
+fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<Tracked> {
+    let left = track(&join.left, policy)?;
+    let right = track(&join.right, policy)?;
+    if join.on.is_empty() && join.filter.is_none() && (left.protected || right.protected) {
+        return Err(refuse(
+            "cross_join",
+            "a cross join pairs every person's rows with everyone else's",
+            "JOIN … ON a.uid = b.uid",
+        ));
+    }
+    // Lineage of the joined row (left columns, then right), for the condition.
+    let both: Vec<Lineage> = left.columns.iter().chain(&right.columns).cloned().collect();
+    let n_left = left.columns.len();
+    let mut unit_equated = false;
+    for (l, r) in &join.on {
+        let ll = lineage(l, join.left.schema(), &left.columns)?;
+        let rl = lineage(r, join.right.schema(), &right.columns)?;
+        unit_equated |= ll == Lineage::Unit && rl == Lineage::Unit;
+    }
+    if let Some(filter) = &join.filter {
+        lineage(filter, &join.schema, &both)?;
+        for conjunct in split_and(filter) {
+            if let Expr::BinaryExpr(BinaryExpr { left: a, op: Operator::Eq, right: b }) = conjunct {
+                let side = |e: &Expr| -> Option<(bool, Lineage)> {
+                    let Expr::Column(c) = e else { return None };
+                    let i = join.schema.index_of_column(c).ok()?;
+                    Some((i < n_left, both[i].clone()))
+                };
+                if let (Some((sa, la)), Some((sb, lb))) = (side(a), side(b)) {
+                    unit_equated |= sa != sb && la == Lineage::Unit && lb == Lineage::Unit;
+                }
+            }
+        }
+    }
+    let optional = |t: &Tracked| -> Vec<Lineage> {
+        t.columns
+            .iter()
+            .map(|l| if *l == Lineage::Unit { Lineage::UnitOrNull } else { l.clone() })
+            .collect()
+    };
+    let times = |a: Option<u64>, b: Option<u64>| a.zip(b).and_then(|(a, b)| a.checked_mul(b.max(1)));
+    match (left.protected, right.protected) {
+        (true, true) => {
+            if !unit_equated {
+                return Err(refuse(
+                    "join_on_privacy_unit",
+                    "a join of two protected datasets must equate their privacy units, or it would pair one person's rows with another's",
+                    "JOIN … ON a.uid = b.uid (other conditions may follow with AND)",
+                ));
+            }
+            let (columns, rows) = match join.join_type {
+                JoinType::Inner => (both, times(left.rows_per_person, right.rows_per_person)),
+                JoinType::Left => (
+                    left.columns.iter().cloned().chain(optional(&right)).collect(),
+                    times(left.rows_per_person, right.rows_per_person),
+                ),
+                JoinType::Right => (
+                    optional(&left).into_iter().chain(right.columns.iter().cloned()).collect(),
+                    times(left.rows_per_person, right.rows_per_person),
+                ),
+                JoinType::LeftSemi | JoinType::LeftAnti => (left.columns.clone(), left.rows_per_person),
+                JoinType::RightSemi | JoinType::RightAnti => (right.columns.clone(), right.rows_per_person),
+                other => return Err(unsupported_join(other)),
+            };
+            Ok(Tracked { protected: true, columns, rows_per_person: rows })
+        }
+        (true, false) | (false, true) => {
+            let protected_left = left.protected;
+            let columns = match (join.join_type, protected_left) {
+                (JoinType::Inner, _) => both,
+                (JoinType::Left, true) => left.columns.iter().cloned().chain(right.columns.iter().cloned()).collect(),
+                (JoinType::Right, false) => left.columns.iter().cloned().chain(right.columns.iter().cloned()).collect(),
+                (JoinType::LeftSemi | JoinType::LeftAnti, true) => left.columns.clone(),
+                (JoinType::RightSemi | JoinType::RightAnti, false) => right.columns.clone(),
+                (JoinType::Left | JoinType::Right | JoinType::Full, _) => {
+                    return Err(refuse(
+                        "public_outer_join",
+                        "an outer join that keeps public rows without a person is not supported",
+                        "an inner join, or a LEFT JOIN with the protected dataset on the left",
+                    ))
+                }
+                (other, _) => return Err(unsupported_join(other)),
+            };
+            // A person's row may match many public rows: no per-person row count.
+            Ok(Tracked { protected: true, columns, rows_per_person: None })
+        }
+        (false, false) => {
+            let columns = match join.join_type {
+                JoinType::LeftSemi | JoinType::LeftAnti => left.columns.clone(),
+                JoinType::RightSemi | JoinType::RightAnti => right.columns.clone(),
+                _ => both,
+            };
+            Ok(Tracked { protected: false, columns, rows_per_person: None })
+        }
+    }
+}
+
+fn unsupported_join(join_type: JoinType) -> DpError {
+    refuse(
+        "join_type",
+        format!("{join_type} joins of protected inputs are not supported"),
+        "INNER, LEFT or RIGHT JOIN on the privacy unit, or WHERE … IN / EXISTS written as a join",
+    )
+}
+
+fn split_and(e: &Expr) -> Vec<&Expr> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+            let mut v = split_and(left);
+            v.extend(split_and(right));
+            v
+        }
+        other => vec![other],
+    }
+}
+
+/// The lineage of two values that may end up in one column (CASE branches,
+/// COALESCE arguments, UNION inputs).
+fn merge(a: &Lineage, b: &Lineage) -> Lineage {
+    match (a, b) {
+        (Lineage::Hidden { .. }, _) => a.clone(),
+        (_, Lineage::Hidden { .. }) => b.clone(),
+        (Lineage::Number { lo: l1, hi: h1 }, Lineage::Number { lo: l2, hi: h2 }) => {
+            Lineage::Number { lo: l1.min(*l2), hi: h1.max(*h2) }
+        }
+        (Lineage::Dimension(d1), Lineage::Dimension(d2)) if d1 == d2 => a.clone(),
+        (Lineage::Dimension(_), Lineage::Dimension(_)) => Lineage::Dimension(None),
+        (Lineage::Unit, Lineage::Unit) => Lineage::Unit,
+        (Lineage::Unit | Lineage::UnitOrNull, Lineage::Unit | Lineage::UnitOrNull) => Lineage::UnitOrNull,
+        (Lineage::Key, Lineage::Key) => Lineage::Key,
+        _ => Lineage::Other,
+    }
+}
+
+fn hidden(dataset: &str, column: &str) -> DpError {
+    DpError::refused(
+        "hidden_column",
+        format!("column `{column}` of `{dataset}` is hidden by the collaboration manifest and cannot be used in any query"),
+    )
+}
+
+fn identifier_use(e: &Expr) -> DpError {
+    refuse(
+        "join_key_use",
+        format!("`{e}` computes with the privacy unit or a join key"),
+        "use the privacy unit and join keys only to join on (a.uid = b.uid), partition or group per person, and COUNT(DISTINCT uid)",
+    )
+}
+
+/// Scalar functions that never fail on any input value (errors can only come
+/// from literal arguments, which do not depend on the data).
+const TOTAL_FUNCTIONS: &[&str] = &[
+    "abs", "ceil", "floor", "round", "trunc", "signum", "least", "greatest", "coalesce", "nullif", "nvl", "ifnull",
+    "lower", "upper", "trim", "btrim", "ltrim", "rtrim", "length", "character_length", "char_length", "octet_length",
+    "substr", "substring", "left", "right", "concat", "concat_ws", "starts_with", "ends_with", "strpos", "replace",
+    "date_trunc", "date_part", "datepart", "date_bin", "isnan", "iszero", "ln", "log10", "log2", "exp", "sqrt",
+];
+
+/// The lineage of `e` over an input whose columns have lineage `columns`,
+/// refusing what may not be computed.
+pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Lineage> {
+    let of = |e: &Expr| lineage(e, schema, columns);
+    let plain = |e: &Expr| -> Result<Lineage> {
+        let l = of(e)?;
+        if l.is_identifier() {
+            return Err(identifier_use(e));
+        }
+        Ok(l)
+    };
+    Ok(match e {
+        Expr::Column(c) => {
+            let l = columns[schema.index_of_column(c)?].clone();
+            if let Lineage::Hidden { dataset, column } = &l {
+                return Err(hidden(dataset, column));
+            }
+            l
+        }
+        Expr::Alias(a) => of(&a.expr)?,
+        Expr::Literal(value, _) => literal_lineage(value),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            if matches!(op, Operator::Eq | Operator::NotEq | Operator::IsDistinctFrom | Operator::IsNotDistinctFrom) {
+                let (a, b) = (of(left)?, of(right)?);
+                if a.is_identifier() != b.is_identifier() {
+                    return Err(identifier_use(e));
+                }
+                return Ok(Lineage::Other);
+            }
+            let (a, b) = (plain(left)?, plain(right)?);
+            match op {
+                Operator::Divide | Operator::Modulo => {
+                    check_division(e, right, schema)?;
+                    Lineage::Other
+                }
+                Operator::Plus | Operator::Minus | Operator::Multiply => match (a, b) {
+                    (Lineage::Number { lo: l1, hi: h1 }, Lineage::Number { lo: l2, hi: h2 }) => match op {
+                        Operator::Plus => Lineage::Number { lo: l1 + l2, hi: h1 + h2 },
+                        Operator::Minus => Lineage::Number { lo: l1 - h2, hi: h1 - l2 },
+                        _ => {
+                            let products = [l1 * l2, l1 * h2, h1 * l2, h1 * h2];
+                            if products.iter().any(|p| p.is_nan()) {
+                                Lineage::unbounded()
+                            } else {
+                                Lineage::Number {
+                                    lo: products.iter().cloned().fold(f64::INFINITY, f64::min),
+                                    hi: products.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                                }
+                            }
+                        }
+                    },
+                    _ => Lineage::Other,
+                },
+                _ => Lineage::Other,
+            }
+        }
+        Expr::Not(inner) | Expr::IsTrue(inner) | Expr::IsFalse(inner) | Expr::IsNotTrue(inner)
+        | Expr::IsNotFalse(inner) | Expr::IsUnknown(inner) | Expr::IsNotUnknown(inner) => {
+            plain(inner)?;
+            Lineage::Other
+        }
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
+            of(inner)?;
+            Lineage::Other
+        }
+        Expr::Negative(inner) => match plain(inner)? {
+            Lineage::Number { lo, hi } => Lineage::Number { lo: -hi, hi: -lo },
+            _ => Lineage::Other,
+        },
+        Expr::Between(b) => {
+            plain(&b.expr)?;
+            plain(&b.low)?;
+            plain(&b.high)?;
+            Lineage::Other
+        }
+        Expr::InList(list) => {
+            plain(&list.expr)?;
+            list.list.iter().try_for_each(|e| plain(e).map(|_| ()))?;
+            Lineage::Other
+        }
+        Expr::Like(like) | Expr::SimilarTo(like) => {
+            plain(&like.expr)?;
+            plain(&like.pattern)?;
+            Lineage::Other
+        }
+        Expr::Case(case) => {
+            if let Some(operand) = &case.expr {
+                plain(operand)?;
+            }
+            let mut result: Option<Lineage> = None;
+            let mut add = |l: Lineage, e: &Expr| {
+                if !is_null_literal(e) {
+                    result = Some(match &result {
+                        None => l,
+                        Some(r) => merge(r, &l),
+                    });
+                }
+            };
+            for (when, then) in &case.when_then_expr {
+                plain(when)?;
+                add(plain(then)?, then);
+            }
+            if let Some(otherwise) = &case.else_expr {
+                add(plain(otherwise)?, otherwise);
+            }
+            result.unwrap_or(Lineage::Other)
+        }
+        Expr::Cast(datafusion::logical_expr::Cast { expr, field })
+        | Expr::TryCast(TryCast { expr, field }) => cast_lineage(plain(expr)?, field.data_type()),
+        Expr::ScalarFunction(f) => {
+            let name = f.name().to_ascii_lowercase();
+            if !TOTAL_FUNCTIONS.contains(&name.as_str()) {
+                return Err(refuse(
+                    "function_not_allowed",
+                    format!("`{name}` may fail on some values, and whether a query fails must not depend on the data"),
+                    format!("one of {}", TOTAL_FUNCTIONS.join(", ")),
+                ));
+            }
+            let args = f.args.iter().map(plain).collect::<Result<Vec<_>>>()?;
+            let numbers: Option<Vec<(f64, f64)>> = args
+                .iter()
+                .zip(&f.args)
+                .filter(|(_, e)| !is_null_literal(e))
+                .map(|(l, _)| match l {
+                    Lineage::Number { lo, hi } => Some((*lo, *hi)),
+                    _ => None,
+                })
+                .collect();
+            match (name.as_str(), numbers) {
+                ("least", Some(n)) if !n.is_empty() => Lineage::Number {
+                    lo: n.iter().map(|b| b.0).fold(f64::INFINITY, f64::min),
+                    hi: n.iter().map(|b| b.1).fold(f64::INFINITY, f64::min),
+                },
+                ("greatest", Some(n)) if !n.is_empty() => Lineage::Number {
+                    lo: n.iter().map(|b| b.0).fold(f64::NEG_INFINITY, f64::max),
+                    hi: n.iter().map(|b| b.1).fold(f64::NEG_INFINITY, f64::max),
+                },
+                ("coalesce" | "nvl" | "ifnull", _) => {
+                    let kept: Vec<&Lineage> = args.iter().zip(&f.args).filter(|(_, e)| !is_null_literal(e)).map(|(l, _)| l).collect();
+                    kept.split_first().map(|(first, rest)| rest.iter().fold((*first).clone(), |acc, l| merge(&acc, l))).unwrap_or(Lineage::Other)
+                }
+                ("nullif", _) => args[0].clone(),
+                ("abs", Some(n)) if n.len() == 1 => {
+                    let (lo, hi) = n[0];
+                    let top = lo.abs().max(hi.abs());
+                    let bottom = if lo <= 0.0 && hi >= 0.0 { 0.0 } else { lo.abs().min(hi.abs()) };
+                    Lineage::Number { lo: bottom, hi: top }
+                }
+                _ => Lineage::Other,
+            }
+        }
+        Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) | Expr::OuterReferenceColumn(..) => {
+            return Err(refuse(
+                "subquery",
+                "subqueries in expressions are not supported",
+                "a JOIN on the privacy unit (WHERE uid IN (SELECT uid …) becomes JOIN (SELECT DISTINCT uid …) USING (uid))",
+            ))
+        }
+        Expr::Placeholder(_) => {
+            return Err(DpError::refused("parameters", "query parameters are not supported"));
+        }
+        Expr::AggregateFunction(_) | Expr::WindowFunction(_) => {
+            return Err(DpError::refused("unsupported_shape", format!("`{e}` is not allowed here")));
+        }
+        other => {
+            return Err(DpError::refused("unsupported_expression", format!("`{other}` is not supported")));
+        }
+    })
+}
+
+fn is_null_literal(e: &Expr) -> bool {
+    matches!(e, Expr::Literal(v, _) if v.is_null())
+}
+
+fn literal_lineage(value: &ScalarValue) -> Lineage {
+    if value.data_type().is_numeric() {
+        if let Ok(ScalarValue::Float64(Some(v))) = value.cast_to(&arrow::datatypes::DataType::Float64) {
+            if v.is_finite() {
+                return Lineage::Number { lo: v, hi: v };
+            }
+        }
+    }
+    Lineage::Other
+}
+
+fn cast_lineage(l: Lineage, to: &arrow::datatypes::DataType) -> Lineage {
+    use arrow::datatypes::DataType;
+    match (l, to) {
+        (Lineage::Number { lo, hi }, t) if t.is_integer() => Lineage::Number { lo: lo.floor(), hi: hi.ceil() },
+        (Lineage::Number { lo, hi }, t) if t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..)) => {
+            Lineage::Number { lo, hi }
+        }
+        (Lineage::Dimension(Some(d @ Domain::DateRange { .. })), DataType::Date32) => Lineage::Dimension(Some(d)),
+        (Lineage::Dimension(Some(d @ Domain::IntRange { .. })), t) if t.is_integer() => Lineage::Dimension(Some(d)),
+        (Lineage::Dimension(Some(d @ Domain::Strings(_))), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) => {
+            Lineage::Dimension(Some(d))
+        }
+        (Lineage::Dimension(_), _) => Lineage::Dimension(None),
+        _ => Lineage::Other,
+    }
+}
+
+/// Division and remainder fail on a zero (and overflow on `MIN / -1`) for
+/// integers and decimals; floats give ±inf or NaN instead. So an exact
+/// divisor must be a literal other than 0 and -1.
+fn check_division(e: &Expr, divisor: &Expr, schema: &DFSchema) -> Result<()> {
+    let floating = |x: &Expr| x.get_type(schema).map(|t| t.is_floating()).unwrap_or(false);
+    if floating(e) {
+        return Ok(());
+    }
+    if let Expr::Literal(v, _) = strip_casts(divisor) {
+        if let Ok(ScalarValue::Float64(Some(d))) = v.cast_to(&arrow::datatypes::DataType::Float64) {
+            if d != 0.0 && d != -1.0 {
+                return Ok(());
+            }
+        }
+    }
+    Err(refuse(
+        "integer_division",
+        format!("`{e}` fails when the divisor is 0, so whether the query fails would depend on the data"),
+        "divide as floating point: CAST(a AS DOUBLE) / b (a zero divisor gives NULL-like inf/NaN, not an error)",
+    ))
+}
+
+fn strip_casts(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip_casts(&c.expr),
+        Expr::TryCast(c) => strip_casts(&c.expr),
+        Expr::Alias(a) => strip_casts(&a.expr),
+        other => other,
+    }
+}
+
+/// The lineage of an aggregate computed per person (below the DP aggregate).
+fn aggregate_lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage], context: &str) -> Result<Lineage> {
+    let mut inner = e;
+    while let Expr::Alias(a) = inner {
+        inner = &a.expr;
+    }
+    let Expr::AggregateFunction(AggregateFunction { func, params }) = inner else {
+        return Err(DpError::refused("unsupported_shape", format!("`{e}` is not an aggregate function")));
+    };
+    if let Some(filter) = &params.filter {
+        lineage(filter, schema, columns)?;
+    }
+    for s in &params.order_by {
+        lineage(&s.expr, schema, columns)?;
+    }
+    let args = params.args.iter().map(|a| lineage(a, schema, columns)).collect::<Result<Vec<_>>>()?;
+    function_lineage(&func.name().to_ascii_lowercase(), &args, context)
+}
+
+/// Per-person aggregate and window functions, and what their value is.
+fn function_lineage(name: &str, args: &[Lineage], context: &str) -> Result<Lineage> {
+    let first = args.first().cloned().unwrap_or(Lineage::Other);
+    let numeric = |l: &Lineage| matches!(l, Lineage::Number { .. });
+    Ok(match name {
+        "count" => Lineage::Number { lo: 0.0, hi: f64::INFINITY },
+        "row_number" | "rank" | "dense_rank" | "ntile" => Lineage::Number { lo: 1.0, hi: f64::INFINITY },
+        "percent_rank" | "cume_dist" => Lineage::Number { lo: 0.0, hi: 1.0 },
+        "min" | "max" | "first_value" | "last_value" | "nth_value" | "lag" | "lead" => match first {
+            Lineage::Unit if matches!(name, "lag" | "lead" | "nth_value") => Lineage::UnitOrNull,
+            other => other,
+        },
+        "avg" | "mean" if numeric(&first) => first,
+        "sum" => match first {
+            Lineage::Number { lo, hi } if lo >= 0.0 => Lineage::Number { lo: 0.0, hi: if hi == 0.0 { 0.0 } else { f64::INFINITY } },
+            Lineage::Number { hi, .. } if hi <= 0.0 => Lineage::Number { lo: f64::NEG_INFINITY, hi: 0.0 },
+            _ => Lineage::unbounded(),
+        },
+        "bool_and" | "bool_or" => Lineage::Other,
+        _ => {
+            return Err(refuse(
+                "supported_aggregates",
+                format!("`{name}` is not supported in a per-person {context}"),
+                "COUNT, SUM, AVG, MIN, MAX, FIRST_VALUE, LAST_VALUE, BOOL_AND, BOOL_OR, and in windows ROW_NUMBER, RANK, DENSE_RANK, LAG, LEAD",
+            ))
+        }
+    })
+    .and_then(|l| {
+        if args.iter().any(|a| matches!(a, Lineage::Unit | Lineage::UnitOrNull | Lineage::Key))
+            && !matches!(name, "count" | "min" | "max" | "first_value" | "last_value" | "lag" | "lead" | "nth_value")
+        {
+            return Err(refuse(
+                "join_key_use",
+                format!("`{name}` of the privacy unit or a join key"),
+                "COUNT(DISTINCT uid), or MIN/MAX/FIRST_VALUE of a join key",
+            ));
+        }
+        Ok(l)
+    })
+}
