@@ -12,6 +12,9 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 /// The whole workload file, embedded so the binary needs no checkout to run it.
 pub const ADBENCH_SQL: &str = include_str!("../queries.sql");
 
+/// The same questions as an analyst asks them of cleanroom, in DP SQL.
+pub const ADBENCH_DP_SQL: &str = include_str!("../dp-queries.sql");
+
 /// The tables the workload reads, each stored as Parquet parts under `DIR/data/<table>/`.
 pub const ADBENCH_TABLES: [&str; 2] = ["impressions", "conversions"];
 
@@ -22,8 +25,17 @@ const NAME_MARKER: &str = "-- name:";
 /// The returned SQL drops the descriptive comment lines right after the name line and the
 /// trailing `;`, so it can be handed as-is to engines that accept a single statement.
 pub fn adbench_queries() -> Vec<(String, String)> {
+    named_queries(ADBENCH_SQL)
+}
+
+/// (name, sql) for each DP query of `dp-queries.sql`, named as in `queries.sql`.
+pub fn adbench_dp_queries() -> Vec<(String, String)> {
+    named_queries(ADBENCH_DP_SQL)
+}
+
+fn named_queries(text: &str) -> Vec<(String, String)> {
     let mut queries: Vec<(String, Vec<&str>)> = Vec::new();
-    for line in ADBENCH_SQL.lines() {
+    for line in text.lines() {
         if let Some(name) = line.trim_start().strip_prefix(NAME_MARKER) {
             queries.push((name.trim().to_string(), Vec::new()));
         } else if let Some((_, body)) = queries.last_mut() {

@@ -328,7 +328,7 @@ impl FlightSqlGateway {
         // The same question on the same data gets the answer already
         // released to this party, at no new cost.
         let version = query.datasets.iter().map(|d| self.catalog.version(d).unwrap_or_default()).collect::<Vec<_>>().join("+");
-        let key = release::answer_key(query, &session.party, version);
+        let key = release::answer_key(query, &session.party, &version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
         let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
