@@ -500,7 +500,13 @@ fn rewrite(
     let input_schema = aggregate.input.schema();
     let unit_index = input
         .unit_index()
-        .ok_or_else(|| DpError::refused("privacy_unit", "the input of the DP aggregate has no privacy-unit column"))?;
+        .ok_or_else(|| {
+            DpError::refused_with(
+                "privacy_unit",
+                "the input of the DP aggregate does not carry the privacy unit (a subquery or UNION left it out of its SELECT list)",
+                "keep the privacy unit column (uid) in every subquery's SELECT list",
+            )
+        })?;
     let unit_column = Column::from(input_schema.qualified_field(unit_index));
     if let Some(asked) = &options.privacy_unit_column {
         if !asked.eq_ignore_ascii_case(&unit_column.name) {

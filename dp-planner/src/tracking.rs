@@ -451,14 +451,45 @@ fn identifier_use(e: &Expr) -> DpError {
     )
 }
 
-/// Scalar functions that never fail on any input value (errors can only come
-/// from literal arguments, which do not depend on the data).
+/// Scalar functions that never fail on any value of their arguments. An
+/// error that a literal argument causes would still show whether any row
+/// reached the function (an empty input raises nothing), so functions whose
+/// literal arguments can be invalid are either left out (`substr` with a
+/// negative length) or have those literals checked at planning
+/// ([`check_function_literals`]).
 const TOTAL_FUNCTIONS: &[&str] = &[
     "abs", "ceil", "floor", "round", "trunc", "signum", "least", "greatest", "coalesce", "nullif", "nvl", "ifnull",
     "lower", "upper", "trim", "btrim", "ltrim", "rtrim", "length", "character_length", "char_length", "octet_length",
-    "substr", "substring", "left", "right", "concat", "concat_ws", "starts_with", "ends_with", "strpos", "replace",
-    "date_trunc", "date_part", "datepart", "date_bin", "isnan", "iszero", "ln", "log10", "log2", "exp", "sqrt",
+    "concat", "concat_ws", "starts_with", "ends_with", "strpos", "replace", "date_trunc", "date_part", "datepart",
+    "isnan", "iszero", "ln", "log10", "log2", "exp", "sqrt",
 ];
+
+/// The units `date_trunc` and `date_part` accept (an unknown one fails at run time).
+const DATE_UNITS: &[&str] = &[
+    "microsecond", "millisecond", "second", "minute", "hour", "day", "week", "month", "quarter", "year",
+    "microseconds", "milliseconds", "nanosecond", "dow", "doy", "epoch", "isodow",
+];
+
+/// `date_trunc`/`date_part` take their unit as a literal from a fixed list.
+fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
+    if !matches!(name, "date_trunc" | "date_part" | "datepart") {
+        return Ok(());
+    }
+    let unit = match args.first().map(strip_casts) {
+        Some(Expr::Literal(ScalarValue::Utf8(Some(u)) | ScalarValue::Utf8View(Some(u)) | ScalarValue::LargeUtf8(Some(u)), _)) => {
+            Some(u.to_ascii_lowercase())
+        }
+        _ => None,
+    };
+    match unit {
+        Some(u) if DATE_UNITS.contains(&u.as_str()) && !(name == "date_trunc" && matches!(u.as_str(), "dow" | "doy" | "epoch" | "isodow" | "nanosecond")) => Ok(()),
+        _ => Err(refuse(
+            "function_not_allowed",
+            format!("`{name}` needs its unit as a literal it accepts"),
+            format!("{name}('day', ts), with one of {}", DATE_UNITS.join(", ")),
+        )),
+    }
+}
 
 /// The lineage of `e` over an input whose columns have lineage `columns`,
 /// refusing what may not be computed.
@@ -578,6 +609,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
                     format!("one of {}", TOTAL_FUNCTIONS.join(", ")),
                 ));
             }
+            check_function_literals(&name, &f.args)?;
             let args = f.args.iter().map(plain).collect::<Result<Vec<_>>>()?;
             let numbers: Option<Vec<(f64, f64)>> = args
                 .iter()

@@ -241,6 +241,12 @@ async fn expressions_that_could_fail_on_a_value_are_refused() {
     assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost / cost > 1 GROUP BY channel").await, "integer_division");
     assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE cost % (cost - 1) = 0 GROUP BY channel").await, "integer_division");
     assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE to_timestamp(country) > now() GROUP BY channel").await, "function_not_allowed");
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM events WHERE substr(country, 1, cost) = 'D' GROUP BY channel").await, "function_not_allowed");
+    // An invalid literal would fail only when some row reaches the function.
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM orders WHERE date_trunc('fortnight', ts) IS NULL").await, "function_not_allowed");
+    plan("SELECT COUNT(*) FROM orders WHERE date_trunc('day', ts) > ts").await.unwrap();
+    // A subquery that leaves the person out cannot feed the DP aggregate.
+    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM (SELECT channel FROM events) GROUP BY channel").await, "privacy_unit");
     // Floating-point division and a fixed divisor cannot fail.
     plan("SELECT channel, COUNT(*) FROM events WHERE CAST(cost AS DOUBLE) / cost > 1 GROUP BY channel").await.unwrap();
     plan("SELECT channel, COUNT(*) FROM events WHERE cost / 7 > 1 GROUP BY channel").await.unwrap();
