@@ -322,12 +322,15 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
         unit_equated |= ll == Lineage::Unit && rl == Lineage::Unit;
     }
     if let Some(filter) = &join.filter {
-        lineage(filter, &join.schema, &both)?;
+        // The condition sees both inputs (a semi join's output schema has one).
+        let condition_schema = join.left.schema().as_ref().clone();
+        let condition_schema = condition_schema.join(join.right.schema())?;
+        lineage(filter, &condition_schema, &both)?;
         for conjunct in split_and(filter) {
             if let Expr::BinaryExpr(BinaryExpr { left: a, op: Operator::Eq, right: b }) = conjunct {
                 let side = |e: &Expr| -> Option<(bool, Lineage)> {
                     let Expr::Column(c) = e else { return None };
-                    let i = join.schema.index_of_column(c).ok()?;
+                    let i = condition_schema.index_of_column(c).ok()?;
                     Some((i < n_left, both[i].clone()))
                 };
                 if let (Some((sa, la)), Some((sb, lb))) = (side(a), side(b)) {

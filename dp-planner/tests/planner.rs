@@ -266,6 +266,10 @@ async fn cross_party_join_on_the_privacy_unit_counts_matched_people() {
     assert_eq!(exact_value(&q, 0).await, 80.0);
     let released = charged_release(&q).await;
     assert_eq!(released.batches()[0].num_rows(), 1);
+    // The same as a semi join, with a condition beyond the unit.
+    let q = dp(plan("SELECT SUM(o.amount) AS spend FROM orders o LEFT SEMI JOIN events e ON o.uid = e.uid AND e.cost > 0").await.unwrap());
+    assert_eq!(exact_value(&q, 0).await, 80.0);
+    assert_eq!(refused_rule("SELECT SUM(o.amount) FROM orders o LEFT SEMI JOIN events e ON o.amount = e.cost").await, "join_on_privacy_unit");
 }
 
 #[tokio::test]
