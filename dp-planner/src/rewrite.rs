@@ -43,7 +43,7 @@ use rand::RngCore;
 use crate::error::{DpError, Result};
 use crate::options::ResolvedOptions;
 use crate::policy::{Domain, Policy};
-use crate::tracking::{lineage, make_total, node_name, track, Lineage, Tracked};
+use crate::tracking::{lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
 use crate::udf::ContributionKey;
 
 /// What the gateway does with a planned statement.
@@ -354,14 +354,8 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> 
     let schema = aggregate.input.schema();
     let mut keys = Vec::new();
     let mut cells: usize = 1;
+    refuse_grouping_sets(&aggregate.group_expr)?;
     for (i, expr) in aggregate.group_expr.iter().enumerate() {
-        if matches!(expr, Expr::GroupingSet(_)) {
-            return Err(DpError::refused_with(
-                "grouping_sets",
-                "GROUPING SETS, CUBE and ROLLUP are not supported",
-                "one GROUP BY per query",
-            ));
-        }
         let name = aggregate.schema.field(i).name().clone();
         let domain = match lineage(expr, schema, &input.columns)? {
             Lineage::Dimension(Some(domain)) => domain,

@@ -34,6 +34,7 @@
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
+use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, TryCast,
 };
@@ -189,10 +190,8 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             let schema = aggregate.input.schema();
             let mut columns = Vec::new();
             let mut by_unit = false;
+            refuse_grouping_sets(&aggregate.group_expr)?;
             for g in &aggregate.group_expr {
-                if matches!(g, Expr::GroupingSet(_)) {
-                    return Err(refuse("grouping_sets", "GROUPING SETS, CUBE and ROLLUP are not supported", "one GROUP BY per query"));
-                }
                 let l = lineage(g, schema, &input.columns)?;
                 by_unit |= l == Lineage::Unit && matches!(g, Expr::Column(_));
                 columns.push(l);
@@ -326,7 +325,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
         let condition_schema = join.left.schema().as_ref().clone();
         let condition_schema = condition_schema.join(join.right.schema())?;
         lineage(filter, &condition_schema, &both)?;
-        for conjunct in split_and(filter) {
+        for conjunct in split_conjunction(filter) {
             if let Expr::BinaryExpr(BinaryExpr { left: a, op: Operator::Eq, right: b }) = conjunct {
                 let side = |e: &Expr| -> Option<(bool, Lineage)> {
                     let Expr::Column(c) = e else { return None };
@@ -410,17 +409,6 @@ fn unsupported_join(join_type: JoinType) -> DpError {
     )
 }
 
-fn split_and(e: &Expr) -> Vec<&Expr> {
-    match e {
-        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
-            let mut v = split_and(left);
-            v.extend(split_and(right));
-            v
-        }
-        other => vec![other],
-    }
-}
-
 /// The lineage of two values that may end up in one column (CASE branches,
 /// COALESCE arguments, UNION inputs).
 fn merge(a: &Lineage, b: &Lineage) -> Lineage {
@@ -437,6 +425,25 @@ fn merge(a: &Lineage, b: &Lineage) -> Lineage {
         (Lineage::Key, Lineage::Key) => Lineage::Key,
         _ => Lineage::Other,
     }
+}
+
+/// `GROUPING SETS`, `CUBE` and `ROLLUP` release several groupings at once;
+/// refused wherever they appear.
+pub(crate) fn refuse_grouping_sets(group_expr: &[Expr]) -> Result<()> {
+    if group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) {
+        return Err(refuse("grouping_sets", "GROUPING SETS, CUBE and ROLLUP are not supported", "one GROUP BY per query"));
+    }
+    Ok(())
+}
+
+/// The lineage of a value that is one of `values` (CASE branches, COALESCE
+/// arguments); NULL literals add nothing.
+fn merge_non_null<'e>(values: impl IntoIterator<Item = (Lineage, &'e Expr)>) -> Option<Lineage> {
+    values
+        .into_iter()
+        .filter(|(_, e)| !is_null_literal(e))
+        .map(|(l, _)| l)
+        .reduce(|a, b| merge(&a, &b))
 }
 
 fn hidden(dataset: &str, column: &str) -> DpError {
@@ -583,23 +590,15 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             if let Some(operand) = &case.expr {
                 plain(operand)?;
             }
-            let mut result: Option<Lineage> = None;
-            let mut add = |l: Lineage, e: &Expr| {
-                if !is_null_literal(e) {
-                    result = Some(match &result {
-                        None => l,
-                        Some(r) => merge(r, &l),
-                    });
-                }
-            };
+            let mut values = Vec::new();
             for (when, then) in &case.when_then_expr {
                 plain(when)?;
-                add(plain(then)?, then);
+                values.push((plain(then)?, then.as_ref()));
             }
             if let Some(otherwise) = &case.else_expr {
-                add(plain(otherwise)?, otherwise);
+                values.push((plain(otherwise)?, otherwise.as_ref()));
             }
-            result.unwrap_or(Lineage::Other)
+            merge_non_null(values).unwrap_or(Lineage::Other)
         }
         Expr::Cast(datafusion::logical_expr::Cast { expr, field })
         | Expr::TryCast(TryCast { expr, field }) => cast_lineage(plain(expr)?, field.data_type()),
@@ -614,6 +613,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             }
             check_function_literals(&name, &f.args)?;
             let args = f.args.iter().map(plain).collect::<Result<Vec<_>>>()?;
+            // Bounds of the non-NULL arguments, when all of them are numbers.
             let numbers: Option<Vec<(f64, f64)>> = args
                 .iter()
                 .zip(&f.args)
@@ -633,8 +633,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
                     hi: n.iter().map(|b| b.1).fold(f64::NEG_INFINITY, f64::max),
                 },
                 ("coalesce" | "nvl" | "ifnull", _) => {
-                    let kept: Vec<&Lineage> = args.iter().zip(&f.args).filter(|(_, e)| !is_null_literal(e)).map(|(l, _)| l).collect();
-                    kept.split_first().map(|(first, rest)| rest.iter().fold((*first).clone(), |acc, l| merge(&acc, l))).unwrap_or(Lineage::Other)
+                    merge_non_null(args.iter().cloned().zip(&f.args)).unwrap_or(Lineage::Other)
                 }
                 ("nullif", _) => args[0].clone(),
                 ("abs", Some(n)) if n.len() == 1 => {
