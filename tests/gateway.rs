@@ -282,7 +282,7 @@ async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule()
         ("SELECT * FROM impressions", "dp_aggregate_required"),
         ("SELECT uid FROM impressions", "dp_aggregate_required"),
         ("SELECT affiliate_id, COUNT(*) FROM conversions WHERE order_id > 5 GROUP BY affiliate_id", "hidden_column"),
-        ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "group_key_public_domain"),
+        ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "partition_selection_delta"),
         ("SELECT uid, COUNT(*) FROM impressions GROUP BY uid", "privacy_unit_in_output"),
         ("SELECT channel, COUNT(*) FROM impressions i JOIN conversions c ON i.campaign_id = c.affiliate_id GROUP BY channel", "join_on_privacy_unit"),
         ("SELECT channel, COUNT(*) FROM impressions i CROSS JOIN conversions c GROUP BY channel", "cross_join"),
@@ -344,6 +344,29 @@ async fn explain_shows_the_cost_and_charges_nothing() {
     assert!(err.to_string().contains("`explain_analyze`"), "{err}");
     let batches = query(&mut client, sql).await.unwrap();
     assert_eq!(batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"], "48");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_without_public_domain_are_selected_and_their_delta_charged() {
+    let server = Server::start(&state_dir("selection"));
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) is_return, COUNT(DISTINCT uid) AS buyers FROM conversions GROUP BY is_return ORDER BY is_return";
+    let batches = query(&mut client, sql).await.unwrap();
+    let delta: f64 = batches[0].schema().metadata()["cleanroom.charge.delta"].parse().unwrap();
+    assert!(delta > 0.0 && delta <= 1e-6, "{delta}");
+    // Most purchases are not returns: that key has hundreds of buyers at SF 0.01.
+    assert!(strings(&batches, 0).contains(&"false".to_string()), "{:?}", strings(&batches, 0));
+    let budget = query(&mut client, "SELECT spent_epsilon, spent_delta, remaining_delta FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["1.0"]);
+    let spent: f64 = strings(&budget, 1)[0].parse().unwrap();
+    assert_eq!(spent, delta);
+    let remaining: f64 = strings(&budget, 2)[0].parse().unwrap();
+    assert!((remaining - (1e-5 - delta)).abs() < 1e-15, "{remaining}");
+    let history = query(&mut client, "SELECT delta FROM system.queries").await.unwrap();
+    assert_eq!(strings(&history, 0)[0].parse::<f64>().unwrap(), delta);
+    // A δ above the collaboration's per-query cap is refused before anything runs.
+    let err = client.execute(sql.replace("1e-6", "1e-5"), None).await.unwrap_err();
+    assert!(err.to_string().contains("per query"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -975,6 +975,9 @@ name = "adbench"
 [defaults]
 epsilon = 1.0
 max_epsilon_per_query = 5.0
+# delta = 0: queries are pure epsilon-DP unless they ask for a delta (needed to
+# group by a column without a public domain, e.g. is_return).
+max_delta_per_query = 1e-6
 max_groups_contributed = 1
 max_contributions_per_group = 10
 
@@ -982,11 +985,13 @@ max_contributions_per_group = 10
 name = "advertiser"
 password = "{advertiser}"
 epsilon_budget = 50.0
+delta_budget = 1e-5
 
 [[parties]]
 name = "adnetwork"
 password = "{adnetwork}"
 epsilon_budget = 50.0
+delta_budget = 1e-5
 
 [[datasets]]
 name = "impressions"

@@ -17,16 +17,18 @@ pub enum DpError {
     #[error("invalid differential-privacy option `{option}`: {detail}")]
     InvalidOption { option: String, detail: String },
     /// The party's remaining budget does not cover the query.
-    #[error("privacy budget exceeded: the query needs epsilon = {needed}, but party `{party}` has only epsilon = {remaining} left of its budget of {budget}")]
+    #[error("privacy budget exceeded: the query needs {what} = {needed}, but party `{party}` has only {what} = {remaining} left of its budget of {budget}")]
     BudgetExceeded {
         party: String,
+        /// `epsilon` or `delta`.
+        what: &'static str,
         needed: f64,
         remaining: f64,
         budget: f64,
     },
     /// The whole collaboration's cap does not cover the query.
-    #[error("collaboration privacy cap reached: the query needs epsilon = {needed}, but the collaboration has only epsilon = {remaining} left of its cap of {cap} (shared by all parties)")]
-    CollaborationCapExceeded { needed: f64, remaining: f64, cap: f64 },
+    #[error("collaboration privacy cap reached: the query needs {what} = {needed}, but the collaboration has only {what} = {remaining} left of its cap of {cap} (shared by all parties)")]
+    CollaborationCapExceeded { what: &'static str, needed: f64, remaining: f64, cap: f64 },
     #[error("planning error: {0}")]
     Plan(#[from] datafusion::error::DataFusionError),
     #[error("noise mechanism error: {0}")]

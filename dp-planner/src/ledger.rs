@@ -2,25 +2,30 @@
 //! redb (an ACID, copy-on-write store whose commits are fsynced before they
 //! return).
 //!
-//! ## Accountant: why the sum of ε is the right total
+//! ## Accountant: why (Σ ε, Σ δ) is the right total
 //!
-//! Every query is released with the Laplace mechanism, which is pure ε-DP
-//! (δ = 0). Inside one query each noisy column `j` spends `ε_j` and the
-//! columns add up to the query's ε (sequential composition). Across queries,
-//! a party's answers are an adaptive sequence of pure-DP mechanisms run on the
-//! same data, so by the basic adaptive composition theorem the whole history
-//! is (Σ ε_q)-DP. The ledger therefore keeps, per party, the plain sum of the
-//! ε of every admitted query, and admits a query only if that sum stays
-//! within the party's budget. Parties may collude and pool their answers, so
-//! the people in the data lose Σ over all parties' queries; the ledger also
-//! keeps that total and, when the manifest sets `epsilon_cap`, admits a query
-//! only if the collaboration stays within it. (zCDP composition, tighter for Gaussian noise,
-//! would need the Gaussian mechanism; pure DP keeps δ = 0.)
+//! Every query's release is (ε_q, δ_q)-DP, as computed by
+//! [`crate::rewrite::QueryCost`] from OpenDP's privacy maps: Laplace noise
+//! over public domains is pure (δ_q = 0); DP partition selection adds its own
+//! (ε, δ); Gaussian noise is accounted in zCDP inside the query (ρ adds up
+//! over its columns, which is where zCDP is tighter than adding ε) and
+//! converted once to (ε, δ) at the query's δ. Across queries, a party's
+//! answers are an adaptive sequence of (ε_q, δ_q)-DP mechanisms on the same
+//! data, so by the basic adaptive composition theorem the whole history is
+//! (Σ ε_q, Σ δ_q)-DP. The ledger therefore keeps, per party, the plain sums of
+//! ε and of δ of every admitted query, and admits a query only if both stay
+//! within the party's budgets. Parties may collude and pool their answers, so
+//! the people in the data lose the sums over all parties' queries; the ledger
+//! keeps those totals too and, when the manifest sets `epsilon_cap` /
+//! `delta_cap`, admits a query only if the collaboration stays within them.
+//! (Composing the Gaussian queries of a history in zCDP would be tighter
+//! still, but would need every query to be zCDP; Laplace and thresholded
+//! queries are not, so the ledger composes in (ε, δ).)
 //!
 //! ## Durability
 //!
-//! A charge is one write transaction: read the party's total, check the
-//! budget, write the new total and the charge record, commit. redb commits
+//! A charge is one write transaction: read the party's totals, check the
+//! budgets, write the new totals and the charge record, commit. redb commits
 //! with immediate durability, so when `charge` returns the charge survives a
 //! `kill -9`; the gateway only releases an answer after that. A crash before
 //! the commit leaves no charge and no answer; a crash after it keeps the
@@ -35,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DpError, Result};
 
 const SPENT: TableDefinition<&str, f64> = TableDefinition::new("spent_epsilon");
+const SPENT_DELTA: TableDefinition<&str, f64> = TableDefinition::new("spent_delta");
 /// Charge records keyed `party NUL time NUL receipt id`, so one party's
 /// history is one ordered range.
 const CHARGES: TableDefinition<&str, &str> = TableDefinition::new("charges");
@@ -47,9 +53,12 @@ const COLLABORATION: &str = "\0collaboration";
 /// [`crate::release::answer_key`].
 const RELEASED: TableDefinition<&str, &[u8]> = TableDefinition::new("released_answers");
 
-/// Budget totals are compared with this slack so that ten charges of 0.1 fit
-/// a budget of 1.0 despite binary rounding.
-const ROUNDING_SLACK: f64 = 1e-9;
+/// Budget totals are compared with this relative slack so that ten charges of
+/// 0.1 fit a budget of 1.0 despite binary rounding (relative, because δ
+/// budgets are tiny).
+fn slack(budget: f64) -> f64 {
+    budget.abs() * 1e-9
+}
 
 /// What a query asks to spend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,8 +67,27 @@ pub struct Charge {
     /// The [`crate::rewrite::DpQuery::id`] this charge pays for.
     pub query_id: String,
     pub epsilon: f64,
+    /// δ the query spends (0 for pure ε-DP queries).
+    #[serde(default)]
+    pub delta: f64,
     /// The statement as the party sent it, for its query history.
     pub sql: String,
+}
+
+/// What a party may spend in total, and what the whole collaboration may.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub epsilon_budget: f64,
+    pub delta_budget: f64,
+    pub epsilon_cap: Option<f64>,
+    pub delta_cap: Option<f64>,
+}
+
+impl Limits {
+    /// A party's ε budget, no δ, no collaboration cap.
+    pub fn epsilon(epsilon_budget: f64) -> Self {
+        Limits { epsilon_budget, delta_budget: 0.0, epsilon_cap: None, delta_cap: None }
+    }
 }
 
 /// One entry of a party's history: what it ran and what it paid.
@@ -69,6 +97,8 @@ pub struct ChargeRecord {
     pub query_id: String,
     pub sql: String,
     pub epsilon: f64,
+    #[serde(default)]
+    pub delta: f64,
     /// Seconds since the Unix epoch.
     pub at: u64,
 }
@@ -82,9 +112,12 @@ pub struct Receipt {
     party: String,
     query_id: String,
     epsilon: f64,
-    /// The party's total after this charge.
+    delta: f64,
+    /// The party's totals after this charge.
     spent: f64,
+    spent_delta: f64,
     budget: f64,
+    delta_budget: f64,
     /// Seconds since the Unix epoch.
     at: u64,
 }
@@ -118,16 +151,27 @@ impl Receipt {
     pub fn remaining(&self) -> f64 {
         (self.budget - self.spent).max(0.0)
     }
+
+    pub fn delta(&self) -> f64 {
+        self.delta
+    }
+
+    /// δ the party has left after this charge.
+    pub fn remaining_delta(&self) -> f64 {
+        (self.delta_budget - self.spent_delta).max(0.0)
+    }
 }
 
 /// The per-party privacy budget.
 pub trait Ledger: Send + Sync {
-    /// Durably record `charge` if it fits the party's `budget` and the
-    /// collaboration's cap, or refuse it with the amount left. Blocking: call
-    /// it off the async runtime.
-    fn charge(&self, charge: &Charge, budget: f64, collaboration_cap: Option<f64>) -> Result<Receipt>;
+    /// Durably record `charge` if it fits the party's budgets and the
+    /// collaboration's caps in `limits`, or refuse it with the amount left.
+    /// Blocking: call it off the async runtime.
+    fn charge(&self, charge: &Charge, limits: &Limits) -> Result<Receipt>;
     /// ε the party has spent so far.
     fn spent(&self, party: &str) -> Result<f64>;
+    /// δ the party has spent so far.
+    fn spent_delta(&self, party: &str) -> Result<f64>;
     /// The party's charges, oldest first.
     fn history(&self, party: &str) -> Result<Vec<ChargeRecord>>;
     /// A released answer stored under `key`, if any.
@@ -156,6 +200,7 @@ impl RedbLedger {
             .map_err(|e| DpError::Ledger(format!("cannot open ledger {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(ledger_err)?;
         txn.open_table(SPENT).map_err(ledger_err)?;
+        txn.open_table(SPENT_DELTA).map_err(ledger_err)?;
         txn.open_table(CHARGES).map_err(ledger_err)?;
         txn.open_table(RELEASED).map_err(ledger_err)?;
         txn.commit().map_err(ledger_err)?;
@@ -164,51 +209,60 @@ impl RedbLedger {
 }
 
 impl Ledger for RedbLedger {
-    fn charge(&self, charge: &Charge, budget: f64, collaboration_cap: Option<f64>) -> Result<Receipt> {
+    fn charge(&self, charge: &Charge, limits: &Limits) -> Result<Receipt> {
         if !(charge.epsilon.is_finite() && charge.epsilon > 0.0) {
             return Err(DpError::Ledger(format!("invalid charge of epsilon {}", charge.epsilon)));
         }
-        // redb serialises write transactions, so the check and the update
+        if !(charge.delta.is_finite() && (0.0..1.0).contains(&charge.delta)) {
+            return Err(DpError::Ledger(format!("invalid charge of delta {}", charge.delta)));
+        }
+        // redb serialises write transactions, so the checks and the updates
         // below are atomic with respect to concurrent charges.
         let txn = self.db.begin_write().map_err(ledger_err)?;
         let receipt = {
-            let mut spent_table = txn.open_table(SPENT).map_err(ledger_err)?;
-            let spent = spent_table
-                .get(charge.party.as_str())
-                .map_err(ledger_err)?
-                .map(|v| v.value())
-                .unwrap_or(0.0);
-            let total = spent + charge.epsilon;
-            if total > budget + ROUNDING_SLACK {
-                return Err(DpError::BudgetExceeded {
-                    party: charge.party.clone(),
-                    needed: charge.epsilon,
-                    remaining: round_for_display((budget - spent).max(0.0)),
-                    budget,
-                });
-            }
-            // The whole collaboration's total: parties may collude, so what
+            let mut spent_epsilon = txn.open_table(SPENT).map_err(ledger_err)?;
+            let mut spent_delta = txn.open_table(SPENT_DELTA).map_err(ledger_err)?;
+            let get = |t: &redb::Table<&str, f64>, key: &str| -> Result<f64> {
+                Ok(t.get(key).map_err(ledger_err)?.map(|v| v.value()).unwrap_or(0.0))
+            };
+            let (spent, spent_d) = (get(&spent_epsilon, &charge.party)?, get(&spent_delta, &charge.party)?);
+            // The whole collaboration's totals: parties may collude, so what
             // they spend together is what the people in the data lose.
-            let all = spent_table
-                .get(COLLABORATION)
-                .map_err(ledger_err)?
-                .map(|v| v.value())
-                .unwrap_or(0.0);
-            if let Some(cap) = collaboration_cap {
-                if all + charge.epsilon > cap + ROUNDING_SLACK {
-                    return Err(DpError::CollaborationCapExceeded {
-                        needed: charge.epsilon,
-                        remaining: round_for_display((cap - all).max(0.0)),
-                        cap,
+            let (all, all_d) = (get(&spent_epsilon, COLLABORATION)?, get(&spent_delta, COLLABORATION)?);
+            let budget_check = |what: &'static str, spent: f64, needed: f64, budget: f64| -> Result<()> {
+                if needed > 0.0 && spent + needed > budget + slack(budget) {
+                    return Err(DpError::BudgetExceeded {
+                        party: charge.party.clone(),
+                        what,
+                        needed,
+                        remaining: round_for_display((budget - spent).max(0.0)),
+                        budget,
                     });
                 }
+                Ok(())
+            };
+            budget_check("epsilon", spent, charge.epsilon, limits.epsilon_budget)?;
+            budget_check("delta", spent_d, charge.delta, limits.delta_budget)?;
+            let cap_check = |what: &'static str, all: f64, needed: f64, cap: Option<f64>| -> Result<()> {
+                match cap {
+                    Some(cap) if needed > 0.0 && all + needed > cap + slack(cap) => Err(DpError::CollaborationCapExceeded {
+                        what,
+                        needed,
+                        remaining: round_for_display((cap - all).max(0.0)),
+                        cap,
+                    }),
+                    _ => Ok(()),
+                }
+            };
+            cap_check("epsilon", all, charge.epsilon, limits.epsilon_cap)?;
+            cap_check("delta", all_d, charge.delta, limits.delta_cap)?;
+            let (total, total_d) = (spent + charge.epsilon, spent_d + charge.delta);
+            spent_epsilon.insert(charge.party.as_str(), total).map_err(ledger_err)?;
+            spent_epsilon.insert(COLLABORATION, all + charge.epsilon).map_err(ledger_err)?;
+            if charge.delta > 0.0 {
+                spent_delta.insert(charge.party.as_str(), total_d).map_err(ledger_err)?;
+                spent_delta.insert(COLLABORATION, all_d + charge.delta).map_err(ledger_err)?;
             }
-            spent_table
-                .insert(charge.party.as_str(), total)
-                .map_err(ledger_err)?;
-            spent_table
-                .insert(COLLABORATION, all + charge.epsilon)
-                .map_err(ledger_err)?;
             let mut id = [0u8; 16];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
             let receipt = Receipt {
@@ -216,8 +270,11 @@ impl Ledger for RedbLedger {
                 party: charge.party.clone(),
                 query_id: charge.query_id.clone(),
                 epsilon: charge.epsilon,
+                delta: charge.delta,
                 spent: total,
-                budget,
+                spent_delta: total_d,
+                budget: limits.epsilon_budget,
+                delta_budget: limits.delta_budget,
                 at: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -228,6 +285,7 @@ impl Ledger for RedbLedger {
                 query_id: receipt.query_id.clone(),
                 sql: charge.sql.clone(),
                 epsilon: receipt.epsilon,
+                delta: receipt.delta,
                 at: receipt.at,
             })
             .map_err(ledger_err)?;
@@ -238,6 +296,12 @@ impl Ledger for RedbLedger {
         };
         txn.commit().map_err(ledger_err)?;
         Ok(receipt)
+    }
+
+    fn spent_delta(&self, party: &str) -> Result<f64> {
+        let txn = self.db.begin_read().map_err(ledger_err)?;
+        let table = txn.open_table(SPENT_DELTA).map_err(ledger_err)?;
+        Ok(table.get(party).map_err(ledger_err)?.map(|v| v.value()).unwrap_or(0.0))
     }
 
     fn spent(&self, party: &str) -> Result<f64> {
@@ -289,7 +353,7 @@ mod tests {
     use super::*;
 
     fn charge(party: &str, epsilon: f64) -> Charge {
-        Charge { party: party.into(), query_id: "q".into(), epsilon, sql: "SELECT 1".into() }
+        Charge { party: party.into(), query_id: "q".into(), epsilon, delta: 0.0, sql: "SELECT 1".into() }
     }
 
     #[test]
@@ -298,7 +362,7 @@ mod tests {
         {
             let l = RedbLedger::open(dir.path()).unwrap();
             for _ in 0..10 {
-                l.charge(&charge("a", 0.1), 1.0, None).unwrap();
+                l.charge(&charge("a", 0.1), &Limits::epsilon(1.0)).unwrap();
             }
             assert!((l.spent("a").unwrap() - 1.0).abs() < 1e-9);
         }
@@ -313,8 +377,8 @@ mod tests {
     fn charge_over_budget_is_refused_with_what_is_left() {
         let dir = tempfile::tempdir().unwrap();
         let l = RedbLedger::open(dir.path()).unwrap();
-        l.charge(&charge("a", 0.75), 1.0, None).unwrap();
-        let err = l.charge(&charge("a", 0.5), 1.0, None).unwrap_err();
+        l.charge(&charge("a", 0.75), &Limits::epsilon(1.0)).unwrap();
+        let err = l.charge(&charge("a", 0.5), &Limits::epsilon(1.0)).unwrap_err();
         assert!(err.to_string().contains("0.25 left"), "{err}");
         assert!((l.spent("a").unwrap() - 0.75).abs() < 1e-12);
     }
@@ -323,10 +387,33 @@ mod tests {
     fn collaboration_cap_bounds_what_all_parties_spend_together() {
         let dir = tempfile::tempdir().unwrap();
         let l = RedbLedger::open(dir.path()).unwrap();
-        l.charge(&charge("a", 2.0), 5.0, Some(3.0)).unwrap();
-        let err = l.charge(&charge("b", 1.5), 5.0, Some(3.0)).unwrap_err();
+        let limits = Limits { epsilon_cap: Some(3.0), ..Limits::epsilon(5.0) };
+        l.charge(&charge("a", 2.0), &limits).unwrap();
+        let err = l.charge(&charge("b", 1.5), &limits).unwrap_err();
         assert!(err.to_string().contains("1 left of its cap of 3"), "{err}");
         assert_eq!(l.spent("b").unwrap(), 0.0);
-        l.charge(&charge("b", 1.0), 5.0, Some(3.0)).unwrap();
+        l.charge(&charge("b", 1.0), &limits).unwrap();
+    }
+
+    #[test]
+    fn delta_is_charged_against_its_own_budget_and_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = RedbLedger::open(dir.path()).unwrap();
+        let limits = Limits { delta_budget: 1e-6, delta_cap: Some(1.5e-6), ..Limits::epsilon(10.0) };
+        let with_delta = |party: &str, delta: f64| Charge { delta, ..charge(party, 0.5) };
+        // A pure query needs no δ budget at all.
+        l.charge(&charge("a", 0.5), &Limits::epsilon(10.0)).unwrap();
+        let err = l.charge(&with_delta("a", 1e-7), &Limits::epsilon(10.0)).unwrap_err();
+        assert!(err.to_string().contains("needs delta = 0.0000001"), "{err}");
+        for _ in 0..10 {
+            l.charge(&with_delta("a", 1e-7), &limits).unwrap();
+        }
+        let err = l.charge(&with_delta("a", 1e-7), &limits).unwrap_err();
+        assert!(err.to_string().contains("has only delta = 0 left"), "{err}");
+        assert!((l.spent_delta("a").unwrap() - 1e-6).abs() < 1e-15);
+        assert!((l.spent("a").unwrap() - 5.5).abs() < 1e-9, "the refused charge took no epsilon");
+        let err = l.charge(&with_delta("b", 6e-7), &limits).unwrap_err();
+        assert!(err.to_string().contains("collaboration has only delta = 0.0000005 left"), "{err}");
+        l.charge(&with_delta("b", 5e-7), &limits).unwrap();
     }
 }

@@ -9,11 +9,13 @@
 //! done on big rationals). Samples come from OpenSSL's CSPRNG (`use-openssl`).
 //! Nothing here is hand-written float noise.
 
+use std::collections::HashMap;
+
 use opendp::core::Measurement;
-use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::make_laplace;
-use opendp::measures::MaxDivergence;
-use opendp::metrics::L1Distance;
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{make_laplace, make_laplace_threshold};
+use opendp::measures::{Approximate, MaxDivergence};
+use opendp::metrics::{AbsoluteDistance, L01InfDistance, L1Distance};
 
 use crate::error::{DpError, Result};
 
@@ -111,6 +113,126 @@ fn privacy_map(sensitivity: f64, scale: f64, integer: bool) -> Result<f64> {
     }
 }
 
+/// DP partition selection: which group keys (of those present in the data)
+/// are released, decided by τ-thresholding a noisy count of the people in
+/// each group, with OpenDP's `make_laplace_threshold`.
+///
+/// Why it is private: after contribution bounding a person is in at most
+/// `k = max_groups_contributed` groups and adds 1 to each one's people
+/// count, so neighbouring datasets are (ℓ0, ℓ1, ℓ∞) = (k, k, 1) apart. With
+/// discrete Laplace noise of scale k/ε on every present group's count, the
+/// counts of groups both datasets have are ε-DP (Laplace on ℓ1 = k); a group
+/// only one dataset has (its count is at most 1 there) is released only if
+/// 1 + Z ≥ τ, which has probability δ₁ = P(Z ≥ τ − 1); over its k groups
+/// δ = 1 − (1 − δ₁)^k. OpenDP's privacy map computes exactly this, with one
+/// catch, opendp#2922 (open): its function keeps counts *equal* to the
+/// threshold, but its map's tail excludes that value, so it under-reports δ
+/// by P(Z = τ − 1). We therefore release with a measurement of threshold τ
+/// and charge the δ that OpenDP's map reports for threshold τ − 1, whose
+/// excluded tail is P(Z > τ − 2) = P(Z ≥ τ − 1): the true δ₁ (the discrete
+/// Laplace lives on integers, and the counts are integers). The release
+/// keeps only the set of keys; the noisy counts are discarded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    /// Discrete Laplace scale of the noisy people counts.
+    pub scale: f64,
+    /// A key is released when its noisy people count is at least this.
+    pub threshold: i64,
+    /// Groups one person can reach (ℓ0 of the counts).
+    pub max_groups: u32,
+    /// ε and δ the selection costs.
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+type ThresholdMeasurement = Measurement<
+    MapDomain<AtomDomain<u64>, AtomDomain<i64>>,
+    L01InfDistance<AbsoluteDistance<i64>>,
+    Approximate<MaxDivergence>,
+    HashMap<u64, i64>,
+>;
+
+/// Largest threshold searched: beyond it no realistic group is released.
+const MAX_THRESHOLD: i64 = 1 << 40;
+
+impl Threshold {
+    /// The selection for people counts where a person reaches `max_groups`
+    /// groups, spending at most `epsilon` and `delta`: scale k/ε, and the
+    /// smallest τ whose true δ (see above) fits `delta`.
+    pub fn calibrate(max_groups: u32, epsilon: f64, delta: f64) -> Result<Self> {
+        if !(max_groups > 0 && epsilon.is_finite() && epsilon > 0.0 && delta > 0.0 && delta < 1.0) {
+            return Err(DpError::Mechanism(format!(
+                "cannot calibrate partition selection for {max_groups} groups, epsilon {epsilon}, delta {delta}"
+            )));
+        }
+        let k = max_groups as i64;
+        let d_in = (max_groups, k, 1i64);
+        let cost = |scale: f64, threshold: i64| -> Result<(f64, f64)> {
+            threshold_measurement(scale, threshold)?.map(&d_in).map_err(opendp_error)
+        };
+        let mut scale = k as f64 / epsilon;
+        let mut spent = cost(scale, MAX_THRESHOLD)?.0;
+        for _ in 0..8 {
+            if spent <= epsilon {
+                break;
+            }
+            scale *= (spent / epsilon) * (1.0 + 1e-12);
+            spent = cost(scale, MAX_THRESHOLD)?.0;
+        }
+        if spent > epsilon {
+            return Err(DpError::Mechanism("partition selection scale did not converge".into()));
+        }
+        // δ charged for releasing at τ: OpenDP's map at τ − 1 (opendp#2922).
+        let charged = |tau: i64| -> Result<f64> { Ok(cost(scale, tau - 1)?.1) };
+        // The smallest τ ≥ 2 (τ − 1 must cover ℓ∞ = 1) with charged(τ) ≤ δ:
+        // double, then bisect (δ falls as τ grows).
+        let mut high = 2i64;
+        while charged(high)? > delta {
+            if high >= MAX_THRESHOLD {
+                return Err(DpError::Mechanism(format!("delta = {delta} is too small for partition selection")));
+            }
+            high *= 2;
+        }
+        let mut low = high / 2; // charged(low) > δ, or low < 2
+        while high - low > 1 {
+            let mid = low + (high - low) / 2;
+            if mid >= 2 && charged(mid)? <= delta {
+                high = mid;
+            } else {
+                low = mid;
+            }
+        }
+        Ok(Threshold { scale, threshold: high, max_groups, epsilon: spent, delta: charged(high)? })
+    }
+
+    /// The keys of `counts` (key → exact people count) whose noisy count
+    /// reaches the threshold.
+    pub fn select(&self, counts: HashMap<u64, i64>) -> Result<Vec<u64>> {
+        let kept = threshold_measurement(self.scale, self.threshold)?.invoke(&counts).map_err(opendp_error)?;
+        let mut keys: Vec<u64> = kept.into_keys().collect();
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// What OpenDP's own map reports for releasing at τ (the figure
+    /// opendp#2922 shows to be too small; kept for tests and EXPLAIN).
+    pub fn opendp_reported_delta(&self) -> Result<f64> {
+        let k = self.max_groups as i64;
+        Ok(threshold_measurement(self.scale, self.threshold)?.map(&(self.max_groups, k, 1)).map_err(opendp_error)?.1)
+    }
+}
+
+fn threshold_measurement(scale: f64, threshold: i64) -> Result<ThresholdMeasurement> {
+    make_laplace_threshold(
+        MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default()),
+        L01InfDistance::<AbsoluteDistance<i64>>::default(),
+        scale,
+        threshold,
+        None,
+    )
+    .map_err(opendp_error)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +292,42 @@ mod tests {
             d = d.max((upto - cdf(v)).abs()).max((below - cdf(v - 1.0)).abs());
         }
         assert!(d < ks_critical(x.len(), 1e-6), "KS statistic {d}");
+    }
+
+    #[test]
+    fn partition_selection_charges_the_delta_at_the_threshold() {
+        let t = Threshold::calibrate(3, 0.5, 1e-7).unwrap();
+        assert!(t.epsilon <= 0.5 && t.delta <= 1e-7, "{t:?}");
+        // opendp#2922: OpenDP's own figure leaves out P(Z = τ − 1).
+        assert!(t.opendp_reported_delta().unwrap() < t.delta, "{t:?}");
+        // τ is the smallest threshold that fits: one lower would cost more.
+        let lower = Threshold { threshold: t.threshold - 1, ..t };
+        let charged_lower = threshold_measurement(t.scale, lower.threshold - 1).unwrap().map(&(3, 3, 1)).unwrap().1;
+        assert!(charged_lower > 1e-7, "{t:?}");
+        // δ₁ = P(Z ≥ τ − 1) = p^(τ−1) / (1 + p) for the discrete Laplace with
+        // p = e^(−1/b), and δ = 1 − (1 − δ₁)^3.
+        let p = (-1.0 / t.scale).exp();
+        let single = p.powi(t.threshold as i32 - 1) / (1.0 + p);
+        let exact = 1.0 - (1.0 - single).powi(3);
+        assert!((t.delta - exact).abs() <= 1e-3 * exact, "charged {} exact {exact}", t.delta);
+    }
+
+    #[test]
+    fn partition_selection_keeps_a_key_with_the_claimed_probability() {
+        // A key whose count is τ − 2 is kept when Z ≥ 2: probability
+        // p² / (1 + p). 20 000 independent keys; the count of kept keys is
+        // binomial, and must lie within 5 standard deviations of its mean.
+        let t = Threshold::calibrate(1, 1.0, 1e-6).unwrap();
+        let n = 20_000u64;
+        let counts: HashMap<u64, i64> = (0..n).map(|k| (k, t.threshold - 2)).collect();
+        let kept = t.select(counts).unwrap().len() as f64;
+        let p = (-1.0 / t.scale).exp();
+        let q = p * p / (1.0 + p);
+        let (mean, sd) = (n as f64 * q, (n as f64 * q * (1.0 - q)).sqrt());
+        assert!((kept - mean).abs() < 5.0 * sd, "kept {kept}, expected {mean} ± {sd}");
+        // Far above the threshold every key is kept.
+        let big: HashMap<u64, i64> = (0..100).map(|k| (k, t.threshold + 100)).collect();
+        assert_eq!(t.select(big).unwrap(), (0..100).collect::<Vec<_>>());
     }
 
     #[test]

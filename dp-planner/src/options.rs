@@ -39,6 +39,9 @@ pub struct QueryOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedOptions {
     pub epsilon: f64,
+    /// The most δ the query may spend (it is charged only what it uses: 0
+    /// for Laplace noise over public domains).
+    pub delta: f64,
     pub max_groups_contributed: u32,
     pub max_contributions_per_group: u32,
     pub privacy_unit_column: Option<String>,
@@ -130,13 +133,21 @@ impl QueryOptions {
                 ),
             });
         }
-        if let Some(delta) = self.delta {
-            if !(0.0..1.0).contains(&delta) {
-                return Err(DpError::InvalidOption {
-                    option: "delta".into(),
-                    detail: format!("must be at least 0 and below 1, got {delta}"),
-                });
-            }
+        let delta = self.delta.unwrap_or(defaults.delta);
+        if !(0.0..1.0).contains(&delta) {
+            return Err(DpError::InvalidOption {
+                option: "delta".into(),
+                detail: format!("must be at least 0 and below 1, got {delta}"),
+            });
+        }
+        if delta > defaults.max_delta_per_query {
+            return Err(DpError::InvalidOption {
+                option: "delta".into(),
+                detail: format!(
+                    "{delta} is above the collaboration's cap of {} per query",
+                    defaults.max_delta_per_query
+                ),
+            });
         }
         let bound = |option: &str, value: u32| -> Result<u32> {
             if value == 0 || value > MAX_CONTRIBUTION_BOUND {
@@ -151,6 +162,7 @@ impl QueryOptions {
             privacy_unit_column: self.privacy_unit_column.clone(),
             confidence_intervals: self.confidence_intervals.unwrap_or(false),
             epsilon,
+            delta,
             max_groups_contributed: bound(
                 "max_groups_contributed",
                 self.max_groups_contributed

@@ -103,6 +103,12 @@ pub struct Defaults {
     pub epsilon: f64,
     /// The largest ε a single query may ask for.
     pub max_epsilon_per_query: f64,
+    /// δ a query may spend when it names none: what DP partition selection
+    /// (group keys without a public domain) and Gaussian noise may use. 0
+    /// keeps queries pure ε-DP; they then need a public domain for every key.
+    pub delta: f64,
+    /// The largest δ a single query may ask for.
+    pub max_delta_per_query: f64,
     /// How many groups one person may contribute to in one query.
     pub max_groups_contributed: u32,
     /// How many rows one person may contribute to one group.
@@ -116,6 +122,8 @@ impl Default for Defaults {
         Defaults {
             epsilon: 1.0,
             max_epsilon_per_query: 10.0,
+            delta: 0.0,
+            max_delta_per_query: 1e-5,
             max_groups_contributed: 1,
             max_contributions_per_group: 10,
             max_output_groups: 100_000,

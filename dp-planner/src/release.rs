@@ -22,7 +22,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result};
 use crate::ledger::{round_for_display, Ledger, Receipt};
-use crate::mechanism::Laplace;
+use crate::mechanism::{Laplace, Threshold};
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
 
@@ -33,7 +33,9 @@ pub const META_CI95: &str = "cleanroom.ci95.half_width";
 pub const META_EPSILON: &str = "cleanroom.epsilon";
 /// Arrow schema metadata keys on every answer.
 pub const META_CHARGE: &str = "cleanroom.charge.epsilon";
+pub const META_CHARGE_DELTA: &str = "cleanroom.charge.delta";
 pub const META_REMAINING: &str = "cleanroom.budget.remaining_epsilon";
+pub const META_REMAINING_DELTA: &str = "cleanroom.budget.remaining_delta";
 pub const META_RECEIPT: &str = "cleanroom.receipt";
 
 /// Noisy values of the DP aggregate, one row per cell of the public domain.
@@ -124,16 +126,44 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
     let mut rows: Vec<(String, String)> = Vec::new();
     match query.inner.as_ref() {
         PlannedQuery::Dp(q) => {
-            let mut cost = format!(
-                "epsilon = {} (pure DP, delta = 0), charged to the querying party when the query runs\n",
-                round_for_display(q.epsilon)
-            );
-            let cells: usize = q.groups.iter().map(|g| g.domain.len()).product();
-            let keys: Vec<String> = q.groups.iter().map(|g| format!("{} ({} public keys)", g.name, g.domain.len())).collect();
-            cost.push_str(&format!(
-                "groups: {} -> {cells} rows released, every key of the public domains\n",
-                if keys.is_empty() { "none".to_string() } else { keys.join(" x ") }
-            ));
+            let mut cost = if q.delta > 0.0 {
+                format!(
+                    "epsilon = {}, delta = {}, charged to the querying party when the query runs\n",
+                    round_for_display(q.epsilon),
+                    q.delta
+                )
+            } else {
+                format!(
+                    "epsilon = {} (pure DP, delta = 0), charged to the querying party when the query runs\n",
+                    round_for_display(q.epsilon)
+                )
+            };
+            let keys: Vec<String> = q
+                .groups
+                .iter()
+                .map(|g| match &g.domain {
+                    Some(d) => format!("{} ({} public keys)", g.name, d.len()),
+                    None => format!("{} (no public domain)", g.name),
+                })
+                .collect();
+            match &q.selection {
+                None => {
+                    let cells: usize = q.groups.iter().filter_map(|g| g.domain.as_ref().map(Domain::len)).product();
+                    cost.push_str(&format!(
+                        "groups: {} -> {cells} rows released, every key of the public domains\n",
+                        if keys.is_empty() { "none".to_string() } else { keys.join(" x ") }
+                    ));
+                }
+                Some(t) => cost.push_str(&format!(
+                    "groups: {} -> keys chosen by DP partition selection: a key is released when its count of people plus discrete Laplace noise (scale {}) is at least {}; epsilon {}, delta {} (at most {} groups per person)\n",
+                    keys.join(" x "),
+                    t.scale,
+                    t.threshold,
+                    round_for_display(t.epsilon),
+                    t.delta,
+                    t.max_groups
+                )),
+            }
             for (name, l) in calibrations(q)? {
                 cost.push_str(&format!(
                     "{name}: {} noise, L1 sensitivity {}, epsilon {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}\n",
@@ -216,10 +246,13 @@ pub fn announced_schema(schema: &Schema) -> Schema {
 /// with ε_j from OpenDP's privacy map, and Σ ε_j = the charged ε
 /// (sequential composition). The receipt proves that ε is on the ledger.
 pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Result<NoisyAggregate> {
-    if receipt.query_id() != query.id || receipt.epsilon() + 1e-12 < query.epsilon {
+    if receipt.query_id() != query.id || receipt.epsilon() + 1e-12 < query.epsilon || receipt.delta() < query.delta {
         return Err(DpError::Ledger("the receipt does not pay for this query".into()));
     }
-    let cells = domain_cells(query);
+    let cells = match &query.selection {
+        None => domain_cells(query),
+        Some(threshold) => selected_cells(query, exact, threshold)?,
+    };
     let index: HashMap<&[String], usize> = cells.iter().enumerate().map(|(i, k)| (k.as_slice(), i)).collect();
 
     let groups = query.groups.len();
@@ -240,11 +273,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     let mut exact_values: HashMap<&str, Vec<f64>> =
         exact_columns.iter().map(|n| (n.as_str(), vec![0.0f64; cells.len()])).collect();
     for batch in exact {
-        let keys: Vec<ArrayRef> = (0..groups)
-            .map(|g| cast(batch.column(g), &DataType::Utf8))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| DpError::Mechanism(e.to_string()))?;
-        let keys: Vec<&StringArray> = keys.iter().map(|a| a.as_any().downcast_ref::<StringArray>().expect("utf8")).collect();
+        let keys = row_keys(batch, groups)?;
         let aggs: Vec<(&str, ArrayRef)> = exact_columns
             .iter()
             .map(|name| {
@@ -255,13 +284,11 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
                 Ok((name.as_str(), column))
             })
             .collect::<Result<_>>()?;
-        for row in 0..batch.num_rows() {
-            if keys.iter().any(|k| k.is_null(row)) {
-                continue; // NULL is outside every public domain
-            }
-            let key: Vec<String> = keys.iter().map(|k| k.value(row).to_string()).collect();
-            // Keys outside the public domain are dropped: releasing them would
-            // reveal that someone has that value.
+        for (row, key) in keys.iter().enumerate() {
+            // NULL is outside every public domain and never selected.
+            let Some(key) = key else { continue };
+            // Keys outside the public domain, or not selected, are dropped:
+            // releasing them would reveal that someone has that value.
             let Some(&cell) = index.get(key.as_slice()) else { continue };
             for (name, a) in &aggs {
                 let a = a.as_any().downcast_ref::<Float64Array>().expect("f64");
@@ -276,11 +303,14 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (g, key) in query.groups.iter().enumerate() {
         let array: ArrayRef = match key.domain {
-            Domain::Strings(_) => Arc::new(StringArray::from_iter_values(cells.iter().map(|c| c[g].as_str()))),
-            Domain::IntRange { .. } => Arc::new(Int64Array::from_iter_values(
+            // Selected keys come back from their text form (the planner only
+            // selects key types whose text form round-trips).
+            None => Arc::new(StringArray::from_iter_values(cells.iter().map(|c| c[g].as_str()))),
+            Some(Domain::Strings(_)) => Arc::new(StringArray::from_iter_values(cells.iter().map(|c| c[g].as_str()))),
+            Some(Domain::IntRange { .. }) => Arc::new(Int64Array::from_iter_values(
                 cells.iter().map(|c| c[g].parse::<i64>().expect("integer domain key")),
             )),
-            Domain::DateRange { .. } => Arc::new(arrow::array::Date32Array::from_iter_values(
+            Some(Domain::DateRange { .. }) => Arc::new(arrow::array::Date32Array::from_iter_values(
                 cells.iter().map(|c| crate::policy::parse_date(&c[g]).expect("date domain key")),
             )),
         };
@@ -315,11 +345,66 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     Ok(NoisyAggregate { batch, receipt: receipt.clone() })
 }
 
+/// The group keys of the exact rows (as text), NULL when a key is NULL.
+fn row_keys(batch: &RecordBatch, groups: usize) -> Result<Vec<Option<Vec<String>>>> {
+    let keys: Vec<ArrayRef> = (0..groups)
+        .map(|g| cast(batch.column(g), &DataType::Utf8))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| DpError::Mechanism(e.to_string()))?;
+    let keys: Vec<&StringArray> = keys.iter().map(|a| a.as_any().downcast_ref::<StringArray>().expect("utf8")).collect();
+    Ok((0..batch.num_rows())
+        .map(|row| {
+            if keys.iter().any(|k| k.is_null(row)) {
+                None
+            } else {
+                Some(keys.iter().map(|k| k.value(row).to_string()).collect())
+            }
+        })
+        .collect())
+}
+
+/// The keys DP partition selection releases: of the groups present in
+/// `exact` (public-domain keys inside their domains, no NULL key), those
+/// whose noisy people count (`__n`) reaches the threshold. Their order is
+/// the keys' text order, not the data's.
+///
+/// Why it is private: see [`Threshold`]; the exact counts go to OpenDP's
+/// thresholding measurement and only the set of keys comes back.
+fn selected_cells(query: &DpQuery, exact: &[RecordBatch], threshold: &Threshold) -> Result<Vec<Vec<String>>> {
+    let domains: Vec<Option<std::collections::HashSet<String>>> =
+        query.groups.iter().map(|g| g.domain.as_ref().map(|d| d.values().into_iter().collect())).collect();
+    let mut candidates: Vec<Vec<String>> = Vec::new();
+    let mut counts: HashMap<u64, i64> = HashMap::new();
+    for batch in exact {
+        let people = batch
+            .column_by_name("__n")
+            .ok_or_else(|| DpError::Mechanism("exact column __n missing".into()))?;
+        let people = cast(people, &DataType::Int64).map_err(|e| DpError::Mechanism(e.to_string()))?;
+        let people = people.as_any().downcast_ref::<Int64Array>().expect("i64");
+        for (row, key) in row_keys(batch, query.groups.len())?.into_iter().enumerate() {
+            let Some(key) = key else { continue };
+            let inside = key.iter().zip(&domains).all(|(k, d)| d.as_ref().is_none_or(|d| d.contains(k)));
+            if !inside || people.is_null(row) {
+                continue;
+            }
+            counts.insert(candidates.len() as u64, people.value(row));
+            candidates.push(key);
+        }
+    }
+    let mut cells: Vec<Vec<String>> = threshold
+        .select(counts)?
+        .into_iter()
+        .map(|i| std::mem::take(&mut candidates[i as usize]))
+        .collect();
+    cells.sort();
+    Ok(cells)
+}
+
 /// Every combination of the group keys' public domains, as text, in domain order.
 fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
     let mut cells: Vec<Vec<String>> = vec![Vec::new()];
     for key in &query.groups {
-        let values = key.domain.values();
+        let values = key.domain.as_ref().map(Domain::values).unwrap_or_default();
         cells = cells
             .into_iter()
             .flat_map(|prefix| {
@@ -374,7 +459,10 @@ pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
     }
     Ok(Schema::new_with_metadata(
         fields,
-        HashMap::from([(META_CHARGE.to_string(), format!("{}", round_for_display(query.epsilon)))]),
+        HashMap::from([
+            (META_CHARGE.to_string(), format!("{}", round_for_display(query.epsilon))),
+            (META_CHARGE_DELTA.to_string(), format!("{}", query.delta)),
+        ]),
     ))
 }
 
@@ -406,6 +494,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     let announced = announced_dp_schema(query)?;
     let mut metadata = announced.metadata().clone();
     metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
+    metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", noisy.receipt.remaining_delta()));
     metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id().to_string());
     let schema = Arc::new(announced.with_metadata(metadata));
     let intervals = companion_intervals(query, schema.fields())?;

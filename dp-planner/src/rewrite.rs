@@ -41,6 +41,7 @@ use datafusion::logical_expr::{
 use rand::RngCore;
 
 use crate::error::{DpError, Result};
+use crate::mechanism::Threshold;
 use crate::options::ResolvedOptions;
 use crate::policy::{Domain, Policy};
 use crate::tracking::{lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
@@ -113,11 +114,12 @@ pub struct DpAggregate {
     pub average: Option<(f64, (f64, f64))>,
 }
 
-/// One group column with its public domain.
+/// One group column with its public domain, or `None` when its keys are
+/// chosen by DP partition selection.
 #[derive(Debug, Clone)]
 pub struct GroupKey {
     pub name: String,
-    pub domain: Domain,
+    pub domain: Option<Domain>,
 }
 
 /// A checked DP query.
@@ -126,13 +128,19 @@ pub struct DpQuery {
     /// A fresh random id; the budget charge for this query names it, and the
     /// release step refuses a receipt for any other query.
     pub id: String,
-    /// Exact, contribution-bounded aggregates: columns `__g0…` (group keys as
-    /// Utf8 or Int64) then `__a0…` (one per [`DpAggregate`]). Never sent to a party.
+    /// Exact, contribution-bounded aggregates: columns `__g0…` (group keys)
+    /// then `__a0…` (one per [`DpAggregate`]), and `__n` (people per group)
+    /// when keys are selected. Never sent to a party.
     pub exact_plan: LogicalPlan,
     pub groups: Vec<GroupKey>,
     pub aggregates: Vec<DpAggregate>,
-    /// ε this query costs (pure DP; δ = 0).
+    /// DP partition selection of the released keys, when a group key has no
+    /// public domain.
+    pub selection: Option<Threshold>,
+    /// ε this query costs: the aggregates' and the selection's.
     pub epsilon: f64,
+    /// δ this query costs: the selection's (0 without one).
+    pub delta: f64,
     /// The datasets read (sorted, each once).
     pub datasets: Vec<String>,
     /// The privacy options the query was planned with.
@@ -232,7 +240,7 @@ pub fn plan_query(
             "queries that read only public datasets are not supported yet",
         ));
     }
-    let groups = check_group_keys(aggregate, &input, policy)?;
+    let groups = check_group_keys(aggregate, &input, policy, options)?;
     let kinds = check_aggregates(aggregate, &input)?;
     rewrite(&plan, aggregate, &input, datasets, groups, kinds, options)
 }
@@ -350,7 +358,7 @@ fn contains_subquery(node: &LogicalPlan) -> bool {
     found
 }
 
-fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> Result<Vec<(Expr, GroupKey)>> {
+fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, options: &ResolvedOptions) -> Result<Vec<(Expr, GroupKey)>> {
     let schema = aggregate.input.schema();
     let mut keys = Vec::new();
     let mut cells: usize = 1;
@@ -358,7 +366,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> 
     for (i, expr) in aggregate.group_expr.iter().enumerate() {
         let name = aggregate.schema.field(i).name().clone();
         let domain = match lineage(expr, schema, &input.columns)? {
-            Lineage::Dimension(Some(domain)) => domain,
+            Lineage::Dimension(Some(domain)) => Some(domain),
             Lineage::Unit | Lineage::UnitOrNull | Lineage::Key => {
                 return Err(DpError::refused_with(
                     "privacy_unit_in_output",
@@ -366,34 +374,42 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> 
                     "COUNT(DISTINCT <privacy unit>) to count people",
                 ))
             }
-            Lineage::Dimension(None) => {
-                return Err(DpError::refused_with(
-                    "group_key_public_domain",
-                    format!(
-                        "GROUP BY `{name}`: the column has no public domain in the manifest, and DP partition selection is not supported yet"
-                    ),
-                    "GROUP BY dimensions whose manifest entry lists a domain",
-                ))
-            }
+            // Any other value: its keys are released by DP partition
+            // selection, which needs δ.
             _ => {
-                return Err(DpError::refused_with(
-                    "group_key_public_domain",
-                    format!("GROUP BY `{name}`: only dimensions with a public domain can be group keys"),
-                    "GROUP BY dimensions whose manifest entry lists a domain",
-                ))
+                if options.delta <= 0.0 {
+                    return Err(DpError::refused_with(
+                        "partition_selection_delta",
+                        format!(
+                            "GROUP BY `{name}`: the column has no public domain in the manifest, so only keys chosen by DP partition selection can be released, and that needs delta > 0 (the query has delta = 0)"
+                        ),
+                        "OPTIONS (delta = 1e-7) (or SET cleanroom.delta = 1e-7), or GROUP BY dimensions whose manifest entry lists a domain",
+                    ));
+                }
+                let data_type = expr.get_type(schema)?;
+                if !selectable_key_type(&data_type) {
+                    return Err(DpError::refused_with(
+                        "group_key_type",
+                        format!("GROUP BY `{name}`: keys of type {data_type} cannot be selected by DP partition selection"),
+                        format!("GROUP BY CAST({name} AS VARCHAR), or a dimension with a public domain"),
+                    ));
+                }
+                None
             }
         };
-        if matches!(domain, Domain::DateRange { .. }) && expr.get_type(schema)? != DataType::Date32 {
-            return Err(DpError::refused_with(
-                "group_key_public_domain",
-                format!("GROUP BY `{name}`: the public domain is a range of days, and a timestamp has many values per day"),
-                format!("GROUP BY CAST({name} AS DATE)"),
-            ));
+        if let Some(domain) = &domain {
+            if matches!(domain, Domain::DateRange { .. }) && expr.get_type(schema)? != DataType::Date32 {
+                return Err(DpError::refused_with(
+                    "group_key_public_domain",
+                    format!("GROUP BY `{name}`: the public domain is a range of days, and a timestamp has many values per day"),
+                    format!("GROUP BY CAST({name} AS DATE)"),
+                ));
+            }
+            cells = cells.saturating_mul(domain.len());
         }
-        cells = cells.saturating_mul(domain.len());
         keys.push((expr.clone(), GroupKey { name, domain }));
     }
-    if cells > policy.defaults.max_output_groups {
+    if keys.iter().all(|(_, k)| k.domain.is_some()) && cells > policy.defaults.max_output_groups {
         return Err(DpError::refused_with(
             "max_output_groups",
             format!(
@@ -404,6 +420,11 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy) -> 
         ));
     }
     Ok(keys)
+}
+
+/// Key types that survive the release's round trip through text exactly.
+fn selectable_key_type(t: &DataType) -> bool {
+    t.is_integer() || matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Boolean | DataType::Date32)
 }
 
 /// An aggregate of the DP aggregate with what it reads.
@@ -519,8 +540,12 @@ fn rewrite(
     // guarantees it (e.g. one row per person after GROUP BY uid).
     let per_group_rows = (options.max_contributions_per_group as u64)
         .min(input.rows_per_person.unwrap_or(u64::MAX)) as f64;
-    // A person can reach no more groups than the domain has cells.
-    let cells = groups.iter().fold(1usize, |n, (_, g)| n.saturating_mul(g.domain.len()));
+    // A person can reach no more groups than the domain has cells (no
+    // bound when keys are selected from the data).
+    let select = groups.iter().any(|(_, g)| g.domain.is_none());
+    let cells = groups.iter().fold(1usize, |n, (_, g)| {
+        n.saturating_mul(g.domain.as_ref().map(Domain::len).unwrap_or(usize::MAX))
+    });
     let k = (options.max_groups_contributed as usize).min(cells.max(1)) as f64;
 
     // Every cast below is a TRY_CAST: a value that does not convert becomes
@@ -535,7 +560,14 @@ fn rewrite(
     let mut group_by = vec![unit.alias("__uid")];
     let mut group_cols = Vec::new();
     for (i, (expr, key)) in groups.iter().enumerate() {
-        let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match &key.domain {
+        let Some(domain) = &key.domain else {
+            // A selected key: any value but NULL may be released.
+            keep = keep.and(expr.clone().is_not_null());
+            group_by.push(expr.clone().alias(format!("__g{i}")));
+            group_cols.push(col(format!("__g{i}")));
+            continue;
+        };
+        let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match domain {
             Domain::Strings(values) => {
                 let values: Vec<Expr> = values.iter().map(|v| lit(v.as_str())).collect();
                 (DataType::Utf8, Box::new(move |e: Expr| e.in_list(values.clone(), false)))
@@ -606,7 +638,9 @@ fn rewrite(
     bounded.extend(group_cols.iter().cloned());
     let mut aggregates = Vec::new();
     let mut finals = Vec::new();
-    let share = options.epsilon / requested.len() as f64;
+    // ε split evenly over the noisy columns, and the selection when there
+    // is one (sequential composition: the shares add up to the query's ε).
+    let share = options.epsilon / (requested.len() + usize::from(select)) as f64;
     for (j, r) in requested.iter().enumerate() {
         let p = col(format!("__p{j}"));
         let (partial, per_group, final_expr) = match r.kind {
@@ -662,8 +696,20 @@ fn rewrite(
     } else {
         builder.project(bounded)?
     };
-    // 3. Sum the partials per group.
+    // 3. Sum the partials per group; with selection, count each group's
+    // people too (one bounded row per person and group).
+    if select {
+        finals.push(count(lit(1i64)).alias("__n"));
+    }
     let exact_plan = builder.aggregate(group_cols, finals)?.build()?;
+    let selection = if select {
+        Some(Threshold::calibrate(k as u32, share, options.delta)?)
+    } else {
+        None
+    };
+    // The columns' and the selection's shares add up to the option's ε,
+    // which is charged; each mechanism spends at most its share.
+    let delta = selection.map(|t| t.delta).unwrap_or(0.0);
 
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);
@@ -672,7 +718,9 @@ fn rewrite(
         exact_plan,
         groups: groups.into_iter().map(|(_, g)| g).collect(),
         aggregates,
+        selection,
         epsilon: options.epsilon,
+        delta,
         datasets,
         options: options.clone(),
         original: original.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-use cleanroom_dp::ledger::{Charge, Ledger, RedbLedger};
+use cleanroom_dp::ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{finish, release};
@@ -194,8 +194,52 @@ async fn hidden_column_is_refused_anywhere() {
 }
 
 #[tokio::test]
-async fn group_key_without_public_domain_is_refused() {
-    assert_eq!(refused_rule("SELECT country, COUNT(*) FROM events GROUP BY country").await, "group_key_public_domain");
+async fn group_key_without_public_domain_needs_delta_for_partition_selection() {
+    assert_eq!(refused_rule("SELECT country, COUNT(*) FROM events GROUP BY country").await, "partition_selection_delta");
+    assert_eq!(
+        refused_rule("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (delta = 1e-6) uid, COUNT(*) FROM events GROUP BY uid").await,
+        "privacy_unit_in_output"
+    );
+    assert!(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (delta = 1e-3) country, COUNT(*) FROM events GROUP BY country").await.is_err(),
+        "delta above the per-query cap");
+}
+
+/// DP partition selection: a key is released only when enough people have
+/// it. Five people live in DE; every cost value belongs to one person.
+/// Scale 1/5 and δ = 1e-6 give τ = 4: DE (5 people) is kept unless the noise
+/// is ≤ −2 (probability < 1e-4); a one-person key passes only when the noise
+/// is ≥ 3 (< 1e-6).
+#[tokio::test]
+async fn keys_without_public_domain_are_released_by_partition_selection() {
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 10, delta = 1e-6) country, COUNT(*) AS n FROM events GROUP BY country").await.unwrap());
+    let t = q.selection.expect("partition selection");
+    assert_eq!(t.threshold, 4, "{t:?}");
+    assert!(q.delta > 0.0 && q.delta <= 1e-6 && q.delta == t.delta, "{t:?}");
+    assert!(t.epsilon + q.aggregates[0].epsilon <= q.epsilon + 1e-12);
+    assert_eq!(exact_by_group(&q, 0).await["DE"], 9.0, "the rows of p1 … p5");
+    let released = charged_release(&q).await;
+    let batch = &released.batches()[0];
+    assert_eq!(batch.num_rows(), 1);
+    assert_eq!(batch.column(0).as_string::<i32>().value(0), "DE");
+    assert_eq!(released.schema().metadata()["cleanroom.charge.delta"], q.delta.to_string());
+
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 10, delta = 1e-6) cost, SUM(cost) FROM events GROUP BY cost").await.unwrap());
+    let released = charged_release(&q).await;
+    assert_eq!(released.batches().iter().map(|b| b.num_rows()).sum::<usize>(), 0, "one-person keys are never released");
+
+    // Mixed keys: the public one keeps its domain (zzz is dropped).
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 10, delta = 1e-6, max_groups_contributed = 3) country, channel, COUNT(DISTINCT uid) FROM events GROUP BY country, channel").await.unwrap());
+    let exact = exact(&q).await;
+    let keys: Vec<String> = exact.iter().flat_map(|b| {
+        let c = b.column(1).as_string::<i32>();
+        (0..b.num_rows()).map(|i| c.value(i).to_string()).collect::<Vec<_>>()
+    }).collect();
+    assert!(!keys.contains(&"zzz".to_string()), "{keys:?}");
+
+    let planned = plan("EXPLAIN SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (delta = 1e-7) country, COUNT(*) FROM events GROUP BY country").await.unwrap();
+    let PlannedQuery::Explain(explain) = planned else { panic!("not an explain") };
+    let cost = cleanroom_dp::release::explain(&explain).unwrap().batches()[0].column(1).as_string::<i32>().value(0).to_string();
+    assert!(cost.contains("DP partition selection") && cost.contains("delta = "), "{cost}");
 }
 
 #[tokio::test]
@@ -512,22 +556,22 @@ async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
 async fn release_refuses_a_receipt_for_another_query() {
     let q = dp(plan("SELECT channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let other = receipt(&dir, "another", q.epsilon);
+    let other = receipt(&dir, "another", q.epsilon, q.delta);
     assert!(release(&q, &exact(&q).await, &other).is_err());
 }
 
 /// A durable charge of `epsilon` for `query_id` on a fresh ledger in `dir`.
-fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64) -> cleanroom_dp::ledger::Receipt {
+fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64, delta: f64) -> cleanroom_dp::ledger::Receipt {
     let ledger = RedbLedger::open(dir.path()).unwrap();
     ledger
-        .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, sql: String::new() }, 10.0, None)
+        .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, delta, sql: String::new() }, &Limits { delta_budget: 1e-3, ..Limits::epsilon(10.0) })
         .unwrap()
 }
 
 /// `q` charged on a fresh ledger, run on the test data and released.
 async fn charged_release(q: &DpQuery) -> cleanroom_dp::release::Released {
     let dir = tempfile::tempdir().unwrap();
-    let receipt = receipt(&dir, &q.id, q.epsilon);
+    let receipt = receipt(&dir, &q.id, q.epsilon, q.delta);
     finish(q, release(q, &exact(q).await, &receipt).unwrap()).await.unwrap()
 }
 

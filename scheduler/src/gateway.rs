@@ -42,7 +42,7 @@ use arrow_flight::{
 };
 use base64::Engine;
 use ballista_core::execution_plans::DistributedQueryExec;
-use cleanroom_dp::ledger::{Charge, Ledger};
+use cleanroom_dp::ledger::{Charge, Ledger, Limits};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
@@ -246,10 +246,11 @@ impl FlightSqlGateway {
         self.catalog
             .register_for(party, &ctx)
             .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
-        let budget = self.catalog.manifest.party(party).map(|p| p.epsilon_budget).unwrap_or(0.0);
+        let (budget, delta_budget) =
+            self.catalog.manifest.party(party).map(|p| (p.epsilon_budget, p.delta_budget)).unwrap_or((0.0, 0.0));
         ctx.catalog(CATALOG)
             .ok_or_else(|| Status::internal("the session has no catalog"))?
-            .register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(party, budget, self.ledger.clone())))
+            .register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(party, budget, delta_budget, self.ledger.clone())))
             .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
         Ok(Session {
             party: party.to_string(),
@@ -323,7 +324,13 @@ impl FlightSqlGateway {
             .manifest
             .party(&session.party)
             .ok_or_else(|| Status::permission_denied("this party is no longer in the collaboration"))?;
-        let budget = party.epsilon_budget;
+        let collaboration = &self.catalog.manifest.collaboration;
+        let limits = Limits {
+            epsilon_budget: party.epsilon_budget,
+            delta_budget: party.delta_budget,
+            epsilon_cap: collaboration.epsilon_cap,
+            delta_cap: collaboration.delta_cap,
+        };
 
         // The same question on the same data gets the answer already
         // released to this party, at no new cost.
@@ -340,14 +347,14 @@ impl FlightSqlGateway {
             party: session.party.clone(),
             query_id: query.id.clone(),
             epsilon: query.epsilon,
+            delta: query.delta,
             sql: sql.to_string(),
         };
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
-        let cap = self.catalog.manifest.collaboration.epsilon_cap;
-        let receipt = blocking(move || ledger.charge(&charge, budget, cap)).await?.map_err(dp_status)?;
-        info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), "budget charged");
+        let receipt = blocking(move || ledger.charge(&charge, &limits)).await?.map_err(dp_status)?;
+        info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), delta = receipt.delta(), "budget charged");
 
         let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
             warn!(party = %session.party, query = %query.id, error = %e, "execution failed");

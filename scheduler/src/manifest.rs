@@ -61,6 +61,8 @@ pub struct Collaboration {
     /// the people in the data lose privacy to all of them together; `None`
     /// means the sum of the party budgets.
     pub epsilon_cap: Option<f64>,
+    /// The same for δ.
+    pub delta_cap: Option<f64>,
 }
 
 /// One `[[parties]]` entry.
@@ -71,6 +73,9 @@ pub struct Party {
     pub password: String,
     /// The total ε this party may spend over the life of the collaboration.
     pub epsilon_budget: f64,
+    /// The total δ it may spend (DP partition selection): 0 unless set, so a
+    /// party without one can run only pure ε-DP queries.
+    pub delta_budget: f64,
 }
 
 // The hash is not the password, but it allows an offline guessing attack, so
@@ -81,6 +86,7 @@ impl fmt::Debug for Party {
             .field("name", &self.name)
             .field("password", &"<redacted>")
             .field("epsilon_budget", &self.epsilon_budget)
+            .field("delta_budget", &self.delta_budget)
             .finish()
     }
 }
@@ -737,6 +743,7 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     let mut collaboration = Collaboration {
         name: String::new(),
         epsilon_cap: None,
+        delta_cap: None,
     };
     let Some(value) = c.field(root, "", "collaboration", true) else {
         return collaboration;
@@ -744,7 +751,7 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     let Some(table) = c.table(value, "collaboration") else {
         return collaboration;
     };
-    c.unknown_keys(table, "collaboration", &["name", "epsilon_cap"]);
+    c.unknown_keys(table, "collaboration", &["name", "epsilon_cap", "delta_cap"]);
     if let Some(name) = c.required_string(table, "collaboration", "name") {
         if name.trim().is_empty() {
             c.report("collaboration.name", "must not be empty");
@@ -759,7 +766,20 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
             collaboration.epsilon_cap = Some(x);
         }
     }
+    if let Some(v) = c.field(table, "collaboration", "delta_cap", false) {
+        collaboration.delta_cap = delta_value(c, v, "collaboration.delta_cap");
+    }
     collaboration
+}
+
+/// A δ: a number in [0, 1).
+fn delta_value(c: &mut Checker, v: &Value, path: &str) -> Option<f64> {
+    let x = c.number(v, path)?;
+    if !(0.0..1.0).contains(&x) {
+        c.report(path, format!("must be a number at least 0 and below 1, found {x}"));
+        return None;
+    }
+    Some(x)
 }
 
 fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
@@ -777,6 +797,8 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
         &[
             "epsilon",
             "max_epsilon_per_query",
+            "delta",
+            "max_delta_per_query",
             "max_groups_contributed",
             "max_contributions_per_group",
             "max_output_groups",
@@ -810,6 +832,17 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
     }
     defaults.epsilon = epsilon.unwrap_or(defaults.epsilon);
     defaults.max_epsilon_per_query = max_epsilon.unwrap_or(defaults.max_epsilon_per_query);
+    let delta = table.get("delta").map(|v| delta_value(c, v, "defaults.delta"));
+    let max_delta = table.get("max_delta_per_query").map(|v| delta_value(c, v, "defaults.max_delta_per_query"));
+    if let Some(Some(m)) = max_delta {
+        defaults.max_delta_per_query = m;
+    }
+    if let Some(Some(d)) = delta {
+        if d > defaults.max_delta_per_query {
+            c.report("defaults.delta", format!("delta {d} is above max_delta_per_query {}", defaults.max_delta_per_query));
+        }
+        defaults.delta = d;
+    }
 
     if let Some(v) = table.get("max_groups_contributed") {
         if let Some(n) = c.count(v, "defaults.max_groups_contributed") {
@@ -848,7 +881,7 @@ fn parse_parties(c: &mut Checker, root: &Table) -> Vec<Party> {
         let Some(table) = c.table(entry, &at) else {
             continue;
         };
-        c.unknown_keys(table, &at, &["name", "password", "epsilon_budget"]);
+        c.unknown_keys(table, &at, &["name", "password", "epsilon_budget", "delta_budget"]);
 
         let name = c.required_string(table, &at, "name").unwrap_or_default();
         let name_path = join(&at, "name");
@@ -893,10 +926,16 @@ fn parse_parties(c: &mut Checker, root: &Table) -> Vec<Party> {
             }
         }
 
+        let delta_budget = match c.field(table, &at, "delta_budget", false) {
+            Some(v) => delta_value(c, v, &join(&at, "delta_budget")).unwrap_or(0.0),
+            None => 0.0,
+        };
+
         parties.push(Party {
             name,
             password,
             epsilon_budget,
+            delta_budget,
         });
     }
     parties

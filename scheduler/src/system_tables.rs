@@ -21,6 +21,7 @@ pub const QUERIES: &str = "queries";
 pub struct SystemSchema {
     party: String,
     budget: f64,
+    delta_budget: f64,
     ledger: Arc<dyn Ledger>,
 }
 
@@ -31,8 +32,8 @@ impl std::fmt::Debug for SystemSchema {
 }
 
 impl SystemSchema {
-    pub fn new(party: &str, budget: f64, ledger: Arc<dyn Ledger>) -> Self {
-        SystemSchema { party: party.to_string(), budget, ledger }
+    pub fn new(party: &str, budget: f64, delta_budget: f64, ledger: Arc<dyn Ledger>) -> Self {
+        SystemSchema { party: party.to_string(), budget, delta_budget, ledger }
     }
 
     pub fn budget_schema() -> SchemaRef {
@@ -41,6 +42,9 @@ impl SystemSchema {
             Field::new("budget_epsilon", DataType::Float64, false),
             Field::new("spent_epsilon", DataType::Float64, false),
             Field::new("remaining_epsilon", DataType::Float64, false),
+            Field::new("budget_delta", DataType::Float64, false),
+            Field::new("spent_delta", DataType::Float64, false),
+            Field::new("remaining_delta", DataType::Float64, false),
         ]))
     }
 
@@ -50,11 +54,13 @@ impl SystemSchema {
             Field::new("charged_at", DataType::Timestamp(TimeUnit::Second, Some("UTC".into())), false),
             Field::new("sql", DataType::Utf8, false),
             Field::new("epsilon", DataType::Float64, false),
+            Field::new("delta", DataType::Float64, false),
         ]))
     }
 
     fn budget_batch(&self) -> Result<RecordBatch> {
         let spent = self.ledger.spent(&self.party).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let spent_delta = self.ledger.spent_delta(&self.party).map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(RecordBatch::try_new(
             Self::budget_schema(),
             vec![
@@ -62,6 +68,9 @@ impl SystemSchema {
                 Arc::new(Float64Array::from(vec![self.budget])),
                 Arc::new(Float64Array::from(vec![round_for_display(spent)])),
                 Arc::new(Float64Array::from(vec![round_for_display((self.budget - spent).max(0.0))])),
+                Arc::new(Float64Array::from(vec![self.delta_budget])),
+                Arc::new(Float64Array::from(vec![spent_delta])),
+                Arc::new(Float64Array::from(vec![(self.delta_budget - spent_delta).max(0.0)])),
             ],
         )?)
     }
@@ -75,6 +84,7 @@ impl SystemSchema {
                 Arc::new(TimestampSecondArray::from_iter_values(history.iter().map(|r| r.at as i64)).with_timezone("UTC")),
                 Arc::new(StringArray::from_iter_values(history.iter().map(|r| r.sql.as_str()))),
                 Arc::new(Float64Array::from_iter_values(history.iter().map(|r| r.epsilon))),
+                Arc::new(Float64Array::from_iter_values(history.iter().map(|r| r.delta))),
             ],
         )?)
     }
