@@ -4,8 +4,8 @@
 //!
 //! ## Accountant: why (Σ ε, Σ δ) is the right total
 //!
-//! Every query's release is (ε_q, δ_q)-DP, as computed by
-//! [`crate::rewrite::QueryCost`] from OpenDP's privacy maps: Laplace noise
+//! Every query's release is (ε_q, δ_q)-DP, as split by
+//! [`crate::accountant`] and checked by OpenDP's privacy maps: Laplace noise
 //! over public domains is pure (δ_q = 0); DP partition selection adds its own
 //! (ε, δ); Gaussian noise is accounted in zCDP inside the query (ρ adds up
 //! over its columns, which is where zCDP is tighter than adding ε) and

@@ -13,6 +13,8 @@
 //!   allowed shapes, the column roles) and rewrites the DP aggregate so that every
 //!   person's contribution is bounded;
 //! - [`mechanism`] holds the OpenDP noise mechanisms and their privacy maps;
+//! - [`accountant`] splits a query's (ε, δ) over its noisy columns and its
+//!   partition selection (composing Gaussian columns in zCDP);
 //! - [`ledger`] is the durable per-party budget and the accountant that composes
 //!   charges;
 //! - [`release`] turns exact bounded aggregates into a [`release::Released`]
@@ -21,6 +23,7 @@
 //! - [`udf`] holds the scalar functions the rewritten plans call; executors must
 //!   register them.
 
+pub mod accountant;
 pub mod error;
 pub mod ledger;
 pub mod mechanism;

@@ -1,21 +1,23 @@
 //! Noise mechanisms, all from OpenDP.
 //!
-//! Each noisy column is released through one OpenDP Laplace measurement over
-//! the vector of all its groups, with the L1 metric: the measurement's own
-//! privacy map turns the column's L1 sensitivity into the ε it spends, and the
-//! planner checks that figure against the column's share of the query's ε
-//! before any noise is drawn. Integers use OpenDP's discrete Laplace; floats use
-//! its exact float Laplace (values rounded to a power-of-two grid, the sampling
-//! done on big rationals). Samples come from OpenSSL's CSPRNG (`use-openssl`).
-//! Nothing here is hand-written float noise.
+//! Each noisy column is released through one OpenDP measurement over the
+//! vector of all its groups: Laplace with the L1 metric (pure ε-DP) or
+//! Gaussian with the L2 metric (ρ-zCDP). The measurement's own privacy map
+//! turns the column's sensitivity into the ε or ρ it spends, and the planner
+//! checks that figure against the column's share of the query's budget before
+//! any noise is drawn. Integers use OpenDP's discrete Laplace / discrete
+//! Gaussian; floats use its exact float versions (values rounded to a
+//! power-of-two grid, the sampling done on big rationals). Samples come from
+//! OpenSSL's CSPRNG (`use-openssl`). Nothing here is hand-written float noise.
 
 use std::collections::HashMap;
 
 use opendp::core::Measurement;
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{make_laplace, make_laplace_threshold};
-use opendp::measures::{Approximate, MaxDivergence};
-use opendp::metrics::{AbsoluteDistance, L01InfDistance, L1Distance};
+use opendp::combinators::ConcentratedMeasure;
+use opendp::measurements::{make_gaussian, make_laplace, make_laplace_threshold};
+use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{AbsoluteDistance, L01InfDistance, L1Distance, L2Distance};
 
 use crate::error::{DpError, Result};
 
@@ -111,6 +113,213 @@ fn privacy_map(sensitivity: f64, scale: f64, integer: bool) -> Result<f64> {
     } else {
         float_laplace(scale)?.map(&sensitivity).map_err(opendp_error)
     }
+}
+
+/// What one column may spend: ε (Laplace) or ρ (Gaussian).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Share {
+    Epsilon(f64),
+    Rho(f64),
+}
+
+impl Share {
+    /// This share split in `parts` equal parts.
+    pub fn split(self, parts: f64) -> Share {
+        match self {
+            Share::Epsilon(e) => Share::Epsilon(e / parts),
+            Share::Rho(r) => Share::Rho(r / parts),
+        }
+    }
+}
+
+/// A Gaussian mechanism for one column: its scale and what it costs in zCDP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gaussian {
+    /// Noise standard deviation σ (the discrete Gaussian's parameter).
+    pub scale: f64,
+    /// L2 sensitivity of the column over all groups.
+    pub sensitivity: f64,
+    /// ρ the release costs, as computed by OpenDP's privacy map.
+    pub rho: f64,
+    /// Integer-valued column: discrete Gaussian on integers.
+    pub integer: bool,
+}
+
+/// z with P(|N(0, 1)| > z) = 0.05.
+const Z_975: f64 = 1.959_963_984_540_054;
+
+impl Gaussian {
+    /// The mechanism that releases a column of L2 sensitivity `sensitivity`
+    /// with at most `rho`.
+    ///
+    /// Why it is private: the Gaussian mechanism with parameter σ on a vector
+    /// of L2 sensitivity Δ is Δ²/(2σ²)-zCDP; we take σ = Δ/√(2ρ) and let
+    /// OpenDP's map confirm it (widening σ for floats until it fits).
+    pub fn calibrate(sensitivity: f64, rho: f64, integer: bool) -> Result<Self> {
+        if !(sensitivity.is_finite() && sensitivity >= 0.0 && rho.is_finite() && rho > 0.0) {
+            return Err(DpError::Mechanism(format!("cannot calibrate noise for sensitivity {sensitivity} and rho {rho}")));
+        }
+        let mut scale = (sensitivity / (2.0 * rho).sqrt()).max(f64::MIN_POSITIVE);
+        for _ in 0..8 {
+            let spent = if integer {
+                integer_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)?
+            } else {
+                float_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)?
+            };
+            if spent <= rho {
+                return Ok(Gaussian { scale, sensitivity, rho: spent, integer });
+            }
+            scale *= (spent / rho).sqrt() * (1.0 + 1e-12);
+        }
+        Err(DpError::Mechanism("noise scale did not converge".into()))
+    }
+
+    /// Half-width of the 95 % interval around a released value. Floats: the
+    /// normal quantile (OpenDP's float Gaussian is a discrete Gaussian on a
+    /// grid far finer than σ). Integers: the discrete Gaussian is
+    /// sub-Gaussian with parameter σ (Canonne–Kamath–Steinke 2020), so
+    /// P(|X| > t) ≤ 2·exp(−t²/2σ²) = 0.05 at t = σ·√(2 ln 40).
+    pub fn ci95_half_width(&self) -> f64 {
+        if self.integer {
+            self.scale * (2.0 * 40f64.ln()).sqrt()
+        } else {
+            Z_975 * self.scale
+        }
+    }
+
+    pub fn apply(&self, values: &[f64]) -> Result<Vec<f64>> {
+        if self.integer {
+            let exact: Vec<i64> = values.iter().map(|v| v.round() as i64).collect();
+            let noisy = integer_gaussian(self.scale)?.invoke(&exact).map_err(opendp_error)?;
+            Ok(noisy.into_iter().map(|v| v as f64).collect())
+        } else {
+            float_gaussian(self.scale)?.invoke(&values.to_vec()).map_err(opendp_error)
+        }
+    }
+}
+
+/// The noise of one column: Laplace or Gaussian.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Noise {
+    Laplace(Laplace),
+    Gaussian(Gaussian),
+}
+
+impl Noise {
+    /// The column's mechanism for its `share`, from its L1 sensitivity (for
+    /// Laplace) or L2 sensitivity (for Gaussian).
+    pub fn calibrate(share: Share, l1: f64, l2: f64, integer: bool) -> Result<Self> {
+        match share {
+            Share::Epsilon(e) => Ok(Noise::Laplace(Laplace::calibrate(l1, e, integer)?)),
+            Share::Rho(r) => Ok(Noise::Gaussian(Gaussian::calibrate(l2, r, integer)?)),
+        }
+    }
+
+    pub fn stddev(&self) -> f64 {
+        match self {
+            Noise::Laplace(l) => l.stddev(),
+            Noise::Gaussian(g) => g.scale,
+        }
+    }
+
+    pub fn ci95_half_width(&self) -> f64 {
+        match self {
+            Noise::Laplace(l) => l.ci95_half_width(),
+            Noise::Gaussian(g) => g.ci95_half_width(),
+        }
+    }
+
+    pub fn apply(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match self {
+            Noise::Laplace(l) => l.apply(values),
+            Noise::Gaussian(g) => g.apply(values),
+        }
+    }
+
+    pub fn integer(&self) -> bool {
+        match self {
+            Noise::Laplace(l) => l.integer,
+            Noise::Gaussian(g) => g.integer,
+        }
+    }
+
+    /// The mechanism's name in answer metadata.
+    pub fn name(&self) -> &'static str {
+        match (self, self.integer()) {
+            (Noise::Laplace(_), true) => "discrete_laplace",
+            (Noise::Laplace(_), false) => "laplace",
+            (Noise::Gaussian(_), true) => "discrete_gaussian",
+            (Noise::Gaussian(_), false) => "gaussian",
+        }
+    }
+
+    /// What the column spends, as (metadata key suffix, value): ε or ρ.
+    pub fn cost(&self) -> (&'static str, f64) {
+        match self {
+            Noise::Laplace(l) => ("epsilon", l.epsilon),
+            Noise::Gaussian(g) => ("rho", g.rho),
+        }
+    }
+
+    /// The sensitivity the noise is calibrated to, and its norm.
+    pub fn sensitivity(&self) -> (&'static str, f64) {
+        match self {
+            Noise::Laplace(l) => ("L1", l.sensitivity),
+            Noise::Gaussian(g) => ("L2", g.sensitivity),
+        }
+    }
+
+    pub fn scale(&self) -> f64 {
+        match self {
+            Noise::Laplace(l) => l.scale,
+            Noise::Gaussian(g) => g.scale,
+        }
+    }
+}
+
+/// The ε of a ρ-zCDP release at δ, by OpenDP's zCDP → (ε, δ) conversion.
+pub fn zcdp_epsilon(rho: f64, delta: f64) -> Result<f64> {
+    if rho == 0.0 {
+        return Ok(0.0);
+    }
+    ZeroConcentratedDivergence::convert(rho)
+        .and_then(|profile| profile.epsilon(delta))
+        .map_err(opendp_error)
+}
+
+/// The largest ρ whose (ε, δ) conversion fits `epsilon` at `delta` (bisection
+/// on OpenDP's conversion, which grows with ρ).
+pub fn rho_for(epsilon: f64, delta: f64) -> Result<f64> {
+    if !(epsilon.is_finite() && epsilon > 0.0 && delta > 0.0 && delta < 1.0) {
+        return Err(DpError::Mechanism(format!("cannot convert epsilon {epsilon} at delta {delta} to rho")));
+    }
+    let (mut low, mut high) = (0.0f64, epsilon);
+    while zcdp_epsilon(high, delta)? <= epsilon {
+        high *= 2.0;
+    }
+    for _ in 0..100 {
+        let mid = (low + high) / 2.0;
+        if zcdp_epsilon(mid, delta)? <= epsilon {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Ok(low)
+}
+
+type VectorGaussian<T> = Measurement<VectorDomain<AtomDomain<T>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<T>>;
+
+/// OpenDP's discrete Gaussian over a vector of integers, L2 metric.
+fn integer_gaussian(scale: f64) -> Result<VectorGaussian<i64>> {
+    make_gaussian(VectorDomain::new(AtomDomain::<i64>::default()), L2Distance::<f64>::default(), scale, None)
+        .map_err(opendp_error)
+}
+
+/// OpenDP's exact float Gaussian over a vector of non-NaN floats, L2 metric.
+fn float_gaussian(scale: f64) -> Result<VectorGaussian<f64>> {
+    make_gaussian(VectorDomain::new(AtomDomain::<f64>::new_non_nan()), L2Distance::<f64>::default(), scale, None)
+        .map_err(opendp_error)
 }
 
 /// DP partition selection: which group keys (of those present in the data)
@@ -328,6 +537,58 @@ mod tests {
         // Far above the threshold every key is kept.
         let big: HashMap<u64, i64> = (0..100).map(|k| (k, t.threshold + 100)).collect();
         assert_eq!(t.select(big).unwrap(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn gaussian_noise_follows_the_normal_distribution_with_its_scale() {
+        // KS test at significance 1e-6 against N(0, σ²) for the float
+        // Gaussian, and against the normal CDF with a continuity correction
+        // for the discrete Gaussian with a large σ (where the two agree to
+        // far below the KS critical value).
+        let erf_cdf = |v: f64, sigma: f64| 0.5 * (1.0 + erf(v / (sigma * std::f64::consts::SQRT_2)));
+        for integer in [false, true] {
+            let g = Gaussian::calibrate(3.0, 0.05, integer).unwrap();
+            assert!(g.rho <= 0.05, "{g:?}");
+            let mut x = g.apply(&vec![0.0; 20_000]).unwrap();
+            x.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let n = x.len() as f64;
+            let shift = if integer { 0.5 } else { 0.0 };
+            let d = x
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let c = erf_cdf(v + shift, g.scale);
+                    let below = if integer { erf_cdf(v - shift, g.scale) } else { c };
+                    ((i + 1) as f64 / n - c).max(below - i as f64 / n)
+                })
+                .fold(0.0, f64::max);
+            assert!(d < ks_critical(x.len(), 1e-6), "integer {integer}: KS statistic {d}");
+            let var = x.iter().map(|v| v * v).sum::<f64>() / n;
+            assert!((var.sqrt() / g.scale - 1.0).abs() < 0.05, "sd {} scale {}", var.sqrt(), g.scale);
+        }
+    }
+
+    /// Abramowitz–Stegun 7.1.26 (|error| < 1.5e-7), for the test's normal CDF.
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+        let y = 1.0
+            - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t + 0.254_829_592)
+                * t
+                * (-x * x).exp();
+        if x >= 0.0 { y } else { -y }
+    }
+
+    #[test]
+    fn zcdp_converts_to_epsilon_delta_no_looser_than_the_classic_bound() {
+        // Bun & Steinke: ρ-zCDP ⇒ (ρ + 2√(ρ ln(1/δ)), δ)-DP; OpenDP's
+        // conversion is at least as tight, and rho_for inverts it.
+        for (rho, delta) in [(0.01, 1e-7), (0.5, 1e-6), (2.0, 1e-9)] {
+            let e = zcdp_epsilon(rho, delta).unwrap();
+            let classic = rho + 2.0 * (rho * (1.0f64 / delta).ln()).sqrt();
+            assert!(e <= classic + 1e-9 && e > rho, "rho {rho} delta {delta}: {e} vs {classic}");
+            let back = rho_for(e, delta).unwrap();
+            assert!((back - rho).abs() / rho < 1e-6, "{back} vs {rho}");
+        }
     }
 
     #[test]

@@ -18,7 +18,18 @@ pub const OPTION_NAMES: &[&str] = &[
     "max_contributions_per_group",
     "privacy_unit_column",
     "confidence_intervals",
+    "noise",
 ];
+
+/// The noise a query's columns get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NoiseKind {
+    /// Laplace (pure ε-DP; discrete for counts).
+    #[default]
+    Laplace,
+    /// Gaussian, composed in zCDP and charged as (ε, δ); needs δ > 0.
+    Gaussian,
+}
 
 /// Options a query or a session asked for; `None` means "use the default".
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,6 +44,8 @@ pub struct QueryOptions {
     /// Add `<column>_ci_low` / `<column>_ci_high` companion columns (the 95 %
     /// interval) next to every noisy column.
     pub confidence_intervals: Option<bool>,
+    /// `noise = 'laplace' | 'gaussian'`.
+    pub noise: Option<NoiseKind>,
 }
 
 /// Options after defaults were applied and ranges checked.
@@ -46,6 +59,7 @@ pub struct ResolvedOptions {
     pub max_contributions_per_group: u32,
     pub privacy_unit_column: Option<String>,
     pub confidence_intervals: bool,
+    pub noise: NoiseKind,
 }
 
 /// Largest per-person group or row bound a query may ask for: beyond it the
@@ -88,6 +102,18 @@ impl QueryOptions {
                     }
                 })
             }
+            "noise" => {
+                self.noise = Some(match value.to_ascii_lowercase().as_str() {
+                    "laplace" => NoiseKind::Laplace,
+                    "gaussian" => NoiseKind::Gaussian,
+                    _ => {
+                        return Err(DpError::InvalidOption {
+                            option: name.clone(),
+                            detail: format!("`{value}` is not laplace or gaussian"),
+                        })
+                    }
+                })
+            }
             other => {
                 return Err(DpError::InvalidOption {
                     option: other.to_string(),
@@ -112,6 +138,7 @@ impl QueryOptions {
                 .clone()
                 .or_else(|| base.privacy_unit_column.clone()),
             confidence_intervals: self.confidence_intervals.or(base.confidence_intervals),
+            noise: self.noise.or(base.noise),
         }
     }
 
@@ -161,6 +188,7 @@ impl QueryOptions {
         Ok(ResolvedOptions {
             privacy_unit_column: self.privacy_unit_column.clone(),
             confidence_intervals: self.confidence_intervals.unwrap_or(false),
+            noise: self.noise.unwrap_or_default(),
             epsilon,
             delta,
             max_groups_contributed: bound(

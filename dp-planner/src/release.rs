@@ -22,7 +22,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result};
 use crate::ledger::{round_for_display, Ledger, Receipt};
-use crate::mechanism::{Laplace, Threshold};
+use crate::mechanism::{Noise, Share, Threshold};
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
 
@@ -164,23 +164,37 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                     t.max_groups
                 )),
             }
-            for (name, l) in calibrations(q)? {
+            if let Share::Rho(rho) = q.aggregates[0].share {
                 cost.push_str(&format!(
-                    "{name}: {} noise, L1 sensitivity {}, epsilon {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}\n",
-                    if l.integer { "discrete Laplace" } else { "Laplace" },
-                    l.sensitivity,
-                    round_for_display(l.epsilon),
-                    l.scale,
+                    "noise: Gaussian, composed in zCDP: rho = {} in all ({} per column), converted to epsilon <= {} at delta = {}\n",
+                    rho * q.aggregates.len() as f64,
+                    rho,
+                    round_for_display(crate::mechanism::zcdp_epsilon(rho * q.aggregates.len() as f64, q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0))?),
+                    q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0)
+                ));
+            }
+            for (name, l) in calibrations(q)? {
+                let (norm, sensitivity) = l.sensitivity();
+                let (what, spent) = l.cost();
+                cost.push_str(&format!(
+                    "{name}: {} noise, {norm} sensitivity {sensitivity}, {what} {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}\n",
+                    l.name().replace('_', " "),
+                    round_for_display(spent),
+                    l.scale(),
                     l.stddev(),
                     l.ci95_half_width()
                 ));
             }
             for a in q.aggregates.iter().filter(|a| a.average.is_some()) {
+                let (what, half) = match a.share.split(2.0) {
+                    Share::Epsilon(e) => ("epsilon", e),
+                    Share::Rho(r) => ("rho", r),
+                };
                 cost.push_str(&format!(
-                    "{}: noisy sum (L1 sensitivity {}) / noisy count, each with epsilon {}, clamped to the bounds\n",
+                    "{}: noisy sum (L1 sensitivity {}) / noisy count, each with {what} {}, clamped to the bounds\n",
                     a.output_name,
                     a.sensitivity,
-                    round_for_display(a.epsilon / 2.0)
+                    round_for_display(half)
                 ));
             }
             rows.push(("dp_cost".into(), cost.trim_end().to_string()));
@@ -241,10 +255,12 @@ pub fn announced_schema(schema: &Schema) -> Schema {
 ///
 /// Why it is private: `exact` comes from [`DpQuery::exact_plan`], where each
 /// person changes aggregate column j (over all groups) by at most
-/// `sensitivity_j` in L1; the cells are the public domain's, so the set of
-/// rows released does not depend on the data; each column gets Laplace noise
-/// with ε_j from OpenDP's privacy map, and Σ ε_j = the charged ε
-/// (sequential composition). The receipt proves that ε is on the ledger.
+/// `sensitivity_j` in L1 (and `l2_sensitivity_j` in L2); the cells are the
+/// public domain's, so the set of rows released does not depend on the data
+/// (or they are chosen by DP partition selection, see [`selected_cells`]);
+/// each column gets Laplace noise with ε_j, or Gaussian noise with ρ_j, from
+/// OpenDP's privacy maps, composed as [`crate::accountant`] explains into the
+/// query's (ε, δ). The receipt proves that (ε, δ) is on the ledger.
 pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Result<NoisyAggregate> {
     if receipt.query_id() != query.id || receipt.epsilon() + 1e-12 < query.epsilon || receipt.delta() < query.delta {
         return Err(DpError::Ledger("the receipt does not pay for this query".into()));
@@ -319,14 +335,15 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     for (j, agg) in query.aggregates.iter().enumerate() {
         let sums = &exact_values[format!("__a{j}").as_str()];
         let noisy = match agg.average {
-            None => Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral)?.apply(sums)?,
+            None => Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral)?.apply(sums)?,
             // AVG: a noisy sum and a noisy count, each with half of this
             // aggregate's ε (sequential composition); their ratio is
             // post-processing, clamped to the measure's bounds.
-            Some((count_sensitivity, (low, high))) => {
-                let noisy_sums = Laplace::calibrate(agg.sensitivity, agg.epsilon / 2.0, false)?.apply(sums)?;
+            Some((count_l1, count_l2, (low, high))) => {
+                let half = agg.share.split(2.0);
+                let noisy_sums = Noise::calibrate(half, agg.sensitivity, agg.l2_sensitivity, false)?.apply(sums)?;
                 let counts = &exact_values[format!("__b{j}").as_str()];
-                let noisy_counts = Laplace::calibrate(count_sensitivity, agg.epsilon / 2.0, true)?.apply(counts)?;
+                let noisy_counts = Noise::calibrate(half, count_l1, count_l2, true)?.apply(counts)?;
                 noisy_sums
                     .iter()
                     .zip(noisy_counts)
@@ -422,12 +439,12 @@ fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
 /// The noise each DP aggregate column of `query` will get. Calibration is
 /// deterministic (it depends on the sensitivity and ε only), so the answer's
 /// schema can announce it before anything runs.
-fn calibrations(query: &DpQuery) -> Result<Vec<(String, Laplace)>> {
+fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
     query
         .aggregates
         .iter()
         .filter(|a| a.average.is_none())
-        .map(|a| Ok((a.output_name.clone(), Laplace::calibrate(a.sensitivity, a.epsilon, a.integral)?)))
+        .map(|a| Ok((a.output_name.clone(), Noise::calibrate(a.share, a.sensitivity, a.l2_sensitivity, a.integral)?)))
         .collect()
 }
 
@@ -444,10 +461,10 @@ pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
         .zip(noise)
         .map(|(f, n)| match n {
             Some(l) => f.as_ref().clone().with_metadata(HashMap::from([
-                (META_MECHANISM.to_string(), if l.integer { "discrete_laplace" } else { "laplace" }.to_string()),
+                (META_MECHANISM.to_string(), l.name().to_string()),
                 (META_STDDEV.to_string(), format!("{}", l.stddev())),
                 (META_CI95.to_string(), format!("{}", l.ci95_half_width())),
-                (META_EPSILON.to_string(), format!("{}", l.epsilon)),
+                (format!("cleanroom.{}", l.cost().0), format!("{}", l.cost().1)),
             ])),
             None => f.as_ref().clone(),
         })
@@ -525,7 +542,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
 
 /// For each output column of `plan`, the noise of the DP aggregate column it
 /// shows unchanged (through aliases), if any.
-fn noisy_outputs(plan: &LogicalPlan, noise: &[(String, Laplace)]) -> Vec<Option<Laplace>> {
+fn noisy_outputs(plan: &LogicalPlan, noise: &[(String, Noise)]) -> Vec<Option<Noise>> {
     let mut node = plan;
     while matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_)) {
         node = node.inputs()[0];

@@ -41,7 +41,8 @@ use datafusion::logical_expr::{
 use rand::RngCore;
 
 use crate::error::{DpError, Result};
-use crate::mechanism::Threshold;
+use crate::accountant;
+use crate::mechanism::{Share, Threshold};
 use crate::options::ResolvedOptions;
 use crate::policy::{Domain, Policy};
 use crate::tracking::{lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
@@ -104,14 +105,16 @@ pub struct DpAggregate {
     pub output_name: String,
     /// L1 sensitivity of this column over all groups.
     pub sensitivity: f64,
-    /// This column's share of the query's ε.
-    pub epsilon: f64,
+    /// L2 sensitivity of this column over all groups (for Gaussian noise).
+    pub l2_sensitivity: f64,
+    /// What this column may spend: its share of the query's ε, or of its ρ.
+    pub share: Share,
     /// The exact column holds whole numbers (counts, sums of an integer
     /// measure with integer bounds): noise it with the discrete Laplace.
     pub integral: bool,
-    /// For `AVG`: the L1 sensitivity of the count of values (the exact plan's
-    /// `__b<j>` column) and the measure's bounds, to clamp the ratio.
-    pub average: Option<(f64, (f64, f64))>,
+    /// For `AVG`: the L1 and L2 sensitivities of the count of values (the
+    /// exact plan's `__b<j>` column) and the measure's bounds, to clamp the ratio.
+    pub average: Option<(f64, f64, (f64, f64))>,
 }
 
 /// One group column with its public domain, or `None` when its keys are
@@ -638,9 +641,9 @@ fn rewrite(
     bounded.extend(group_cols.iter().cloned());
     let mut aggregates = Vec::new();
     let mut finals = Vec::new();
-    // ε split evenly over the noisy columns, and the selection when there
-    // is one (sequential composition: the shares add up to the query's ε).
-    let share = options.epsilon / (requested.len() + usize::from(select)) as f64;
+    // The budget split over the noisy columns and the selection; see the
+    // composition argument in `accountant`.
+    let split = accountant::split(options, requested.len(), select)?;
     for (j, r) in requested.iter().enumerate() {
         let p = col(format!("__p{j}"));
         let (partial, per_group, final_expr) = match r.kind {
@@ -671,11 +674,13 @@ fn rewrite(
         aggregates.push(DpAggregate {
             kind: r.kind,
             output_name: field.name().clone(),
-            // A person reaches at most k groups, changing each by at most `per_group`.
+            // A person reaches at most k groups, changing each by at most
+            // `per_group`: L1 k × that, L2 √k × that.
             sensitivity: k * per_group,
-            epsilon: share,
+            l2_sensitivity: k.sqrt() * per_group,
+            share: split.column,
             integral: integral[j],
-            average: (r.kind == AggregateKind::Avg).then_some((k * per_group_rows, r.bounds)),
+            average: (r.kind == AggregateKind::Avg).then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),
         });
     }
     // 2. At most k groups per person, the ones with the smallest keyed hash.
@@ -702,14 +707,13 @@ fn rewrite(
         finals.push(count(lit(1i64)).alias("__n"));
     }
     let exact_plan = builder.aggregate(group_cols, finals)?.build()?;
-    let selection = if select {
-        Some(Threshold::calibrate(k as u32, share, options.delta)?)
-    } else {
-        None
+    let selection = match split.selection {
+        Some((epsilon, delta)) => Some(Threshold::calibrate(k as u32, epsilon, delta)?),
+        None => None,
     };
-    // The columns' and the selection's shares add up to the option's ε,
-    // which is charged; each mechanism spends at most its share.
-    let delta = selection.map(|t| t.delta).unwrap_or(0.0);
+    // The shares add up to the option's ε, which is charged (each mechanism
+    // spends at most its share); δ is charged as used.
+    let delta = selection.map(|t| t.delta).unwrap_or(0.0) + split.gaussian_delta;
 
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);

@@ -11,7 +11,7 @@ use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{finish, release};
 use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
-use cleanroom_dp::mechanism::Laplace;
+use cleanroom_dp::mechanism::{Noise, Share};
 use cleanroom_dp::DpError;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
@@ -148,6 +148,13 @@ async fn refused_rule(sql: &str) -> &'static str {
     }
 }
 
+fn epsilon_of(share: Share) -> f64 {
+    match share {
+        Share::Epsilon(e) => e,
+        Share::Rho(_) => panic!("a Gaussian column"),
+    }
+}
+
 fn dp(planned: PlannedQuery) -> DpQuery {
     match planned {
         PlannedQuery::Dp(q) => *q,
@@ -215,7 +222,7 @@ async fn keys_without_public_domain_are_released_by_partition_selection() {
     let t = q.selection.expect("partition selection");
     assert_eq!(t.threshold, 4, "{t:?}");
     assert!(q.delta > 0.0 && q.delta <= 1e-6 && q.delta == t.delta, "{t:?}");
-    assert!(t.epsilon + q.aggregates[0].epsilon <= q.epsilon + 1e-12);
+    assert!(t.epsilon + epsilon_of(q.aggregates[0].share) <= q.epsilon + 1e-12);
     assert_eq!(exact_by_group(&q, 0).await["DE"], 9.0, "the rows of p1 … p5");
     let released = charged_release(&q).await;
     let batch = &released.batches()[0];
@@ -506,7 +513,7 @@ async fn rows_and_values_are_clamped_per_person_and_group() {
     // COUNT(*): 3 groups x 2 rows; SUM: 3 groups x 2 rows x 100.
     assert_eq!(q.aggregates[0].sensitivity, 6.0);
     assert_eq!(q.aggregates[1].sensitivity, 600.0);
-    assert!((q.aggregates[0].epsilon + q.aggregates[1].epsilon - q.epsilon).abs() < 1e-12);
+    assert!((epsilon_of(q.aggregates[0].share) + epsilon_of(q.aggregates[1].share) - q.epsilon).abs() < 1e-12);
 }
 
 #[tokio::test]
@@ -543,7 +550,7 @@ async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
     let a = &q.aggregates[0];
     // 3 groups x 10 rows x bound 100 for the sum, 3 x 10 for the count.
     assert_eq!(a.sensitivity, 3000.0);
-    assert_eq!(a.average, Some((30.0, (0.0, 100.0))));
+    assert_eq!(a.average, Some((30.0, 3f64.sqrt() * 10.0, (0.0, 100.0))));
     let b = &exact(&q).await[0];
     assert!(b.column_by_name("__a0").is_some() && b.column_by_name("__b0").is_some());
     let released = charged_release(&q).await;
@@ -600,7 +607,7 @@ async fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
     assert_eq!(d - d_neighbour, 3.0, "p2 contributes the full sensitivity");
 
     let agg = &q.aggregates[0];
-    let mechanism = Laplace::calibrate(agg.sensitivity, agg.epsilon, agg.integral).unwrap();
+    let mechanism = Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral).unwrap();
     let n = 20_000;
     let share_at_least = |exact: f64| {
         let noisy = mechanism.apply(&vec![exact; n]).unwrap();
@@ -611,4 +618,42 @@ async fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
     let epsilon_lower_bound = ((p - slack) / (p_neighbour + slack)).ln();
     assert!(epsilon_lower_bound <= q.epsilon, "estimated epsilon >= {epsilon_lower_bound} exceeds the claimed {}", q.epsilon);
     assert!(epsilon_lower_bound > 0.5, "the audit should detect most of the loss: {epsilon_lower_bound}");
+}
+
+/// The same audit for Gaussian noise, which is (ε, δ)-DP: for any event S,
+/// P[M(D) ∈ S] ≤ e^ε · P[M(D') ∈ S] + δ, so ln((p − δ) / p') estimates a
+/// lower bound on ε. COUNT(*) at ε = 1, δ = 1e-5; p2 moves it by 3, the full
+/// L2 sensitivity. The event {X ≥ count(D) + 3} sits in the tail where the
+/// privacy loss is largest, so the estimate comes close to the claim.
+#[tokio::test]
+async fn empirical_privacy_loss_of_gaussian_noise_stays_within_the_claimed_epsilon() {
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-5, noise = 'gaussian', max_contributions_per_group = 3) COUNT(*) FROM events";
+    let q = dp(plan(sql).await.unwrap());
+    assert_eq!(q.delta, 1e-5);
+    let agg = &q.aggregates[0];
+    let Share::Rho(rho) = agg.share else { panic!("not Gaussian") };
+    assert!(cleanroom_dp::mechanism::zcdp_epsilon(rho, 1e-5).unwrap() <= 1.0 + 1e-9);
+    let mechanism = Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral).unwrap();
+    assert_eq!(mechanism.name(), "discrete_gaussian");
+    let d = 9.0; // rows of p1 … p5, at most 3 each
+    let d_neighbour = 6.0; // without p2's 3 rows
+    let n = 20_000;
+    let cut = d + 0.5 * mechanism.stddev();
+    let share_at_least = |exact: f64| {
+        let noisy = mechanism.apply(&vec![exact; n]).unwrap();
+        noisy.iter().filter(|v| **v >= cut).count() as f64 / n as f64
+    };
+    let (p, p_neighbour) = (share_at_least(d), share_at_least(d_neighbour));
+    let slack = ((2.0f64 / 1e-6).ln() / (2.0 * n as f64)).sqrt();
+    let epsilon_lower_bound = ((p - q.delta - slack) / (p_neighbour + slack)).ln();
+    assert!(epsilon_lower_bound <= q.epsilon, "estimated epsilon >= {epsilon_lower_bound} exceeds the claimed {}", q.epsilon);
+    assert!(epsilon_lower_bound > 0.0, "the audit should detect some loss: {epsilon_lower_bound}");
+
+    // Released end to end: the answer names its mechanism and its charge.
+    let released = charged_release(&q).await;
+    let field = released.schema().field(0).clone();
+    assert_eq!(field.metadata()["cleanroom.noise.mechanism"], "discrete_gaussian");
+    assert!(field.metadata().contains_key("cleanroom.rho"));
+    assert_eq!(released.schema().metadata()["cleanroom.charge.delta"], "0.00001");
+    assert_eq!(refused_rule("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (noise = 'gaussian') COUNT(*) FROM events").await, "gaussian_delta");
 }
