@@ -2,133 +2,19 @@
 //! refuses, and what its rewritten plans compute.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int64Type};
 use cleanroom_dp::ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
-use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{finish, release};
 use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
 use cleanroom_dp::mechanism::{Noise, Share};
 use cleanroom_dp::DpError;
-use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-fn policy() -> Policy {
-    let mut columns = BTreeMap::new();
-    columns.insert("uid".to_string(), ColumnRole::JoinKey);
-    columns.insert(
-        "channel".to_string(),
-        ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["a".into(), "b".into(), "c".into()])) },
-    );
-    columns.insert("country".to_string(), ColumnRole::Dimension { domain: None });
-    columns.insert("cost".to_string(), ColumnRole::Measure { lower: 0.0, upper: 100.0 });
-    columns.insert("secret".to_string(), ColumnRole::Hidden);
-    let events = DatasetPolicy { name: "events".into(), privacy_unit: Some("uid".into()), columns };
-    let mut columns = BTreeMap::new();
-    columns.insert("uid".to_string(), ColumnRole::JoinKey);
-    columns.insert("amount".to_string(), ColumnRole::Measure { lower: 0.0, upper: 50.0 });
-    let days = Domain::DateRange {
-        from: cleanroom_dp::policy::parse_date("2026-01-01").unwrap(),
-        to: cleanroom_dp::policy::parse_date("2026-01-03").unwrap(),
-    };
-    columns.insert("ts".to_string(), ColumnRole::Dimension { domain: Some(days) });
-    columns.insert("order_id".to_string(), ColumnRole::Hidden);
-    let orders = DatasetPolicy { name: "orders".into(), privacy_unit: Some("uid".into()), columns };
-    let mut columns = BTreeMap::new();
-    columns.insert(
-        "channel".to_string(),
-        ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["a".into(), "b".into(), "c".into()])) },
-    );
-    columns.insert("family".to_string(), ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["ab".into(), "c".into()])) });
-    let families = DatasetPolicy { name: "families".into(), privacy_unit: None, columns };
-    let mut datasets = BTreeMap::new();
-    datasets.insert("events".to_string(), events);
-    datasets.insert("orders".to_string(), orders);
-    datasets.insert("families".to_string(), families);
-    Policy { datasets, defaults: Defaults::default() }
-}
-
-/// Five people: p1 in channels a, b, c (one row each), p2 three rows in a,
-/// p3 in b with cost 1000 (above the bound), p4 in channel "zzz" (outside
-/// the domain), p5 in a; and two rows in a that belong to no one (NULL uid).
-fn context() -> SessionContext {
-    context_without("")
-}
-
-/// The same data without the rows of `person` (a neighbouring dataset).
-fn context_without(person: &str) -> SessionContext {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("uid", DataType::Utf8, true),
-        Field::new("channel", DataType::Utf8, true),
-        Field::new("country", DataType::Utf8, true),
-        Field::new("cost", DataType::Int64, true),
-        Field::new("secret", DataType::Utf8, true),
-    ]));
-    let rows = [
-        ("p1", "a", 10), ("p1", "b", 10), ("p1", "c", 10),
-        ("p2", "a", 5), ("p2", "a", 5), ("p2", "a", 5),
-        ("p3", "b", 1000), ("p4", "zzz", 1), ("p5", "a", 7),
-        ("", "a", 50), ("", "a", 50),
-    ];
-    let rows: Vec<_> = rows.iter().filter(|r| person.is_empty() || r.0 != person).collect();
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from_iter(rows.iter().map(|r| (!r.0.is_empty()).then_some(r.0)))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "DE"))),
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "x"))),
-        ],
-    )
-    .unwrap();
-    let ctx = SessionContext::new();
-    ctx.register_table("events", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
-
-    // orders: p1 two orders (10 on Jan 1, 20 on Jan 2), p2 one of 100 (above
-    // the bound 50) on Jan 1, p6 (no events) one of 5 on Jan 3, and one order
-    // without a person.
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("uid", DataType::Utf8, true),
-        Field::new("ts", DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())), true),
-        Field::new("amount", DataType::Int64, true),
-        Field::new("order_id", DataType::Int64, true),
-    ]));
-    const DAY: i64 = 86_400_000_000;
-    let jan1 = 1_767_225_600_000_000i64;
-    let orders = [("p1", jan1 + 3600, 10), ("p1", jan1 + DAY, 20), ("p2", jan1 + 7200, 100), ("p6", jan1 + 2 * DAY, 5), ("", jan1, 7)];
-    let orders: Vec<_> = orders.iter().filter(|r| person.is_empty() || r.0 != person).collect();
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from_iter(orders.iter().map(|r| (!r.0.is_empty()).then_some(r.0)))),
-            Arc::new(arrow::array::TimestampMicrosecondArray::from_iter_values(orders.iter().map(|r| r.1)).with_timezone("UTC")),
-            Arc::new(Int64Array::from_iter_values(orders.iter().map(|r| r.2))),
-            Arc::new(Int64Array::from_iter_values(orders.iter().enumerate().map(|(i, _)| i as i64))),
-        ],
-    )
-    .unwrap();
-    ctx.register_table("orders", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
-
-    // families: a public table mapping channels to families.
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("channel", DataType::Utf8, true),
-        Field::new("family", DataType::Utf8, true),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from_iter_values(["a", "b", "c"])),
-            Arc::new(StringArray::from_iter_values(["ab", "ab", "c"])),
-        ],
-    )
-    .unwrap();
-    ctx.register_table("families", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
-    ctx
-}
+mod fixtures;
+use fixtures::{context, context_without, policy};
 
 async fn plan(sql: &str) -> Result<PlannedQuery, DpError> {
     plan_on(&context(), sql).await
