@@ -24,7 +24,7 @@ use crate::error::{DpError, Result};
 use crate::ledger::{round_for_display, Ledger, Receipt};
 use crate::mechanism::{Noise, Share, Threshold};
 use crate::policy::Domain;
-use crate::rewrite::{release_table_schema, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
+use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
 
 /// Arrow field metadata keys on every noisy column.
 pub const META_MECHANISM: &str = "cleanroom.noise.mechanism";
@@ -186,15 +186,22 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                 ));
             }
             for a in q.aggregates.iter().filter(|a| a.average.is_some()) {
-                let (what, half) = match a.share.split(2.0) {
+                let parts = if a.squares.is_some() { 3.0 } else { 2.0 };
+                let (what, part) = match a.share.split(parts) {
                     Share::Epsilon(e) => ("epsilon", e),
                     Share::Rho(r) => ("rho", r),
                 };
+                let text = match a.squares {
+                    None => format!("noisy sum (L1 sensitivity {}) / noisy count", a.sensitivity),
+                    Some((l1, _)) => format!(
+                        "from a noisy count, a noisy sum of values centred on the bounds' midpoint (L1 sensitivity {}) and a noisy sum of their squares (L1 sensitivity {l1})",
+                        a.sensitivity
+                    ),
+                };
                 cost.push_str(&format!(
-                    "{}: noisy sum (L1 sensitivity {}) / noisy count, each with {what} {}, clamped to the bounds\n",
+                    "{}: {text}, each with {what} {}, clamped to what the bounds allow\n",
                     a.output_name,
-                    a.sensitivity,
-                    round_for_display(half)
+                    round_for_display(part)
                 ));
             }
             rows.push(("dp_cost".into(), cost.trim_end().to_string()));
@@ -272,8 +279,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     let index: HashMap<&[String], usize> = cells.iter().enumerate().map(|(i, k)| (k.as_slice(), i)).collect();
 
     let groups = query.groups.len();
-    // Exact columns by name: `__a<j>` per aggregate, and `__b<j>` (the count
-    // of values) for an AVG.
+    // Exact columns by name: `__a<j>` per aggregate, `__b<j>` (the count of
+    // values) for an AVG or a variance, `__c<j>` (the sum of squares) for a
+    // variance.
     let exact_columns: Vec<String> = query
         .aggregates
         .iter()
@@ -282,6 +290,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             let mut names = vec![format!("__a{j}")];
             if a.average.is_some() {
                 names.push(format!("__b{j}"));
+            }
+            if a.squares.is_some() {
+                names.push(format!("__c{j}"));
             }
             names
         })
@@ -334,12 +345,41 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     }
     for (j, agg) in query.aggregates.iter().enumerate() {
         let sums = &exact_values[format!("__a{j}").as_str()];
-        let noisy = match agg.average {
-            None => Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral)?.apply(sums)?,
+        let noisy = match (agg.average, agg.squares) {
+            (None, _) => Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral)?.apply(sums)?,
+            // A variance: noisy count n, sum s and sum of squares q of the
+            // values centred on the midpoint (a third of the budget each,
+            // sequential composition); q/n − (s/n)² is post-processing,
+            // clamped to [0, half-width²] (no population variance of
+            // values in the bounds is larger), then sample-corrected and rooted as asked.
+            (Some((count_l1, count_l2, (low, high))), Some((squares_l1, squares_l2))) => {
+                let third = agg.share.split(3.0);
+                let counts = &exact_values[format!("__b{j}").as_str()];
+                let squares = &exact_values[format!("__c{j}").as_str()];
+                let noisy_sums = Noise::calibrate(third, agg.sensitivity, agg.l2_sensitivity, false)?.apply(sums)?;
+                let noisy_counts = Noise::calibrate(third, count_l1, count_l2, true)?.apply(counts)?;
+                let noisy_squares = Noise::calibrate(third, squares_l1, squares_l2, false)?.apply(squares)?;
+                let largest = ((high - low) / 2.0).powi(2);
+                let (sample, root) = match agg.kind {
+                    AggregateKind::Variance { sample, root } => (sample, root),
+                    _ => (false, false),
+                };
+                (0..noisy_sums.len())
+                    .map(|i| {
+                        let n = noisy_counts[i].max(1.0);
+                        let mean = noisy_sums[i] / n;
+                        let mut var = (noisy_squares[i] / n - mean * mean).clamp(0.0, largest);
+                        if sample && n > 1.0 {
+                            var *= n / (n - 1.0);
+                        }
+                        if root { var.sqrt() } else { var }
+                    })
+                    .collect()
+            }
             // AVG: a noisy sum and a noisy count, each with half of this
             // aggregate's ε (sequential composition); their ratio is
             // post-processing, clamped to the measure's bounds.
-            Some((count_l1, count_l2, (low, high))) => {
+            (Some((count_l1, count_l2, (low, high))), None) => {
                 let half = agg.share.split(2.0);
                 let noisy_sums = Noise::calibrate(half, agg.sensitivity, agg.l2_sensitivity, false)?.apply(sums)?;
                 let counts = &exact_values[format!("__b{j}").as_str()];

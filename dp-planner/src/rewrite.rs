@@ -95,6 +95,10 @@ pub enum AggregateKind {
     /// `AVG(measure)`: a noisy sum of clamped values over a noisy count of
     /// values, each with half of the aggregate's ε, clamped to the bounds.
     Avg,
+    /// `VAR`/`VAR_POP`/`STDDEV`/`STDDEV_POP` of a bounded value: noisy count,
+    /// sum and sum of squares of the values centred on the bounds' midpoint,
+    /// a third of the aggregate's budget each.
+    Variance { sample: bool, root: bool },
 }
 
 /// One noisy column of the DP aggregate.
@@ -112,9 +116,12 @@ pub struct DpAggregate {
     /// The exact column holds whole numbers (counts, sums of an integer
     /// measure with integer bounds): noise it with the discrete Laplace.
     pub integral: bool,
-    /// For `AVG`: the L1 and L2 sensitivities of the count of values (the
-    /// exact plan's `__b<j>` column) and the measure's bounds, to clamp the ratio.
+    /// For `AVG` and the variances: the L1 and L2 sensitivities of the count
+    /// of values (the exact plan's `__b<j>` column) and the value's bounds.
     pub average: Option<(f64, f64, (f64, f64))>,
+    /// For the variances: the L1 and L2 sensitivities of the sum of squared
+    /// centred values (`__c<j>`); `__a<j>` is then the sum of centred values.
+    pub squares: Option<(f64, f64)>,
 }
 
 /// One group column with its public domain, or `None` when its keys are
@@ -450,7 +457,7 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
         ));
     }
     let schema = aggregate.input.schema();
-    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM(<bounded value>), AVG(<bounded value>)";
+    let allowed = "COUNT(*), COUNT(<column>), COUNT(DISTINCT <privacy unit>), SUM, AVG, VAR, VAR_POP, STDDEV, STDDEV_POP (of a bounded value)";
     let rows = || Requested { kind: AggregateKind::CountRows, arg: None, of_unit: false, bounds: (0.0, 0.0) };
     aggregate
         .aggr_expr
@@ -499,6 +506,10 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
                 ("count", false) => Ok(Requested { kind: AggregateKind::CountValues, arg: Some(arg.clone()), of_unit: false, bounds: (0.0, 0.0) }),
                 ("sum", false) => bounded(AggregateKind::Sum),
                 ("avg", false) => bounded(AggregateKind::Avg),
+                ("var" | "var_samp" | "var_sample", false) => bounded(AggregateKind::Variance { sample: true, root: false }),
+                ("var_pop" | "var_population", false) => bounded(AggregateKind::Variance { sample: false, root: false }),
+                ("stddev" | "stddev_samp", false) => bounded(AggregateKind::Variance { sample: true, root: true }),
+                ("stddev_pop", false) => bounded(AggregateKind::Variance { sample: false, root: true }),
                 _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not supported yet"), allowed)),
             }
         })
@@ -605,7 +616,7 @@ fn rewrite(
         let field_type = aggregate.schema.field(groups.len() + j).data_type().clone();
         let whole = match r.kind {
             AggregateKind::Sum => field_type.is_integer() && r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0,
-            AggregateKind::Avg => false,
+            AggregateKind::Avg | AggregateKind::Variance { .. } => false,
             _ => true,
         };
         integral.push(whole);
@@ -625,6 +636,14 @@ fn rewrite(
             AggregateKind::Avg => {
                 partials.push(sum(clamp(arg(), r.bounds.0, r.bounds.1, false)).alias(name));
                 partials.push(count(arg()).alias(format!("__q{j}")));
+            }
+            AggregateKind::Variance { .. } => {
+                // Centred on the midpoint, each value is within ±half-width.
+                let mid = (r.bounds.0 + r.bounds.1) / 2.0;
+                let centred = clamp(arg(), r.bounds.0, r.bounds.1, false) - lit(mid);
+                partials.push(sum(centred.clone()).alias(name));
+                partials.push(count(arg()).alias(format!("__q{j}")));
+                partials.push(sum(centred.clone() * centred).alias(format!("__r{j}")));
             }
         }
     }
@@ -659,8 +678,20 @@ fn rewrite(
                 let high = per_group_rows * r.bounds.1.max(0.0);
                 (Some(clamp(p, low, high, integral[j])), low.abs().max(high.abs()), sum(col(format!("__p{j}"))))
             }
+            AggregateKind::Variance { .. } => {
+                let half = per_group_rows * (r.bounds.1 - r.bounds.0) / 2.0;
+                (Some(clamp(p, -half, half, false)), half, sum(col(format!("__p{j}"))))
+            }
         };
-        if r.kind == AggregateKind::Avg {
+        let half_width = (r.bounds.1 - r.bounds.0) / 2.0;
+        let squares = matches!(r.kind, AggregateKind::Variance { .. }).then(|| per_group_rows * half_width * half_width);
+        if let Some(bound) = squares {
+            // Squared centred values per person and group: at most
+            // `max_contributions_per_group` × half-width².
+            bounded.push(clamp(col(format!("__r{j}")), 0.0, bound, false).alias(format!("__r{j}")));
+            finals.push(sum(col(format!("__r{j}"))).alias(format!("__c{j}")));
+        }
+        if matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. }) {
             // The denominator: values counted per person and group, at most
             // `max_contributions_per_group`.
             bounded.push(clamp(col(format!("__q{j}")), 0.0, per_group_rows, true).alias(format!("__q{j}")));
@@ -680,7 +711,9 @@ fn rewrite(
             l2_sensitivity: k.sqrt() * per_group,
             share: split.column,
             integral: integral[j],
-            average: (r.kind == AggregateKind::Avg).then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),
+            average: matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. })
+                .then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),
+            squares: squares.map(|b| (k * b, k.sqrt() * b)),
         });
     }
     // 2. At most k groups per person, the ones with the smallest keyed hash.
