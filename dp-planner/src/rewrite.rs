@@ -45,7 +45,7 @@ use crate::accountant;
 use crate::mechanism::{Share, Threshold};
 use crate::options::ResolvedOptions;
 use crate::policy::{Domain, Policy};
-use crate::tracking::{lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
+use crate::tracking::{carry_unit, lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
 use crate::udf::ContributionKey;
 
 /// What the gateway does with a planned statement.
@@ -243,6 +243,11 @@ pub fn plan_query(
     }
     let plan = analyze(plan)?;
     let aggregate = find_dp_aggregate(&plan)?;
+    // The unit carried through projections that leave it out; the DP
+    // aggregate is rebuilt over that input (same output schema).
+    let carried = carry_unit(aggregate.input.as_ref().clone(), policy)?;
+    let aggregate =
+        &Aggregate::try_new(Arc::new(carried), aggregate.group_expr.clone(), aggregate.aggr_expr.clone())?;
     let input = track(&aggregate.input, policy)?;
     if !input.protected {
         return Err(DpError::refused(
@@ -532,8 +537,8 @@ fn rewrite(
         .ok_or_else(|| {
             DpError::refused_with(
                 "privacy_unit",
-                "the input of the DP aggregate does not carry the privacy unit (a subquery or UNION left it out of its SELECT list)",
-                "keep the privacy unit column (uid) in every subquery's SELECT list",
+                "the input of the DP aggregate does not carry the privacy unit (a SELECT DISTINCT or a UNION left it out, so its rows are no longer one person's)",
+                "keep the privacy unit column (uid) in the SELECT list under DISTINCT or UNION, or count people with COUNT(DISTINCT uid)",
             )
         })?;
     let unit_column = Column::from(input_schema.qualified_field(unit_index));

@@ -32,11 +32,13 @@
 //! refused; casts are made `TRY_CAST` by [`make_total`].
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{DFSchema, ScalarValue};
+use std::sync::Arc;
+
+use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, TryCast,
+    BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, Projection, TryCast,
 };
 
 use crate::error::{DpError, Result};
@@ -118,6 +120,75 @@ pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
             })
         })?
         .data)
+}
+
+/// Carry the privacy unit through projections that leave it out: BI tools
+/// and analysts write `SELECT channel, COUNT(*) FROM (SELECT channel FROM
+/// impressions) GROUP BY channel`, where the subquery drops `uid`. Every
+/// projection below the DP aggregate whose input is protected but whose
+/// output has no unit column gets its input's unit column appended (under
+/// its own name), so the DP aggregate can still bound each person's rows.
+/// The analyst's columns are unchanged; the extra column is only read by the
+/// rewrite.
+///
+/// Why this is sound: appending a column to a projection changes no row's
+/// other values and no row count, and the appended value is the row's own
+/// person, so the tracking invariant holds as if the analyst had kept it.
+/// The one place where a dropped unit changes meaning is `SELECT DISTINCT`
+/// (distinct values across people, not per person): a projection directly
+/// under `DISTINCT` is left as written, and the DP aggregate above it is
+/// refused by the `privacy_unit` rule.
+pub fn carry_unit(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
+    let plan = match plan {
+        LogicalPlan::Distinct(Distinct::All(input)) => {
+            let input = match Arc::unwrap_or_clone(input) {
+                // Below DISTINCT the projection stays as written; only its
+                // input is carried.
+                LogicalPlan::Projection(p) => {
+                    let below = carry_unit(Arc::unwrap_or_clone(p.input), policy)?;
+                    LogicalPlan::Projection(Projection::try_new(p.expr, Arc::new(below))?)
+                }
+                other => carry_unit(other, policy)?,
+            };
+            return Ok(LogicalPlan::Distinct(Distinct::All(Arc::new(input))));
+        }
+        LogicalPlan::Projection(p) => {
+            let input = carry_unit(Arc::unwrap_or_clone(p.input), policy)?;
+            // Tracking errors are left for the main walk to report (in its
+            // own order); here they only mean "nothing to carry".
+            let below = track(&input, policy).ok();
+            let projection = Projection::try_new(p.expr, Arc::new(input))?;
+            let Some(unit) = below.filter(|b| b.protected).and_then(|b| b.unit_index()) else {
+                return Ok(LogicalPlan::Projection(projection));
+            };
+            match track(&LogicalPlan::Projection(projection.clone()), policy) {
+                Ok(here) if here.unit_index().is_none() => {}
+                _ => return Ok(LogicalPlan::Projection(projection)),
+            }
+            let column = Column::from(projection.input.schema().qualified_field(unit));
+            if projection.schema.fields().iter().any(|f| f.name() == &column.name) {
+                return Err(refuse(
+                    "privacy_unit",
+                    format!("a subquery leaves out the privacy unit but names another column `{}`", column.name),
+                    format!("keep `{}` in the subquery's SELECT list, or name the other column differently", column.name),
+                ));
+            }
+            let mut expr = projection.expr;
+            expr.push(Expr::Column(column));
+            return Ok(LogicalPlan::Projection(Projection::try_new(expr, projection.input)?));
+        }
+        other => other,
+    };
+    let inputs: Vec<LogicalPlan> = plan
+        .inputs()
+        .into_iter()
+        .map(|child| carry_unit(child.clone(), policy))
+        .collect::<Result<_>>()?;
+    if inputs.is_empty() {
+        return Ok(plan);
+    }
+    // Rebuilt over the carried inputs, with schemas recomputed.
+    Ok(plan.with_new_exprs(plan.expressions(), inputs)?)
 }
 
 /// Track `plan`, the input of the DP aggregate (or any node below it).

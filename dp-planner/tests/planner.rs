@@ -183,8 +183,6 @@ async fn expressions_that_could_fail_on_a_value_are_refused() {
     // An invalid literal would fail only when some row reaches the function.
     assert_eq!(refused_rule("SELECT COUNT(*) FROM orders WHERE date_trunc('fortnight', ts) IS NULL").await, "function_not_allowed");
     plan("SELECT COUNT(*) FROM orders WHERE date_trunc('day', ts) > ts").await.unwrap();
-    // A subquery that leaves the person out cannot feed the DP aggregate.
-    assert_eq!(refused_rule("SELECT channel, COUNT(*) FROM (SELECT channel FROM events) GROUP BY channel").await, "privacy_unit");
     // Floating-point division and a fixed divisor cannot fail.
     plan("SELECT channel, COUNT(*) FROM events WHERE CAST(cost AS DOUBLE) / cost > 1 GROUP BY channel").await.unwrap();
     plan("SELECT channel, COUNT(*) FROM events WHERE cost / 7 > 1 GROUP BY channel").await.unwrap();
@@ -291,6 +289,30 @@ async fn joins_with_public_data_and_date_keys() {
     let days: Vec<&str> = days.as_string::<i32>().iter().map(|d| d.unwrap()).collect();
     assert_eq!(days, vec!["2026-01-01", "2026-01-02", "2026-01-03"]);
     assert_eq!(refused_rule("SELECT ts, COUNT(*) FROM orders GROUP BY ts").await, "group_key_public_domain");
+}
+
+/// A subquery that leaves the privacy unit out of its SELECT list still
+/// feeds the DP aggregate: the unit is carried through it, so each person's
+/// rows are bounded exactly as if the analyst had kept `uid`.
+#[tokio::test]
+async fn the_privacy_unit_is_carried_through_subqueries_that_leave_it_out() {
+    let by_channel = |q: DpQuery| async move { exact_by_group(&q, 0).await };
+    let direct = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, max_contributions_per_group = 2) channel, COUNT(*) FROM events GROUP BY channel").await.unwrap());
+    let nested = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, max_contributions_per_group = 2) channel, COUNT(*) FROM (SELECT channel FROM events WHERE cost > 0) t GROUP BY channel").await.unwrap());
+    let cte = dp(plan("WITH c AS (SELECT channel, cost * 2 AS double_cost FROM events) SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, max_contributions_per_group = 2) channel, COUNT(*) FROM (SELECT channel FROM c) GROUP BY channel").await.unwrap());
+    // a: p1 1 row, p2 3 rows (2 kept), p5 1 row → 4; b: p1, p3 → 2; c: p1 → 1.
+    let expected: BTreeMap<String, f64> = [("a".to_string(), 4.0), ("b".to_string(), 2.0), ("c".to_string(), 1.0)].into();
+    assert_eq!(by_channel(direct).await, expected);
+    assert_eq!(by_channel(nested).await, expected);
+    assert_eq!(by_channel(cte).await, expected);
+    // The answer's columns are the analyst's.
+    let q = dp(plan("SELECT channel, COUNT(*) AS n FROM (SELECT channel FROM events) GROUP BY channel").await.unwrap());
+    assert_eq!(q.output_schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(), vec!["channel", "n"]);
+    // DISTINCT over a projection without the unit counts values across
+    // people: still refused.
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT DISTINCT channel FROM events) t").await, "privacy_unit");
+    // A subquery that names another column `uid` cannot get the unit back.
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT channel AS uid FROM events) t").await, "privacy_unit");
 }
 
 #[tokio::test]
