@@ -25,7 +25,7 @@ FROM people;
 -- name: Q2_affiliate_ltv
 -- Per person and affiliate: revenue and conversions of exposed converters, each clamped
 -- (LEAST) per person, which gives the DP sums their bounds; a person counts towards at
--- most 2 affiliates.
+-- most 2 affiliates, and has one row per affiliate (inferred from the GROUP BY).
 WITH exposed AS (SELECT DISTINCT uid FROM impressions),
 per_person AS (
   SELECT c.uid, c.affiliate_id,
@@ -34,7 +34,7 @@ per_person AS (
   WHERE c.affiliate_id IS NOT NULL
   GROUP BY c.uid, c.affiliate_id
 )
-SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 2, max_contributions_per_group = 1)
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 2)
   affiliate_id,
   SUM(revenue) AS revenue,
   COUNT(*) AS converters,

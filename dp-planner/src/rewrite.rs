@@ -556,9 +556,20 @@ fn rewrite(
     }
     let unit = col(unit_column);
     // Rows per person and group: the option, or fewer when the plan's shape
-    // guarantees it (e.g. one row per person after GROUP BY uid).
+    // guarantees it: one row per person after GROUP BY uid, or one per
+    // person and group when the input is unique per person and columns that
+    // the DP aggregate groups by (after GROUP BY uid, affiliate_id).
+    let grouped_columns: Vec<usize> = groups
+        .iter()
+        .filter_map(|(e, _)| match e.clone().unalias() {
+            Expr::Column(c) => input_schema.index_of_column(&c).ok(),
+            _ => None,
+        })
+        .collect();
+    let one_per_group = input.unique_by.as_ref().is_some_and(|by| by.iter().all(|i| grouped_columns.contains(i)));
     let per_group_rows = (options.max_contributions_per_group as u64)
-        .min(input.rows_per_person.unwrap_or(u64::MAX)) as f64;
+        .min(input.rows_per_person.unwrap_or(u64::MAX))
+        .min(if one_per_group { 1 } else { u64::MAX }) as f64;
     // A person can reach no more groups than the domain has cells (no
     // bound when keys are selected from the data).
     let select = groups.iter().any(|(_, g)| g.domain.is_none());

@@ -94,6 +94,11 @@ pub struct Tracked {
     /// At most this many rows belong to one person, when that is known from
     /// the plan's shape (an aggregate grouped by the unit alone gives one).
     pub rows_per_person: Option<u64>,
+    /// A person has at most one row per combination of values of these
+    /// output columns, when known (after `GROUP BY uid, a, b`: the columns
+    /// of `a` and `b`). A DP aggregate grouped by all of them gets at most
+    /// one row per person and group.
+    pub unique_by: Option<Vec<usize>>,
 }
 
 impl Tracked {
@@ -226,7 +231,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                     format!("dataset `{}` has no privacy-unit column `{}`", dataset.name, unit.unwrap_or_default()),
                 ));
             }
-            Ok(Tracked { protected, columns, rows_per_person: None })
+            Ok(Tracked { protected, columns, rows_per_person: None, unique_by: None })
         }
         LogicalPlan::Filter(filter) => {
             let input = track(&filter.input, policy)?;
@@ -240,7 +245,17 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                 .iter()
                 .map(|e| lineage(e, projection.input.schema(), &input.columns))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Tracked { columns, ..input })
+            // Uniqueness survives only if every column it names is passed
+            // through unchanged.
+            let unique_by = input.unique_by.as_ref().and_then(|by| {
+                by.iter()
+                    .map(|&i| {
+                        let wanted = Column::from(projection.input.schema().qualified_field(i));
+                        projection.expr.iter().position(|e| matches!(e.clone().unalias(), Expr::Column(c) if c == wanted))
+                    })
+                    .collect::<Option<Vec<usize>>>()
+            });
+            Ok(Tracked { columns, unique_by, ..input })
         }
         LogicalPlan::SubqueryAlias(alias) => track(&alias.input, policy),
         LogicalPlan::Sort(sort) => {
@@ -280,7 +295,11 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             }
             let only_unit = aggregate.group_expr.len() == 1;
             let rows_per_person = if only_unit { Some(1) } else { input.rows_per_person };
-            Ok(Tracked { protected: input.protected, columns, rows_per_person })
+            // One output row per person and combination of the other keys.
+            let unique_by = input.protected.then(|| {
+                (0..aggregate.group_expr.len()).filter(|&i| columns[i] != Lineage::Unit).collect()
+            });
+            Ok(Tracked { protected: input.protected, columns, rows_per_person, unique_by })
         }
         LogicalPlan::Window(window) => {
             let input = track(&window.input, policy)?;
@@ -346,12 +365,13 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             let rows_per_person = inputs
                 .iter()
                 .try_fold(0u64, |n, t| t.rows_per_person.and_then(|r| n.checked_add(r)));
-            Ok(Tracked { protected: protected > 0, columns, rows_per_person })
+            Ok(Tracked { protected: protected > 0, columns, rows_per_person, unique_by: None })
         }
         LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Ok(Tracked {
             protected: false,
             columns: vec![Lineage::Other; plan.schema().fields().len()],
             rows_per_person: None,
+            unique_by: None,
         }),
         other => Err(DpError::refused(
             "unsupported_shape",
@@ -439,7 +459,13 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
                 JoinType::RightSemi | JoinType::RightAnti => (right.columns.clone(), right.rows_per_person),
                 other => return Err(unsupported_join(other)),
             };
-            Ok(Tracked { protected: true, columns, rows_per_person: rows })
+            // A semi or anti join only filters one side's rows.
+            let unique_by = match join.join_type {
+                JoinType::LeftSemi | JoinType::LeftAnti => left.unique_by.clone(),
+                JoinType::RightSemi | JoinType::RightAnti => right.unique_by.clone(),
+                _ => None,
+            };
+            Ok(Tracked { protected: true, columns, rows_per_person: rows, unique_by })
         }
         (true, false) | (false, true) => {
             let protected_left = left.protected;
@@ -459,7 +485,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
                 (other, _) => return Err(unsupported_join(other)),
             };
             // A person's row may match many public rows: no per-person row count.
-            Ok(Tracked { protected: true, columns, rows_per_person: None })
+            Ok(Tracked { protected: true, columns, rows_per_person: None, unique_by: None })
         }
         (false, false) => {
             let columns = match join.join_type {
@@ -467,7 +493,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
                 JoinType::RightSemi | JoinType::RightAnti => right.columns.clone(),
                 _ => both,
             };
-            Ok(Tracked { protected: false, columns, rows_per_person: None })
+            Ok(Tracked { protected: false, columns, rows_per_person: None, unique_by: None })
         }
     }
 }

@@ -315,6 +315,32 @@ async fn the_privacy_unit_is_carried_through_subqueries_that_leave_it_out() {
     assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT channel AS uid FROM events) t").await, "privacy_unit");
 }
 
+/// After `GROUP BY uid, channel` a person has one row per channel, so a DP
+/// aggregate grouped by channel needs no per-group row bound beyond 1.
+#[tokio::test]
+async fn one_row_per_person_and_group_is_inferred_from_an_inner_group_by() {
+    let cte = "WITH pp AS (SELECT uid, channel, country, LEAST(COUNT(*), 5) AS n FROM events GROUP BY uid, channel, country)";
+    let q = dp(plan(&format!("{cte} SELECT channel, COUNT(*), SUM(n) FROM pp GROUP BY channel")).await.unwrap());
+    // Unique per (uid, channel, country): grouping by channel alone is not enough.
+    assert_eq!(q.aggregates[0].sensitivity, 10.0);
+    let q = dp(plan(&format!("{cte} SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (delta = 1e-7) channel, country, COUNT(*), SUM(n) FROM pp GROUP BY channel, country")).await.unwrap());
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
+    let cte = "WITH pp AS (SELECT uid, channel, LEAST(COUNT(*), 5) AS n FROM events GROUP BY uid, channel)";
+    let q = dp(plan(&format!("{cte} SELECT channel, COUNT(*) AS people, SUM(n) AS rows FROM pp GROUP BY channel")).await.unwrap());
+    assert_eq!((q.aggregates[0].sensitivity, q.aggregates[1].sensitivity), (1.0, 5.0));
+    // Through a subquery that keeps the column, still one per group ...
+    let q = dp(plan(&format!("{cte} SELECT c, COUNT(*) FROM (SELECT channel AS c, n FROM pp) t GROUP BY c")).await.unwrap());
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
+    // ... but not when the DP aggregate groups by something else.
+    let q = dp(plan(&format!("{cte} SELECT COUNT(*) FROM pp")).await.unwrap());
+    assert_eq!(q.aggregates[0].sensitivity, 10.0);
+    // The exact counts: a has p1, p2, p5; b has p1, p3; c has p1 (one
+    // group per person kept with max_groups_contributed = 1, so they sum to 4).
+    let q = dp(plan(&format!("{cte} SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) channel, COUNT(*) FROM pp GROUP BY channel")).await.unwrap());
+    let expected: BTreeMap<String, f64> = [("a".to_string(), 3.0), ("b".to_string(), 2.0), ("c".to_string(), 1.0)].into();
+    assert_eq!(exact_by_group(&q, 0).await, expected);
+}
+
 #[tokio::test]
 async fn unsupported_aggregates_are_refused() {
     assert_eq!(refused_rule("SELECT channel, COUNT(DISTINCT country) FROM events GROUP BY channel").await, "supported_aggregates");
