@@ -9,7 +9,7 @@
 //! over public domains is pure (δ_q = 0); DP partition selection adds its own
 //! (ε, δ); Gaussian noise is accounted in zCDP inside the query (ρ adds up
 //! over its columns, which is where zCDP is tighter than adding ε) and
-//! converted once to (ε, δ) at the query's δ. Across queries, a party's
+//! converted once to (ε, δ) at its share of the query's δ. Across queries, a party's
 //! answers are an adaptive sequence of (ε_q, δ_q)-DP mechanisms on the same
 //! data, so by the basic adaptive composition theorem the whole history is
 //! (Σ ε_q, Σ δ_q)-DP. The ledger therefore keeps, per party, the plain sums of

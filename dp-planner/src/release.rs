@@ -2,10 +2,12 @@
 //! party may see.
 //!
 //! [`release`] needs the [`Receipt`] of the query's charge, so nothing is
-//! released before the charge is durable. It completes the groups to the full
-//! public domain (a group with no rows is released too, as a noisy zero, so the
-//! answer's shape never shows which groups exist), drops any group key outside
-//! the domain, and adds OpenDP noise to every cell. [`Released`], the answer,
+//! released before the charge is durable. When every group key has a public
+//! domain it completes the groups to the full domain (a group with no rows is
+//! released too, as a noisy zero, so the answer's shape never shows which
+//! groups exist) and drops any group key outside it; otherwise the groups
+//! released are those DP partition selection keeps (which depends on the
+//! data, within the selection's (ε, δ)). It adds OpenDP noise to every cell. [`Released`], the answer,
 //! can only be built here. [`finish`] then runs the analyst's post-processing
 //! (projection, HAVING, ORDER BY, LIMIT) on the released values alone, which
 //! costs no privacy.

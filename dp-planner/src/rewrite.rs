@@ -93,7 +93,7 @@ pub enum AggregateKind {
     /// `SUM(measure)`, each value clamped to the measure's bounds.
     Sum,
     /// `AVG(measure)`: a noisy sum of clamped values over a noisy count of
-    /// values, each with half of the aggregate's ε, clamped to the bounds.
+    /// values, each with half of the aggregate's budget, clamped to the bounds.
     Avg,
     /// `VAR`/`VAR_POP`/`STDDEV`/`STDDEV_POP` of a bounded value: noisy count,
     /// sum and sum of squares of the values centred on the bounds' midpoint,
@@ -114,7 +114,8 @@ pub struct DpAggregate {
     /// What this column may spend: its share of the query's ε, or of its ρ.
     pub share: Share,
     /// The exact column holds whole numbers (counts, sums of an integer
-    /// measure with integer bounds): noise it with the discrete Laplace.
+    /// measure with integer bounds): noise it with the discrete Laplace or
+    /// discrete Gaussian.
     pub integral: bool,
     /// For `AVG` and the variances: the L1 and L2 sensitivities of the count
     /// of values (the exact plan's `__b<j>` column) and the value's bounds.
@@ -149,7 +150,8 @@ pub struct DpQuery {
     pub selection: Option<Threshold>,
     /// ε this query costs: the aggregates' and the selection's.
     pub epsilon: f64,
-    /// δ this query costs: the selection's (0 without one).
+    /// δ this query costs: the selection's plus the Gaussian columns' (0 for
+    /// Laplace noise over public domains).
     pub delta: f64,
     /// The datasets read (sorted, each once).
     pub datasets: Vec<String>,

@@ -139,24 +139,16 @@ pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
 /// Why this is sound: appending a column to a projection changes no row's
 /// other values and no row count, and the appended value is the row's own
 /// person, so the tracking invariant holds as if the analyst had kept it.
-/// The one place where a dropped unit changes meaning is `SELECT DISTINCT`
-/// (distinct values across people, not per person): a projection directly
-/// under `DISTINCT` is left as written, and the DP aggregate above it is
-/// refused by the `privacy_unit` rule.
+/// The one place where a dropped unit changes meaning is `DISTINCT` (of
+/// `SELECT DISTINCT`, `UNION`, `INTERSECT`, `EXCEPT`: distinct values across
+/// people, not per person): nothing under it is changed, and the DP
+/// aggregate above it is refused by the `privacy_unit` rule.
 pub fn carry_unit(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
     let plan = match plan {
-        LogicalPlan::Distinct(Distinct::All(input)) => {
-            let input = match Arc::unwrap_or_clone(input) {
-                // Below DISTINCT the projection stays as written; only its
-                // input is carried.
-                LogicalPlan::Projection(p) => {
-                    let below = carry_unit(Arc::unwrap_or_clone(p.input), policy)?;
-                    LogicalPlan::Projection(Projection::try_new(p.expr, Arc::new(below))?)
-                }
-                other => carry_unit(other, policy)?,
-            };
-            return Ok(LogicalPlan::Distinct(Distinct::All(Arc::new(input))));
-        }
+        // Under DISTINCT (also the one of UNION, INTERSECT, EXCEPT) nothing is
+        // carried at any depth: an added column would change which rows are
+        // duplicates.
+        LogicalPlan::Distinct(_) => return Ok(plan),
         LogicalPlan::Projection(p) => {
             let input = carry_unit(Arc::unwrap_or_clone(p.input), policy)?;
             // Tracking errors are left for the main walk to report (in its
@@ -182,7 +174,16 @@ pub fn carry_unit(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
             expr.push(Expr::Column(column));
             return Ok(LogicalPlan::Projection(Projection::try_new(expr, projection.input)?));
         }
-        other => other,
+        // Only the shapes `track` accepts are rebuilt; anything else is
+        // returned as written, for `track` to refuse.
+        other @ (LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Join(_)
+        | LogicalPlan::Aggregate(_)
+        | LogicalPlan::Window(_)
+        | LogicalPlan::Union(_)) => other,
+        other => return Ok(other),
     };
     let inputs: Vec<LogicalPlan> = plan
         .inputs()

@@ -311,6 +311,12 @@ async fn the_privacy_unit_is_carried_through_subqueries_that_leave_it_out() {
     // DISTINCT over a projection without the unit counts values across
     // people: still refused.
     assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT DISTINCT channel FROM events) t").await, "privacy_unit");
+    assert_eq!(
+        refused_rule("SELECT COUNT(*) FROM (SELECT channel FROM events UNION SELECT channel FROM events) t").await,
+        "union_privacy_unit"
+    );
+    // DISTINCT ON is refused, not a crash.
+    assert!(plan("SELECT channel, COUNT(*) FROM (SELECT DISTINCT ON (uid) uid, channel FROM events ORDER BY uid, cost DESC) s GROUP BY channel").await.is_err());
     // A subquery that names another column `uid` cannot get the unit back.
     assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT channel AS uid FROM events) t").await, "privacy_unit");
 }

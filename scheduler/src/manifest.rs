@@ -1,6 +1,6 @@
 //! The collaboration manifest: the one TOML file every party of a clean room
 //! agrees on. It names the collaboration, the parties (with an argon2 PHC hash
-//! of each party's password and its total ε budget), the datasets (who owns
+//! of each party's password and its total ε and δ budgets), the datasets (who owns
 //! them, where the Parquet files live, who may read them) and, per dataset
 //! column, the role the column plays in DP queries.
 //!
@@ -73,8 +73,8 @@ pub struct Party {
     pub password: String,
     /// The total ε this party may spend over the life of the collaboration.
     pub epsilon_budget: f64,
-    /// The total δ it may spend (DP partition selection): 0 unless set, so a
-    /// party without one can run only pure ε-DP queries.
+    /// The total δ it may spend (DP partition selection, Gaussian noise): 0
+    /// unless set, so a party without one can run only pure ε-DP queries.
     pub delta_budget: f64,
 }
 
