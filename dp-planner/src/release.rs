@@ -24,7 +24,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result};
 use crate::ledger::{round_for_display, Ledger, Receipt};
-use crate::mechanism::{Noise, Share, Threshold};
+use crate::mechanism::{Noise, NoisyMin, Share, Threshold};
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
 
@@ -187,6 +187,21 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                     l.ci95_half_width()
                 ));
             }
+            for a in q.aggregates.iter() {
+                if let (Some(spec), Share::Epsilon(e)) = (&a.quantile, a.share) {
+                    cost.push_str(&format!(
+                        "{}: quantile {} chosen per group by noisy max (permute-and-flip) among {} candidates from {} to {}, score L-infinity sensitivity {}, epsilon {} per group ({} groups per person)\n",
+                        a.output_name,
+                        spec.permille as f64 / 1000.0,
+                        spec.candidates.len(),
+                        spec.candidates[0],
+                        spec.candidates[spec.candidates.len() - 1],
+                        a.sensitivity,
+                        round_for_display(e / spec.groups_per_person),
+                        spec.groups_per_person
+                    ));
+                }
+            }
             for a in q.aggregates.iter().filter(|a| a.average.is_some()) {
                 let parts = if a.squares.is_some() { 3.0 } else { 2.0 };
                 let (what, part) = match a.share.split(parts) {
@@ -296,6 +311,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             if a.squares.is_some() {
                 names.push(format!("__c{j}"));
             }
+            if let Some(q) = &a.quantile {
+                names.extend((0..q.candidates.len()).map(|i| format!("__k{j}_{i}")));
+            }
             names
         })
         .collect();
@@ -347,6 +365,28 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     }
     for (j, agg) in query.aggregates.iter().enumerate() {
         let sums = &exact_values[format!("__a{j}").as_str()];
+        if let (Some(q), Share::Epsilon(epsilon)) = (&agg.quantile, agg.share) {
+            // A quantile: per group, OpenDP's noisy max picks the candidate
+            // whose rank is closest to q·N. A person reaches at most k groups,
+            // so each group's selection gets ε / k (sequential composition).
+            let selection = NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
+            let counts = &exact_values[format!("__a{j}").as_str()];
+            let at_most: Vec<&Vec<f64>> =
+                (0..q.candidates.len()).map(|i| &exact_values[format!("__k{j}_{i}").as_str()]).collect();
+            let chosen = (0..cells.len())
+                .map(|cell| {
+                    let n = counts[cell] as i64;
+                    let scores: Vec<i64> = at_most
+                        .iter()
+                        .map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs())
+                        .collect();
+                    Ok(q.candidates[selection.select(&scores)?])
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            let array: ArrayRef = Arc::new(Float64Array::from(chosen));
+            columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+            continue;
+        }
         let noisy = match (agg.average, agg.squares) {
             (None, _) => Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral)?.apply(sums)?,
             // A variance: noisy count n, sum s and sum of squares q of the
@@ -485,7 +525,7 @@ fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
     query
         .aggregates
         .iter()
-        .filter(|a| a.average.is_none())
+        .filter(|a| a.average.is_none() && a.quantile.is_none())
         .map(|a| Ok((a.output_name.clone(), Noise::calibrate(a.share, a.sensitivity, a.l2_sensitivity, a.integral)?)))
         .collect()
 }

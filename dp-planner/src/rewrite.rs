@@ -36,7 +36,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     col, lit, try_cast, when, Aggregate, Expr, ExprFunctionExt, ExprSchemable, LogicalPlan,
-    LogicalPlanBuilder,
+    LogicalPlanBuilder, TryCast,
 };
 use rand::RngCore;
 
@@ -99,6 +99,26 @@ pub enum AggregateKind {
     /// sum and sum of squares of the values centred on the bounds' midpoint,
     /// a third of the aggregate's budget each.
     Variance { sample: bool, root: bool },
+    /// `MEDIAN(x)`, `APPROX_PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY x)` of a
+    /// bounded value: per group, the candidate (of [`QUANTILE_CANDIDATES`]
+    /// evenly spaced over the bounds) chosen by OpenDP's noisy max over
+    /// rank-distance scores; the quantile is `permille` / 1000.
+    Quantile { permille: u32 },
+}
+
+/// How many evenly spaced candidates a DP quantile chooses from: its
+/// resolution is (upper − lower) / (candidates − 1).
+pub const QUANTILE_CANDIDATES: usize = 101;
+
+/// A DP quantile's candidates and score parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantileSpec {
+    pub candidates: Vec<f64>,
+    /// The quantile as permille / 1000.
+    pub permille: u32,
+    /// Groups one person reaches: each group's selection gets the column's
+    /// ε divided by this.
+    pub groups_per_person: f64,
 }
 
 /// One noisy column of the DP aggregate.
@@ -123,6 +143,10 @@ pub struct DpAggregate {
     /// For the variances: the L1 and L2 sensitivities of the sum of squared
     /// centred values (`__c<j>`); `__a<j>` is then the sum of centred values.
     pub squares: Option<(f64, f64)>,
+    /// For quantiles: the candidates; `__a<j>` is the count of values and
+    /// `__k<j>_<i>` the count of values ≤ candidate i, and `sensitivity` the
+    /// score vector's L∞ sensitivity.
+    pub quantile: Option<QuantileSpec>,
 }
 
 /// One group column with its public domain, or `None` when its keys are
@@ -473,6 +497,17 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
             let Expr::AggregateFunction(AggregateFunction { func, params }) = expr.clone().unalias() else {
                 return Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not an aggregate function"), allowed));
             };
+            if let Some(permille) = quantile_of(expr, func.name(), &params)? {
+                let arg = params.args[0].clone();
+                return match lineage(&arg, schema, &input.columns)?.bounds() {
+                    Some(bounds) => Ok(Requested { kind: AggregateKind::Quantile { permille }, arg: Some(arg), of_unit: false, bounds }),
+                    None => Err(DpError::refused_with(
+                        "sum_of_measure",
+                        format!("`{expr}`: the value has no bounds, so the quantile's candidates cannot be fixed without looking at the data"),
+                        "the quantile of a measure the manifest bounds, or of a clamped value: LEAST(GREATEST(x, <low>), <high>)",
+                    )),
+                };
+            }
             if params.filter.is_some() || !params.order_by.is_empty() {
                 return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: FILTER and ORDER BY inside aggregates are not supported yet"), allowed));
             }
@@ -521,6 +556,53 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
             }
         })
         .collect()
+}
+
+/// For `MEDIAN(x)` or `APPROX_PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY x)`
+/// (also written `APPROX_PERCENTILE_CONT(x, p)`), the quantile in permille;
+/// `None` for other aggregates.
+fn quantile_of(expr: &Expr, name: &str, params: &datafusion::logical_expr::expr::AggregateFunctionParams) -> Result<Option<u32>> {
+    let allowed = "MEDIAN(x), APPROX_PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY x) with p a literal between 0 and 1";
+    let name = name.to_ascii_lowercase();
+    if name != "median" && name != "approx_percentile_cont" {
+        return Ok(None);
+    }
+    let refuse = |why: &str| Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: {why}"), allowed));
+    if params.filter.is_some() || params.distinct {
+        return refuse("FILTER and DISTINCT are not supported in quantiles");
+    }
+    // Type coercion may have cast the value in the arguments but not in the
+    // ORDER BY: compare them without casts.
+    let uncast = |mut e: &Expr| {
+        while let Expr::Cast(datafusion::logical_expr::Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) = e {
+            e = expr;
+        }
+        e.clone()
+    };
+    if let Some(sort) = params.order_by.first() {
+        let same = params.args.first().map(uncast) == Some(uncast(&sort.expr));
+        if params.order_by.len() != 1 || !sort.asc || !same {
+            return refuse("only an ascending ORDER BY of the value itself is supported");
+        }
+    }
+    if name == "median" {
+        return if params.args.len() == 1 { Ok(Some(500)) } else { refuse("MEDIAN takes one value") };
+    }
+    if params.args.len() != 2 {
+        return refuse("the number of centroids cannot be set");
+    }
+    let q = match uncast(&params.args[1]) {
+        Expr::Literal(v, _) => match v {
+            ScalarValue::Float64(Some(q)) => q,
+            ScalarValue::Float32(Some(q)) => q as f64,
+            _ => return refuse("the percentile must be a number"),
+        },
+        _ => return refuse("the percentile must be a literal"),
+    };
+    if !(q > 0.0 && q < 1.0) {
+        return refuse("the percentile must be above 0 and below 1");
+    }
+    Ok(Some((q * 1000.0).round().clamp(1.0, 999.0) as u32))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -634,7 +716,7 @@ fn rewrite(
         let field_type = aggregate.schema.field(groups.len() + j).data_type().clone();
         let whole = match r.kind {
             AggregateKind::Sum => field_type.is_integer() && r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0,
-            AggregateKind::Avg | AggregateKind::Variance { .. } => false,
+            AggregateKind::Avg | AggregateKind::Variance { .. } | AggregateKind::Quantile { .. } => false,
             _ => true,
         };
         integral.push(whole);
@@ -662,6 +744,14 @@ fn rewrite(
                 partials.push(sum(centred.clone()).alias(name));
                 partials.push(count(arg()).alias(format!("__q{j}")));
                 partials.push(sum(centred.clone() * centred).alias(format!("__r{j}")));
+            }
+            AggregateKind::Quantile { .. } => {
+                // Per person and group: values, and values ≤ each candidate.
+                partials.push(count(arg()).alias(name));
+                for (i, c) in quantile_candidates(r.bounds).iter().enumerate() {
+                    let at_most = when(clamp(arg(), r.bounds.0, r.bounds.1, false).lt_eq(lit(*c)), lit(1i64)).otherwise(lit(0i64))?;
+                    partials.push(sum(at_most).alias(format!("__k{j}_{i}")));
+                }
             }
         }
     }
@@ -700,6 +790,15 @@ fn rewrite(
                 let half = per_group_rows * (r.bounds.1 - r.bounds.0) / 2.0;
                 (Some(clamp(p, -half, half, false)), half, sum(col(format!("__p{j}"))))
             }
+            // Each person's values and values ≤ each candidate, at most m
+            // each; the score |1000·C − permille·N| moves by at most 1000·m.
+            AggregateKind::Quantile { .. } => {
+                for i in 0..QUANTILE_CANDIDATES {
+                    bounded.push(clamp(col(format!("__k{j}_{i}")), 0.0, per_group_rows, true).alias(format!("__k{j}_{i}")));
+                    finals.push(sum(col(format!("__k{j}_{i}"))).alias(format!("__k{j}_{i}")));
+                }
+                (Some(clamp(p, 0.0, per_group_rows, true)), 1000.0 * per_group_rows, sum(col(format!("__p{j}"))))
+            }
         };
         let half_width = (r.bounds.1 - r.bounds.0) / 2.0;
         let squares = matches!(r.kind, AggregateKind::Variance { .. }).then(|| per_group_rows * half_width * half_width);
@@ -724,14 +823,28 @@ fn rewrite(
             kind: r.kind,
             output_name: field.name().clone(),
             // A person reaches at most k groups, changing each by at most
-            // `per_group`: L1 k × that, L2 √k × that.
-            sensitivity: k * per_group,
+            // `per_group`: L1 k × that, L2 √k × that. A quantile is chosen per
+            // group (with ε / k each), so its sensitivity is one group's.
+            sensitivity: if matches!(r.kind, AggregateKind::Quantile { .. }) { per_group } else { k * per_group },
             l2_sensitivity: k.sqrt() * per_group,
             share: split.column,
             integral: integral[j],
             average: matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. })
                 .then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),
             squares: squares.map(|b| (k * b, k.sqrt() * b)),
+            quantile: match r.kind {
+                AggregateKind::Quantile { permille } => {
+                    if let Share::Rho(_) = split.column {
+                        return Err(DpError::refused_with(
+                            "quantile_noise",
+                            "quantiles are chosen by a pure-DP selection and cannot be composed in zCDP with Gaussian noise",
+                            "noise = 'laplace' (the default) for queries with MEDIAN or APPROX_PERCENTILE_CONT",
+                        ));
+                    }
+                    Some(QuantileSpec { candidates: quantile_candidates(r.bounds), permille, groups_per_person: k })
+                }
+                _ => None,
+            },
         });
     }
     // 2. At most k groups per person, the ones with the smallest keyed hash.
@@ -781,6 +894,12 @@ fn rewrite(
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
     })))
+}
+
+/// The quantile candidates: evenly spaced over the bounds, ends included.
+fn quantile_candidates((low, high): (f64, f64)) -> Vec<f64> {
+    let step = (high - low) / (QUANTILE_CANDIDATES - 1) as f64;
+    (0..QUANTILE_CANDIDATES).map(|i| if i + 1 == QUANTILE_CANDIDATES { high } else { low + step * i as f64 }).collect()
 }
 
 /// `value` clamped to `[low, high]` as Int64 (`integral`, bounds are whole
