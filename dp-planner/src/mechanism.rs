@@ -54,15 +54,8 @@ impl Laplace {
             )));
         }
         let sensitivity = if integer { sensitivity.ceil() } else { sensitivity };
-        let mut scale = (sensitivity / epsilon).max(f64::MIN_POSITIVE);
-        for _ in 0..8 {
-            let spent = privacy_map(sensitivity, scale, integer)?;
-            if spent <= epsilon {
-                return Ok(Laplace { scale, sensitivity, epsilon: spent, integer });
-            }
-            scale *= (spent / epsilon) * (1.0 + 1e-12);
-        }
-        Err(DpError::Mechanism("noise scale did not converge".into()))
+        let (scale, spent) = fit_scale(sensitivity / epsilon, epsilon, 1.0, |scale| privacy_map(sensitivity, scale, integer))?;
+        Ok(Laplace { scale, sensitivity, epsilon: spent, integer })
     }
 
     /// Standard deviation of the noise.
@@ -86,6 +79,24 @@ impl Laplace {
             float_laplace(self.scale)?.invoke(&values.to_vec()).map_err(opendp_error)
         }
     }
+}
+
+/// Start from the textbook `scale` and widen it until OpenDP's privacy `map`
+/// (what the mechanism at that scale spends) fits `budget`; returns the scale
+/// and what it spends. The spend falls as scale^(−1/`power`) (Laplace and
+/// selections: power 1; Gaussian ρ: power ½), so each step jumps to where
+/// the map should fit; OpenDP's rounding (float grids) makes a few steps
+/// necessary at most.
+fn fit_scale(scale: f64, budget: f64, power: f64, map: impl Fn(f64) -> Result<f64>) -> Result<(f64, f64)> {
+    let mut scale = scale.max(f64::MIN_POSITIVE);
+    for _ in 0..8 {
+        let spent = map(scale)?;
+        if spent <= budget {
+            return Ok((scale, spent));
+        }
+        scale *= (spent / budget).powf(power) * (1.0 + 1e-12);
+    }
+    Err(DpError::Mechanism("noise scale did not converge".into()))
 }
 
 type VectorLaplace<T> = Measurement<VectorDomain<AtomDomain<T>>, L1Distance<T>, MaxDivergence, Vec<T>>;
@@ -159,19 +170,15 @@ impl Gaussian {
         if !(sensitivity.is_finite() && sensitivity >= 0.0 && rho.is_finite() && rho > 0.0) {
             return Err(DpError::Mechanism(format!("cannot calibrate noise for sensitivity {sensitivity} and rho {rho}")));
         }
-        let mut scale = (sensitivity / (2.0 * rho).sqrt()).max(f64::MIN_POSITIVE);
-        for _ in 0..8 {
-            let spent = if integer {
-                integer_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)?
+        // ρ falls with the square of the scale.
+        let (scale, spent) = fit_scale(sensitivity / (2.0 * rho).sqrt(), rho, 0.5, |scale| {
+            if integer {
+                integer_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)
             } else {
-                float_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)?
-            };
-            if spent <= rho {
-                return Ok(Gaussian { scale, sensitivity, rho: spent, integer });
+                float_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)
             }
-            scale *= (spent / rho).sqrt() * (1.0 + 1e-12);
-        }
-        Err(DpError::Mechanism("noise scale did not converge".into()))
+        })?;
+        Ok(Gaussian { scale, sensitivity, rho: spent, integer })
     }
 
     /// Half-width of the 95 % interval around a released value. Floats: the
@@ -360,20 +367,21 @@ impl NoisyMin {
         if !(sensitivity >= 0 && epsilon.is_finite() && epsilon > 0.0) {
             return Err(DpError::Mechanism(format!("cannot calibrate a selection for sensitivity {sensitivity} and epsilon {epsilon}")));
         }
-        let mut scale = (2.0 * sensitivity as f64 / epsilon).max(f64::MIN_POSITIVE);
-        for _ in 0..8 {
-            let spent = noisy_min(scale)?.map(&sensitivity).map_err(opendp_error)?;
-            if spent <= epsilon {
-                return Ok(NoisyMin { scale, sensitivity, epsilon: spent });
-            }
-            scale *= (spent / epsilon) * (1.0 + 1e-12);
-        }
-        Err(DpError::Mechanism("selection scale did not converge".into()))
+        let (scale, spent) = fit_scale(2.0 * sensitivity as f64 / epsilon, epsilon, 1.0, |scale| {
+            noisy_min(scale)?.map(&sensitivity).map_err(opendp_error)
+        })?;
+        Ok(NoisyMin { scale, sensitivity, epsilon: spent })
     }
 
     /// The index of a (noisily) lowest score.
     pub fn select(&self, scores: &[i64]) -> Result<usize> {
-        noisy_min(self.scale)?.invoke(&scores.to_vec()).map_err(opendp_error)
+        Ok(self.select_each(std::iter::once(scores.to_vec()))?[0])
+    }
+
+    /// [`Self::select`] for each score vector (one measurement for all).
+    pub fn select_each(&self, scores: impl IntoIterator<Item = Vec<i64>>) -> Result<Vec<usize>> {
+        let measurement = noisy_min(self.scale)?;
+        scores.into_iter().map(|s| measurement.invoke(&s).map_err(opendp_error)).collect()
     }
 }
 
@@ -434,18 +442,7 @@ impl Threshold {
         let cost = |scale: f64, threshold: i64| -> Result<(f64, f64)> {
             threshold_measurement(scale, threshold)?.map(&d_in).map_err(opendp_error)
         };
-        let mut scale = k as f64 / epsilon;
-        let mut spent = cost(scale, MAX_THRESHOLD)?.0;
-        for _ in 0..8 {
-            if spent <= epsilon {
-                break;
-            }
-            scale *= (spent / epsilon) * (1.0 + 1e-12);
-            spent = cost(scale, MAX_THRESHOLD)?.0;
-        }
-        if spent > epsilon {
-            return Err(DpError::Mechanism("partition selection scale did not converge".into()));
-        }
+        let (scale, spent) = fit_scale(k as f64 / epsilon, epsilon, 1.0, |scale| Ok(cost(scale, MAX_THRESHOLD)?.0))?;
         // δ charged for releasing at τ: OpenDP's map at τ − 1 (opendp#2922).
         let charged = |tau: i64| -> Result<f64> { Ok(cost(scale, tau - 1)?.1) };
         // The smallest τ ≥ 2 (τ − 1 must cover ℓ∞ = 1) with charged(τ) ≤ δ:

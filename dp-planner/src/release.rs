@@ -167,12 +167,11 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                 )),
             }
             if let Share::Rho(rho) = q.aggregates[0].share {
+                // The columns' δ: the query's, less the selection's.
+                let (total, delta) = (rho * q.aggregates.len() as f64, q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0));
                 cost.push_str(&format!(
-                    "noise: Gaussian, composed in zCDP: rho = {} in all ({} per column), converted to epsilon <= {} at delta = {}\n",
-                    rho * q.aggregates.len() as f64,
-                    rho,
-                    round_for_display(crate::mechanism::zcdp_epsilon(rho * q.aggregates.len() as f64, q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0))?),
-                    q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0)
+                    "noise: Gaussian, composed in zCDP: rho = {total} in all ({rho} per column), converted to epsilon <= {} at delta = {delta}\n",
+                    round_for_display(crate::mechanism::zcdp_epsilon(total, delta)?),
                 ));
             }
             for (name, l) in calibrations(q)? {
@@ -373,16 +372,11 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             let counts = &exact_values[format!("__a{j}").as_str()];
             let at_most: Vec<&Vec<f64>> =
                 (0..q.candidates.len()).map(|i| &exact_values[format!("__k{j}_{i}").as_str()]).collect();
-            let chosen = (0..cells.len())
-                .map(|cell| {
-                    let n = counts[cell] as i64;
-                    let scores: Vec<i64> = at_most
-                        .iter()
-                        .map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs())
-                        .collect();
-                    Ok(q.candidates[selection.select(&scores)?])
-                })
-                .collect::<Result<Vec<f64>>>()?;
+            let scores = (0..cells.len()).map(|cell| {
+                let n = counts[cell] as i64;
+                at_most.iter().map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs()).collect()
+            });
+            let chosen: Vec<f64> = selection.select_each(scores)?.into_iter().map(|i| q.candidates[i]).collect();
             let array: ArrayRef = Arc::new(Float64Array::from(chosen));
             columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
             continue;

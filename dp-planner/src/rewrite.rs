@@ -36,7 +36,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     col, lit, try_cast, when, Aggregate, Expr, ExprFunctionExt, ExprSchemable, LogicalPlan,
-    LogicalPlanBuilder, TryCast,
+    LogicalPlanBuilder,
 };
 use rand::RngCore;
 
@@ -45,7 +45,7 @@ use crate::accountant;
 use crate::mechanism::{Share, Threshold};
 use crate::options::ResolvedOptions;
 use crate::policy::{Domain, Policy};
-use crate::tracking::{carry_unit, lineage, make_total, node_name, refuse_grouping_sets, track, Lineage, Tracked};
+use crate::tracking::{carry_unit, lineage, make_total, strip_casts, node_name, refuse_grouping_sets, track, Lineage, Tracked};
 use crate::udf::ContributionKey;
 
 /// What the gateway does with a planned statement.
@@ -573,14 +573,8 @@ fn quantile_of(expr: &Expr, name: &str, params: &datafusion::logical_expr::expr:
     }
     // Type coercion may have cast the value in the arguments but not in the
     // ORDER BY: compare them without casts.
-    let uncast = |mut e: &Expr| {
-        while let Expr::Cast(datafusion::logical_expr::Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) = e {
-            e = expr;
-        }
-        e.clone()
-    };
     if let Some(sort) = params.order_by.first() {
-        let same = params.args.first().map(uncast) == Some(uncast(&sort.expr));
+        let same = params.args.first().map(strip_casts) == Some(strip_casts(&sort.expr));
         if params.order_by.len() != 1 || !sort.asc || !same {
             return refuse("only an ascending ORDER BY of the value itself is supported");
         }
@@ -591,10 +585,10 @@ fn quantile_of(expr: &Expr, name: &str, params: &datafusion::logical_expr::expr:
     if params.args.len() != 2 {
         return refuse("the number of centroids cannot be set");
     }
-    let q = match uncast(&params.args[1]) {
+    let q = match strip_casts(&params.args[1]) {
         Expr::Literal(v, _) => match v {
-            ScalarValue::Float64(Some(q)) => q,
-            ScalarValue::Float32(Some(q)) => q as f64,
+            ScalarValue::Float64(Some(q)) => *q,
+            ScalarValue::Float32(Some(q)) => *q as f64,
             _ => return refuse("the percentile must be a number"),
         },
         _ => return refuse("the percentile must be a literal"),

@@ -816,7 +816,8 @@ fn check_division(e: &Expr, divisor: &Expr, schema: &DFSchema) -> Result<()> {
     ))
 }
 
-fn strip_casts(e: &Expr) -> &Expr {
+/// `e` without its casts and aliases.
+pub(crate) fn strip_casts(e: &Expr) -> &Expr {
     match e {
         Expr::Cast(c) => strip_casts(&c.expr),
         Expr::TryCast(c) => strip_casts(&c.expr),
