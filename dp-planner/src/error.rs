@@ -35,6 +35,9 @@ pub enum DpError {
     Mechanism(String),
     #[error("budget ledger error: {0}")]
     Ledger(String),
+    /// The ledger did not answer in time; nothing that needs it can go on.
+    #[error("the budget ledger is unreachable: {0}")]
+    LedgerUnavailable(String),
 }
 
 impl DpError {

@@ -25,6 +25,7 @@
 
 pub mod accountant;
 pub mod error;
+pub mod audit;
 pub mod ledger;
 pub mod mechanism;
 pub mod options;

@@ -169,6 +169,12 @@ fn dp_status(e: DpError) -> Status {
         DpError::BudgetExceeded { .. } | DpError::CollaborationCapExceeded { .. } => {
             Status::resource_exhausted(e.to_string())
         }
+        DpError::LedgerUnavailable(_) => {
+            warn!(error = %e, "ledger unreachable");
+            Status::unavailable(format!(
+                "{e}: the request was not carried out and nothing was answered; try again when the ledger is back (a charge that may have reached it is kept)"
+            ))
+        }
         DpError::Mechanism(_) | DpError::Ledger(_) => {
             warn!(error = %e, "release failed");
             Status::internal("the answer could not be released; any charge made for it is kept")
@@ -349,6 +355,7 @@ impl FlightSqlGateway {
             epsilon: query.epsilon,
             delta: query.delta,
             sql: sql.to_string(),
+            audit: serde_json::Value::Null,
         };
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
