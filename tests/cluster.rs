@@ -22,6 +22,8 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
             executors: 2,
             executor_slots: 2,
             state_dir: Some(dir.path().join("state")),
+            etcd: None,
+            etcd_prefix: cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX.into(),
         },
         async move {
             let _ = stopped.await;

@@ -127,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
                 executors: args.executors,
                 executor_slots: 2,
                 state_dir: Some(state.path().to_path_buf()),
+                etcd: None,
+                etcd_prefix: cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX.into(),
             },
             async move {
                 let _ = stopped.await;

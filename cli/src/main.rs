@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod operator;
+
 #[derive(Parser)]
 #[command(
     name = "cleanroom",
@@ -34,9 +36,18 @@ enum Command {
         /// Task slots per executor.
         #[arg(long, default_value_t = 2)]
         executor_slots: usize,
-        /// Directory of the durable budget ledger [default: state/ beside the manifest].
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// See and change privacy budgets (operators; reads the ledger directly).
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
+    /// Check and read the tamper-evident audit log (operators).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Generate the AdBench demo collaboration: Parquet data, a manifest, demo
     /// credentials and the exact answers (truth.json).
@@ -58,6 +69,92 @@ enum Command {
     Manifest {
         #[command(subcommand)]
         command: ManifestCommand,
+    },
+}
+
+/// Where the budget ledger and audit log live.
+#[derive(clap::Args, Clone)]
+struct LedgerArgs {
+    /// Directory of the embedded ledger [default: state/ beside the manifest].
+    #[arg(long, conflicts_with = "etcd")]
+    state_dir: Option<PathBuf>,
+    /// Keep the ledger on etcd instead: comma-separated endpoints, e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379.
+    #[arg(long, env = "CLEANROOM_ETCD")]
+    etcd: Option<String>,
+    /// Key prefix of the ledger in etcd.
+    #[arg(long, default_value = cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX)]
+    etcd_prefix: String,
+}
+
+/// The ledger for an operator command: `--state-dir`, `--etcd`, or the
+/// state directory beside `--manifest`.
+#[derive(clap::Args, Clone)]
+struct OperatorLedgerArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    /// The collaboration manifest, for the parties' budgets (and the default state directory).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Spent and remaining budget per party and for the whole collaboration.
+    Show {
+        #[command(flatten)]
+        at: OperatorLedgerArgs,
+        /// Only this party.
+        #[arg(long)]
+        party: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add to a party's budget, beyond its manifest budget (recorded in the audit log).
+    Grant {
+        #[command(flatten)]
+        at: OperatorLedgerArgs,
+        #[arg(long)]
+        party: String,
+        /// Epsilon to add.
+        #[arg(long, default_value_t = 0.0)]
+        epsilon: f64,
+        /// Delta to add.
+        #[arg(long, default_value_t = 0.0)]
+        delta: f64,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: report every record edited, removed, reordered or inserted.
+    Verify {
+        #[command(flatten)]
+        at: OperatorLedgerArgs,
+        /// A record known from outside the log (an answer's cleanroom.audit.record), SEQ:HASH; repeatable.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect: Vec<String>,
+    },
+    /// Print audit records, oldest first.
+    List {
+        #[command(flatten)]
+        at: OperatorLedgerArgs,
+        /// Only records of this party.
+        #[arg(long)]
+        party: Option<String>,
+        /// Only records at or after this time (2026-11-23, 2026-11-23T09:30:00Z, or Unix seconds; UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records of this kind (auth, auth_failure, query, answer, query_failure, refusal, budget_grant, manifest, upload, export, retention).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -97,13 +194,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { manifest, listen, executors, executor_slots, state_dir } => {
+        Command::Serve { manifest, listen, executors, executor_slots, ledger } => {
             let options = cleanroom_scheduler::serve::ServeOptions {
                 manifest,
                 listen,
                 executors,
                 executor_slots,
-                state_dir,
+                state_dir: ledger.state_dir,
+                etcd: ledger.etcd,
+                etcd_prefix: ledger.etcd_prefix,
             };
             let running = cleanroom_scheduler::serve::start(&options, cleanroom_scheduler::serve::shutdown_signal()).await?;
             println!(
@@ -137,6 +236,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  truth:       {}", summary.out_dir.join("truth.json").display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Budget { command } => tokio::task::spawn_blocking(move || operator::budget(command)).await?,
+        Command::Audit { command } => tokio::task::spawn_blocking(move || operator::audit(command)).await?,
         Command::Manifest { command: ManifestCommand::Check { file } } => {
             let problems = cleanroom_scheduler::manifest::Manifest::check(&file);
             if problems.is_empty() {

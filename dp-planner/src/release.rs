@@ -39,6 +39,9 @@ pub const META_CHARGE_DELTA: &str = "cleanroom.charge.delta";
 pub const META_REMAINING: &str = "cleanroom.budget.remaining_epsilon";
 pub const META_REMAINING_DELTA: &str = "cleanroom.budget.remaining_delta";
 pub const META_RECEIPT: &str = "cleanroom.receipt";
+/// `SEQ:HASH` of the charge's record in the audit log: a party can keep it and
+/// later prove the log still holds it (`cleanroom audit verify --expect`).
+pub const META_AUDIT_RECORD: &str = "cleanroom.audit.record";
 
 /// Noisy values of the DP aggregate, one row per cell of the public domain.
 pub struct NoisyAggregate {
@@ -60,6 +63,10 @@ impl Released {
 
     pub fn batches(&self) -> &[RecordBatch] {
         &self.batches
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
     }
 
 }
@@ -589,6 +596,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
     metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", noisy.receipt.remaining_delta()));
     metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id().to_string());
+    metadata.insert(META_AUDIT_RECORD.to_string(), noisy.receipt.audit_record());
     let schema = Arc::new(announced.with_metadata(metadata));
     let intervals = companion_intervals(query, schema.fields())?;
     let batches = batches

@@ -42,6 +42,7 @@ use arrow_flight::{
 };
 use base64::Engine;
 use ballista_core::execution_plans::DistributedQueryExec;
+use cleanroom_dp::audit::{self, AuditEvent};
 use cleanroom_dp::ledger::{Charge, Ledger, Limits};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
@@ -55,6 +56,7 @@ use datafusion::prelude::SessionContext;
 use datafusion_proto::protobuf::LogicalPlanNode;
 use futures::{Stream, TryStreamExt};
 use prost::Message;
+use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -64,6 +66,10 @@ use crate::cluster::EmbeddedCluster;
 use crate::system_tables::{SystemSchema, BUDGET, QUERIES};
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
+
+/// Response headers of an answer: its receipt id, and its audit record.
+pub const RECEIPT_HEADER: &str = "x-cleanroom-receipt";
+pub const AUDIT_RECORD_HEADER: &str = "x-cleanroom-audit-record";
 
 /// One authenticated connection of a party.
 struct Session {
@@ -206,7 +212,48 @@ fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     Box::pin(stream)
 }
 
+/// The rule a refusal names, for its audit record: the planner's rule, or
+/// `option` / `sql` for a bad option or statement.
+fn refusal_rule(status: &Status) -> String {
+    let message = status.message();
+    if let Some(rest) = message.strip_prefix("query refused by rule `") {
+        return rest.split('`').next().unwrap_or("unknown").to_string();
+    }
+    if message.starts_with("invalid differential-privacy option") {
+        return "option".into();
+    }
+    "sql".into()
+}
+
+/// Column names and types of an answer, for the audit log (never values).
+fn shape(schema: &Schema) -> serde_json::Value {
+    serde_json::Value::Array(
+        schema.fields().iter().map(|f| serde_json::Value::String(format!("{}: {}", f.name(), f.data_type()))).collect(),
+    )
+}
+
 impl FlightSqlGateway {
+    /// Durably append `event` to the audit log. An action whose record cannot
+    /// be written does not happen: the caller returns this error instead.
+    async fn audit(&self, event: AuditEvent) -> Result<(), Status> {
+        let ledger = self.ledger.clone();
+        blocking(move || ledger.append_audit(&event)).await?.map_err(dp_status)?;
+        Ok(())
+    }
+
+    /// Audit a refusal of `sql`, then return it (or the ledger's error).
+    async fn refused(&self, session: &Session, sql: &str, status: Status) -> Status {
+        let event = AuditEvent::new(
+            audit::kind::REFUSAL,
+            Some(&session.party),
+            json!({ "sql": sql, "rule": refusal_rule(&status), "message": status.message() }),
+        );
+        match self.audit(event).await {
+            Ok(()) => status,
+            Err(e) => e,
+        }
+    }
+
     pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> Self {
         FlightSqlGateway {
             catalog,
@@ -269,8 +316,16 @@ impl FlightSqlGateway {
         })
     }
 
-    /// Plan `sql` for `session`: parse, check and rewrite. Charges nothing.
+    /// Plan `sql` for `session`: parse, check and rewrite. Charges nothing; a
+    /// refusal is audited.
     async fn plan(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
+        match self.plan_unaudited(session, sql).await {
+            Ok(statement) => Ok(statement),
+            Err(status) => Err(self.refused(session, sql, status).await),
+        }
+    }
+
+    async fn plan_unaudited(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
         if let Some(assignment) = parse_set(sql) {
             let (name, value) = assignment?;
             // Checked now, so a bad value fails at prepare time too.
@@ -320,11 +375,23 @@ impl FlightSqlGateway {
 
     /// Charge, execute and release a planned statement.
     async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
-        let query = match planned.as_ref() {
-            PlannedQuery::NoData(q) => return release::without_data(q).await.map_err(dp_status),
-            PlannedQuery::Explain(q) => return release::explain(q).map_err(dp_status),
-            PlannedQuery::Dp(q) => q,
+        let (free, what) = match planned.as_ref() {
+            PlannedQuery::NoData(q) => (Some(release::without_data(q).await), "no_data"),
+            PlannedQuery::Explain(q) => (Some(release::explain(q)), "explain"),
+            PlannedQuery::Dp(_) => (None, ""),
         };
+        if let Some(answer) = free {
+            // Reads no protected data, costs nothing; recorded all the same.
+            let answer = answer.map_err(dp_status)?;
+            self.audit(AuditEvent::new(
+                audit::kind::QUERY,
+                Some(&session.party),
+                json!({ "sql": sql, "statement": what, "epsilon": 0.0, "delta": 0.0, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
+            ))
+            .await?;
+            return Ok(answer);
+        }
+        let PlannedQuery::Dp(query) = planned.as_ref() else { unreachable!("handled above") };
         let party = self
             .catalog
             .manifest
@@ -346,6 +413,13 @@ impl FlightSqlGateway {
         let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
             info!(party = %session.party, query = %query.id, "answered from the released-answer cache");
+            let receipt = answer.schema().metadata().get(release::META_RECEIPT).cloned().unwrap_or_default();
+            self.audit(AuditEvent::new(
+                audit::kind::ANSWER,
+                Some(&session.party),
+                json!({ "receipt": receipt, "query_id": query.id, "sql": sql, "cached": true, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
+            ))
+            .await?;
             return Ok(answer);
         }
 
@@ -355,21 +429,45 @@ impl FlightSqlGateway {
             epsilon: query.epsilon,
             delta: query.delta,
             sql: sql.to_string(),
-            audit: serde_json::Value::Null,
+            audit: json!({
+                "options": format!("{:?}", query.options),
+                "datasets": query.datasets,
+                "columns": release::announced_dp_schema(query).map(|s| shape(&s)).unwrap_or_default(),
+            }),
         };
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
-        let receipt = blocking(move || ledger.charge(&charge, &limits)).await?.map_err(dp_status)?;
+        let receipt = match blocking(move || ledger.charge(&charge, &limits)).await?.map_err(dp_status) {
+            Ok(receipt) => receipt,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                let rule = if status.message().starts_with("collaboration") { "collaboration_cap" } else { "budget" };
+                let event = AuditEvent::new(audit::kind::REFUSAL, Some(&session.party), json!({ "sql": sql, "rule": rule, "message": status.message() }));
+                return Err(match self.audit(event).await {
+                    Ok(()) => status,
+                    Err(e) => e,
+                });
+            }
+            Err(status) => return Err(status),
+        };
         info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), delta = receipt.delta(), "budget charged");
 
-        let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
-            warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
-            Status::internal(format!(
-                "the query failed while running; its charge of epsilon = {} is kept",
-                receipt.epsilon()
-            ))
-        })?;
+        let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await {
+            Ok(exact) => exact,
+            Err(e) => {
+                warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
+                // The cause may depend on the data: the record says only that it failed.
+                let event = AuditEvent::new(audit::kind::QUERY_FAILURE, Some(&session.party), json!({ "receipt": receipt.id(), "query_id": query.id }));
+                if let Err(e) = self.audit(event).await {
+                    warn!(error = %e, "could not record the failure in the audit log");
+                }
+                return Err(Status::internal(format!(
+                    "the query failed while running; its charge of epsilon = {} is kept",
+                    receipt.epsilon()
+                )));
+            }
+        };
+        let receipt_id = receipt.id().to_string();
         let planned_for_release = planned.clone();
         let noisy = blocking(move || {
             let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
@@ -378,6 +476,13 @@ impl FlightSqlGateway {
         .await?
         .map_err(dp_status)?;
         let released = release::finish(query, noisy).await.map_err(dp_status)?;
+        // The answer leaves only once its shape is on the audit log.
+        self.audit(AuditEvent::new(
+            audit::kind::ANSWER,
+            Some(&session.party),
+            json!({ "receipt": receipt_id, "query_id": query.id, "rows": released.num_rows(), "columns": shape(&released.schema()) }),
+        ))
+        .await?;
         let (ledger, kept) = (self.ledger.clone(), released.clone());
         let stored = blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
         if !matches!(stored, Ok(Ok(()))) {
@@ -553,10 +658,15 @@ impl FlightSqlService for FlightSqlGateway {
         let manifest = self.catalog.manifest.clone();
         let party_for_check = party.clone();
         let valid = blocking(move || manifest.verify_password(&party_for_check, &password)).await?;
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         if !valid {
             warn!(party = %party, "authentication failed");
+            // The name is what the client sent, not a known party.
+            let event = AuditEvent::new(audit::kind::AUTH_FAILURE, None, json!({ "user": party, "peer": peer }));
+            self.audit(event).await?;
             return Err(refused());
         }
+        self.audit(AuditEvent::new(audit::kind::AUTH, Some(&party), json!({ "peer": peer }))).await?;
         let session = self.open_session(&party).await?;
         let token = random_id() + &random_id();
         let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -622,7 +732,16 @@ impl FlightSqlService for FlightSqlGateway {
             .remove(&id)
             .ok_or_else(|| Status::not_found("no such statement in this session (tickets are valid once, in the session that planned them)"))?;
         let released = self.execute(&session, &sql, planned).await?;
-        Ok(Response::new(batches_stream(released.schema(), released.batches().to_vec())))
+        let metadata = released.schema().metadata().clone();
+        let mut response = Response::new(batches_stream(released.schema(), released.batches().to_vec()));
+        // The receipt also travels as response headers, for clients that do
+        // not surface Arrow schema metadata.
+        for (key, header) in [(release::META_RECEIPT, RECEIPT_HEADER), (release::META_AUDIT_RECORD, AUDIT_RECORD_HEADER)] {
+            if let Some(value) = metadata.get(key).and_then(|v| MetadataValue::try_from(v.as_str()).ok()) {
+                response.metadata_mut().insert(header, value);
+            }
+        }
+        Ok(response)
     }
 
     async fn do_get_prepared_statement(

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arrow_flight::flight_service_server::FlightServiceServer;
-use cleanroom_dp::ledger::RedbLedger;
+use cleanroom_dp::ledger::{EtcdLedger, Ledger, RedbLedger};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -26,7 +27,30 @@ pub struct ServeOptions {
     pub executor_slots: usize,
     /// Where the budget ledger lives; defaults to `state/` beside the manifest.
     pub state_dir: Option<PathBuf>,
+    /// The ledger on etcd instead: endpoints, and the key prefix.
+    pub etcd: Option<String>,
+    pub etcd_prefix: String,
 }
+
+/// Where the ledger and audit log are: the embedded store in a directory, or etcd.
+#[derive(Debug, Clone)]
+pub enum LedgerLocation {
+    StateDir(PathBuf),
+    Etcd { endpoints: String, prefix: String },
+}
+
+impl LedgerLocation {
+    /// Open the ledger (blocking: etcd is asked until it answers or a deadline passes).
+    pub fn open(&self) -> anyhow::Result<Arc<dyn Ledger>> {
+        Ok(match self {
+            LedgerLocation::StateDir(dir) => Arc::new(RedbLedger::open(dir)?),
+            LedgerLocation::Etcd { endpoints, prefix } => Arc::new(EtcdLedger::connect(&[endpoints.clone()], prefix)?),
+        })
+    }
+}
+
+/// The `--etcd-prefix` default.
+pub const DEFAULT_ETCD_PREFIX: &str = "/cleanroom/";
 
 /// A started server.
 pub struct Running {
@@ -49,16 +73,31 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     let manifest = Arc::new(Manifest::load(&options.manifest)?);
-    let state_dir = match &options.state_dir {
-        Some(dir) => dir.clone(),
-        None => manifest.base_dir.join("state"),
+    let location = match (&options.etcd, &options.state_dir) {
+        (Some(_), Some(_)) => anyhow::bail!("give either --etcd or --state-dir, not both: the ledger lives in one place"),
+        (Some(endpoints), None) => LedgerLocation::Etcd { endpoints: endpoints.clone(), prefix: options.etcd_prefix.clone() },
+        (None, Some(dir)) => LedgerLocation::StateDir(dir.clone()),
+        (None, None) => LedgerLocation::StateDir(manifest.base_dir.join("state")),
     };
-    let ledger = Arc::new(RedbLedger::open(&state_dir)?);
+    let ledger = {
+        let location = location.clone();
+        tokio::task::spawn_blocking(move || location.open()).await.context("opening the ledger")??
+    };
+    // The manifest in force is on the audit log: a changed manifest is recorded at start.
+    let manifest_bytes = std::fs::read(&options.manifest).with_context(|| format!("cannot read {}", options.manifest.display()))?;
+    let sha = hex::encode(Sha256::digest(&manifest_bytes));
+    let (l, path) = (ledger.clone(), options.manifest.display().to_string());
+    let changed = tokio::task::spawn_blocking(move || l.record_manifest(&sha, serde_json::json!({ "path": path })))
+        .await
+        .context("recording the manifest")??;
+    if changed {
+        tracing::info!(manifest = %options.manifest.display(), "manifest recorded in the audit log");
+    }
     let partitions = (options.executors * options.executor_slots).max(1);
     let state = cleanroom_executor::session_state(partitions);
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
     let cluster = EmbeddedCluster::start(&state, options.executors.max(1), options.executor_slots.max(1)).await?;
-    let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger, partitions);
+    let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger.clone(), partitions);
 
     let listener = TcpListener::bind(options.listen)
         .await
@@ -73,7 +112,7 @@ pub async fn start(
         %addr,
         scheduler = %cluster.scheduler_addr,
         executors = cluster.executors,
-        state_dir = %state_dir.display(),
+        ledger = %ledger.describe(),
         "cleanroom started"
     );
     Ok(Running { addr, cluster, server })
