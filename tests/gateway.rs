@@ -2,12 +2,6 @@
 //! SQL client exactly as an analyst's tool would: a real server process with
 //! its embedded Ballista cluster, over real AdBench Parquet files.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use arrow_flight::sql::client::FlightSqlServiceClient;
@@ -15,130 +9,9 @@ use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables};
 use futures::TryStreamExt;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cleanroom");
-
-/// AdBench at SF 0.01, generated once for all tests of this file.
-fn demo() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cleanroom-e2e-{}", std::process::id()));
-        let status = Command::new(BIN)
-            .args(["generate", "--sf", "0.01", "--seed", "7", "--quiet", "--out"])
-            .arg(&dir)
-            .status()
-            .expect("run cleanroom generate");
-        assert!(status.success(), "cleanroom generate failed");
-        dir
-    })
-}
-
-fn password(party: &str) -> String {
-    let text = std::fs::read_to_string(demo().join("credentials.toml")).unwrap();
-    let mut in_party = false;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_party = line == format!("[parties.{party}]");
-        } else if in_party {
-            if let Some(v) = line.strip_prefix("password = ") {
-                return v.trim_matches('"').to_string();
-            }
-        }
-    }
-    panic!("no password for {party}")
-}
-
-fn truth() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(demo().join("truth.json")).unwrap()).unwrap()
-}
-
-/// A `cleanroom serve` process on a free port, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(state_dir: &Path) -> Server {
-        Server::start_with(&demo().join("manifest.toml"), state_dir)
-    }
-
-    fn start_with(manifest: &Path, state_dir: &Path) -> Server {
-        let log = state_dir.with_extension("log");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--executors", "2", "--manifest"])
-            .arg(manifest)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start cleanroom serve");
-        let mut child = child;
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let started = Instant::now();
-        let addr = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("server exited: {}", std::fs::read_to_string(&log).unwrap_or_default()))
-                .unwrap();
-            if let Some(rest) = line.split("grpc://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "server did not start");
-        };
-        Server { child, addr, log }
-    }
-
-    async fn client(&self) -> FlightSqlServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
-        FlightSqlServiceClient::new(channel)
-    }
-
-    async fn login(&self, party: &str) -> FlightSqlServiceClient<Channel> {
-        let mut client = self.client().await;
-        client.handshake(party, &password(party)).await.expect("handshake");
-        client
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Simulate a crash: SIGKILL, no shutdown.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn query(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> Result<Vec<RecordBatch>, tonic::Status> {
-    let info = client.execute(sql.to_string(), None).await.map_err(to_status)?;
-    let mut batches = Vec::new();
-    for endpoint in info.endpoint {
-        let stream = client.do_get(endpoint.ticket.unwrap()).await.map_err(to_status)?;
-        batches.extend(stream.try_collect::<Vec<_>>().await.map_err(|e| tonic::Status::internal(e.to_string()))?);
-    }
-    Ok(batches)
-}
-
-fn to_status(e: impl std::fmt::Display) -> tonic::Status {
-    tonic::Status::unknown(e.to_string())
-}
-
-fn state_dir(name: &str) -> PathBuf {
-    let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap().keep();
-    dir.join("state")
-}
+#[path = "support/server.rs"]
+mod server;
+use server::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_without_a_token_or_with_a_wrong_password_are_refused() {

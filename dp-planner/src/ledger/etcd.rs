@@ -233,8 +233,15 @@ impl EtcdLedger {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
-        let client = runtime
-            .block_on(Client::connect(endpoints, Some(options)))
+        // Connected on the ledger's runtime and waited for on a channel (not
+        // `block_on`), so this may be called from anywhere, async code included.
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = tx.send(Client::connect(endpoints, Some(options)).await);
+        });
+        let client = rx
+            .recv()
+            .map_err(|_| DpError::Ledger("the ledger's I/O thread stopped".into()))?
             .map_err(|e| DpError::LedgerUnavailable(format!("cannot connect to etcd at {shown}: {e}")))?;
         let ledger = EtcdLedger { runtime: Some(runtime), client, prefix, endpoints: shown, writes: Mutex::new(()) };
         // Fails (after the deadline) if no member answers.
