@@ -357,8 +357,23 @@ async fn operator_commands_show_grant_and_verify() {
     for k in ["manifest", "auth", "query", "answer", "refusal", "budget_grant"] {
         assert!(kinds.iter().any(|x| x == k), "no {k} record in {kinds:?}");
     }
-    let (ok, out) = cli(&["audit", "verify", "--expect", &audit_record]);
-    assert!(ok && out.contains("audit log intact"), "{out}");
+    // The party sees its new budget too.
+    let (batches, _) = answer(&mut client, "SELECT budget_epsilon, remaining_epsilon FROM system.budget").await.unwrap();
+    let budget = batches[0].column(0).as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().value(0);
+    assert_eq!(budget, 3.0);
+    // Verify while parties keep logging in (each login appends a record).
+    let server_addr = server.addr.clone();
+    let logins = tokio::spawn(async move {
+        for _ in 0..30 {
+            let channel = Channel::from_shared(format!("http://{server_addr}")).unwrap().connect().await.unwrap();
+            FlightSqlServiceClient::new(channel).handshake("advertiser", &password("advertiser")).await.unwrap();
+        }
+    });
+    for _ in 0..5 {
+        let (ok, out) = cli(&["audit", "verify", "--expect", &audit_record]);
+        assert!(ok && out.contains("audit log intact"), "{out}");
+    }
+    logins.await.unwrap();
     // Edit one record in etcd: verify names it and fails.
     let Backend::Etcd(etcd, _) = &backend else { unreachable!() };
     let (seq, _) = audit_record.split_once(':').unwrap();

@@ -133,7 +133,8 @@ pub fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let manifest = at.manifest()?;
             let ledger = at.open(manifest.as_ref())?;
-            let v = audit::verify(&ledger.audit_records(0)?, ledger.audit_head()?.as_ref(), &expect);
+            let (records, head) = ledger.audit_log()?;
+            let v = audit::verify(&records, head.as_ref(), &expect);
             if v.problems.is_empty() {
                 println!(
                     "audit log intact: {} records, head {}:{} ({})",

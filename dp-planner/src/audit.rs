@@ -172,11 +172,15 @@ pub fn verify(records: &[(u64, Vec<u8>)], head: Option<&AuditHead>, expect: &[(u
     let mut shifted: Option<(u64, i128)> = None;
     for (key, bytes) in records {
         let key = *key;
+        if key == 0 {
+            problems.push("a record was inserted before record 1 (stored as record 0)".to_string());
+            continue;
+        }
         if key > expected_seq {
             problems.push(if key == expected_seq + 1 {
-                format!("record {expected_seq} was removed (the log jumps from record {} to {key})", expected_seq - 1)
+                format!("record {expected_seq} was removed (the log jumps from record {} to {key})", expected_seq.saturating_sub(1))
             } else {
-                format!("records {expected_seq} to {} were removed (the log jumps from record {} to {key})", key - 1, expected_seq - 1)
+                format!("records {expected_seq} to {} were removed (the log jumps from record {} to {key})", key - 1, expected_seq.saturating_sub(1))
             });
         }
         let gap = key > expected_seq;
@@ -197,7 +201,7 @@ pub fn verify(records: &[(u64, Vec<u8>)], head: Option<&AuditHead>, expect: &[(u
                 // A run of records shifted by the same offset is one insertion
                 // or removal: report its first record only.
                 let offset = key as i128 - r.seq as i128;
-                if shifted != Some((key - 1, offset)) {
+                if shifted != Some((key.wrapping_sub(1), offset)) {
                     problems.push(format!(
                         "record {key} holds the record numbered {}: a record was inserted before it, or records were reordered",
                         r.seq
@@ -211,8 +215,8 @@ pub fn verify(records: &[(u64, Vec<u8>)], head: Option<&AuditHead>, expect: &[(u
                 } else {
                     format!(
                         "record {key} does not follow record {}: a record was inserted before it, or record {} was rewritten",
-                        key - 1,
-                        key - 1
+                        key.saturating_sub(1),
+                        key.saturating_sub(1)
                     )
                 })
             }
@@ -291,7 +295,7 @@ pub fn parse_time(text: &str) -> std::result::Result<u64, String> {
     let bad = || format!("cannot read the time {text:?}: write 2026-11-23, 2026-11-23T09:30:00Z or Unix seconds");
     let t = text.trim();
     if let Ok(secs) = t.parse::<u64>() {
-        return Ok(secs * 1000);
+        return secs.checked_mul(1000).ok_or_else(bad);
     }
     let t = t.trim_end_matches('Z');
     let (date, time) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
@@ -300,7 +304,9 @@ pub fn parse_time(text: &str) -> std::result::Result<u64, String> {
     let mut time_parts = time.splitn(3, ':').map(|p| p.parse::<u32>().map_err(|_| bad()));
     let (hh, mm) = (time_parts.next().ok_or_else(bad)??, time_parts.next().ok_or_else(bad)??);
     let ss = time_parts.next().transpose()?.unwrap_or(0);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 || y < 1970 {
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&m) || d < 1 || d > month_days[(m - 1) as usize] || hh > 23 || mm > 59 || ss > 59 || !(1970..=9999).contains(&y) {
         return Err(bad());
     }
     let days = days_from_civil(y, m as u32, d as u32);
@@ -392,5 +398,9 @@ mod tests {
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2026-13-01").is_err());
+        assert!(parse_time("2026-02-31").is_err());
+        assert!(parse_time("2028-02-29").is_ok());
+        assert!(parse_time("99999999999999999999").is_err());
+        assert!(verify(&[(0, b"x".to_vec())], None, &[]).problems[0].contains("record 0"));
     }
 }

@@ -20,7 +20,10 @@ fn charge(party: &str, epsilon: f64) -> Charge {
 }
 
 fn verified(ledger: &dyn Ledger) -> audit::Verification {
-    let v = audit::verify(&ledger.audit_records(0).unwrap(), ledger.audit_head().unwrap().as_ref(), &[]);
+    let (records, head) = ledger.audit_log().unwrap();
+    assert_eq!(records, ledger.audit_records(0).unwrap());
+    assert_eq!(head, ledger.audit_head().unwrap());
+    let v = audit::verify(&records, head.as_ref(), &[]);
     assert!(v.problems.is_empty(), "audit log of {}: {:?}", ledger.describe(), v.problems);
     v
 }

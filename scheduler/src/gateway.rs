@@ -452,37 +452,42 @@ impl FlightSqlGateway {
         };
         info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), delta = receipt.delta(), "budget charged");
 
-        let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await {
-            Ok(exact) => exact,
-            Err(e) => {
+        let receipt_id = receipt.id().to_string();
+        let epsilon = receipt.epsilon();
+        let outcome: Result<Released, Status> = async {
+            let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
                 warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
+                Status::internal(format!("the query failed while running; its charge of epsilon = {epsilon} is kept"))
+            })?;
+            let planned_for_release = planned.clone();
+            let noisy = blocking(move || {
+                let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
+                release::release(q, &exact, &receipt)
+            })
+            .await?
+            .map_err(dp_status)?;
+            let released = release::finish(query, noisy).await.map_err(dp_status)?;
+            // The answer leaves only once its shape is on the audit log.
+            self.audit(AuditEvent::new(
+                audit::kind::ANSWER,
+                Some(&session.party),
+                json!({ "receipt": receipt_id, "query_id": query.id, "rows": released.num_rows(), "columns": shape(&released.schema()) }),
+            ))
+            .await?;
+            Ok(released)
+        }
+        .await;
+        let released = match outcome {
+            Ok(released) => released,
+            Err(status) => {
                 // The cause may depend on the data: the record says only that it failed.
-                let event = AuditEvent::new(audit::kind::QUERY_FAILURE, Some(&session.party), json!({ "receipt": receipt.id(), "query_id": query.id }));
+                let event = AuditEvent::new(audit::kind::QUERY_FAILURE, Some(&session.party), json!({ "receipt": receipt_id, "query_id": query.id }));
                 if let Err(e) = self.audit(event).await {
                     warn!(error = %e, "could not record the failure in the audit log");
                 }
-                return Err(Status::internal(format!(
-                    "the query failed while running; its charge of epsilon = {} is kept",
-                    receipt.epsilon()
-                )));
+                return Err(status);
             }
         };
-        let receipt_id = receipt.id().to_string();
-        let planned_for_release = planned.clone();
-        let noisy = blocking(move || {
-            let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
-            release::release(q, &exact, &receipt)
-        })
-        .await?
-        .map_err(dp_status)?;
-        let released = release::finish(query, noisy).await.map_err(dp_status)?;
-        // The answer leaves only once its shape is on the audit log.
-        self.audit(AuditEvent::new(
-            audit::kind::ANSWER,
-            Some(&session.party),
-            json!({ "receipt": receipt_id, "query_id": query.id, "rows": released.num_rows(), "columns": shape(&released.schema()) }),
-        ))
-        .await?;
         let (ledger, kept) = (self.ledger.clone(), released.clone());
         let stored = blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
         if !matches!(stored, Ok(Ok(()))) {
@@ -662,7 +667,9 @@ impl FlightSqlService for FlightSqlGateway {
         if !valid {
             warn!(party = %party, "authentication failed");
             // The name is what the client sent, not a known party.
-            let event = AuditEvent::new(audit::kind::AUTH_FAILURE, None, json!({ "user": party, "peer": peer }));
+            // Bounded, so a client cannot write large records.
+            let user: String = party.chars().take(64).collect();
+            let event = AuditEvent::new(audit::kind::AUTH_FAILURE, None, json!({ "user": user, "peer": peer }));
             self.audit(event).await?;
             return Err(refused());
         }

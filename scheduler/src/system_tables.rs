@@ -59,18 +59,20 @@ impl SystemSchema {
     }
 
     fn budget_batch(&self) -> Result<RecordBatch> {
-        let spent = self.ledger.spent(&self.party).map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let spent_delta = self.ledger.spent_delta(&self.party).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        // The manifest's budgets plus what operators granted since.
+        let totals = self.ledger.totals(&self.party).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let (spent, spent_delta) = (totals.epsilon, totals.delta);
+        let (budget, delta_budget) = (self.budget + totals.granted_epsilon, self.delta_budget + totals.granted_delta);
         Ok(RecordBatch::try_new(
             Self::budget_schema(),
             vec![
                 Arc::new(StringArray::from(vec![self.party.clone()])),
-                Arc::new(Float64Array::from(vec![self.budget])),
+                Arc::new(Float64Array::from(vec![round_for_display(budget)])),
                 Arc::new(Float64Array::from(vec![round_for_display(spent)])),
-                Arc::new(Float64Array::from(vec![round_for_display((self.budget - spent).max(0.0))])),
-                Arc::new(Float64Array::from(vec![self.delta_budget])),
+                Arc::new(Float64Array::from(vec![round_for_display((budget - spent).max(0.0))])),
+                Arc::new(Float64Array::from(vec![delta_budget])),
                 Arc::new(Float64Array::from(vec![spent_delta])),
-                Arc::new(Float64Array::from(vec![(self.delta_budget - spent_delta).max(0.0)])),
+                Arc::new(Float64Array::from(vec![(delta_budget - spent_delta).max(0.0)])),
             ],
         )?)
     }

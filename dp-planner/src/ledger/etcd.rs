@@ -10,13 +10,15 @@
 //! `totals/<party>`, `collaboration` (JSON [`Totals`]),
 //! `charges/<party>/<time>/<receipt>` (JSON [`ChargeRecord`]),
 //! `audit/log/<seq>` and `audit/head` (see [`crate::audit`]),
-//! `meta/manifest_sha256`, `answers/<key>` (released answers).
+//! `meta/manifest_sha256`, `answers/<key>` (released answers),
+//! `ops/<id>` (the outcome of each grant and audit append, for retries).
 //!
 //! Retrying: a write whose outcome is unknown (a timeout, a member lost
 //! mid-request) is retried until a deadline. The charge's receipt id is fixed
 //! before the first attempt and every attempt requires that no charge with it
 //! exists yet, so a retry after a write that did commit finds that charge and
-//! returns its receipt instead of charging again.
+//! returns its receipt instead of charging again. Grants and audit appends
+//! do the same with an `ops/<id>` key.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -62,7 +64,16 @@ enum Attempt {
 
 impl From<etcd_client::Error> for Attempt {
     fn from(e: etcd_client::Error) -> Self {
-        Attempt::Etcd(e)
+        use tonic::Code;
+        match &e {
+            // etcd refused the request itself: retrying cannot help.
+            etcd_client::Error::GRpcStatus(s)
+                if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) =>
+            {
+                Attempt::Final(DpError::Ledger(format!("etcd refused the request: {}", s.message())))
+            }
+            _ => Attempt::Etcd(e),
+        }
     }
 }
 
@@ -84,7 +95,18 @@ where
     loop {
         let last = match attempt().await {
             Ok(Some(done)) => return Ok(done),
-            Ok(None) => continue,
+            Ok(None) => {
+                // Another gateway wrote first: try again shortly, within the deadline.
+                if Instant::now() > deadline {
+                    return Err(DpError::LedgerUnavailable(format!(
+                        "etcd at {endpoints}: other writers kept changing the ledger for {} s",
+                        DEADLINE.as_secs()
+                    )));
+                }
+                let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 1..20);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                continue;
+            }
             Err(Attempt::Final(e)) => return Err(e),
             Err(Attempt::Etcd(e)) => e,
         };
@@ -172,6 +194,11 @@ impl Keys {
     fn answer(&self, key: &str) -> String {
         format!("{}answers/{key}", self.0)
     }
+    /// The outcome of a write that is not a charge (a grant, an audit
+    /// record), under an id fixed before its first attempt.
+    fn op(&self, id: &str) -> String {
+        format!("{}ops/{id}", self.0)
+    }
 }
 
 /// The first key after every key starting with `prefix`.
@@ -183,12 +210,29 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
+/// The sequence number of an audit record's key.
+fn seq_of(prefix: &str, key: &[u8]) -> std::result::Result<u64, DpError> {
+    key.get(prefix.len()..)
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| unreadable("audit key", String::from_utf8_lossy(key)))
+}
+
 /// All (key, value) pairs from `from` (inclusive) up to `end`, in key order, a page at a time.
 async fn scan(client: &mut Client, from: String, end: Vec<u8>) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, etcd_client::Error> {
+    scan_at(client, from, end, 0).await
+}
+
+/// As [`scan`], every page read at `revision` (0: the latest of each page).
+async fn scan_at(client: &mut Client, from: String, end: Vec<u8>, revision: i64) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, etcd_client::Error> {
     let mut out = Vec::new();
     let mut start = from.into_bytes();
     loop {
-        let response = client.get(start.clone(), Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE))).await?;
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let response = client.get(start.clone(), Some(options)).await?;
         let kvs = response.kvs();
         for kv in kvs {
             out.push((kv.key().to_vec(), kv.value().to_vec()));
@@ -239,10 +283,17 @@ impl EtcdLedger {
         runtime.spawn(async move {
             let _ = tx.send(Client::connect(endpoints, Some(options)).await);
         });
-        let client = rx
-            .recv()
-            .map_err(|_| DpError::Ledger("the ledger's I/O thread stopped".into()))?
-            .map_err(|e| DpError::LedgerUnavailable(format!("cannot connect to etcd at {shown}: {e}")))?;
+        let client = match rx.recv() {
+            Ok(Ok(client)) => client,
+            failed => {
+                // Not dropped in place: that would panic when called from async code.
+                runtime.shutdown_background();
+                return Err(match failed {
+                    Ok(Err(e)) => DpError::LedgerUnavailable(format!("cannot connect to etcd at {shown}: {e}")),
+                    _ => DpError::Ledger("the ledger's I/O thread stopped".into()),
+                });
+            }
+        };
         let ledger = EtcdLedger { runtime: Some(runtime), client, prefix, endpoints: shown, writes: Mutex::new(()) };
         // Fails (after the deadline) if no member answers.
         ledger.audit_head()?;
@@ -362,18 +413,31 @@ impl Ledger for EtcdLedger {
 
     fn grant(&self, grant: &Grant) -> Result<Totals> {
         grant.check()?;
-        let grant = grant.clone();
+        let (grant, id) = (grant.clone(), new_receipt_id());
         self.write(move |mut client, keys| {
-            let grant = grant.clone();
+            let (grant, op_key) = (grant.clone(), keys.op(&id));
             async move {
                 let (party_key, head_key) = (keys.totals(&grant.party), keys.head());
-                let snapshot = read(&mut client, &[&party_key, &head_key]).await?;
+                let snapshot = read(&mut client, &[&party_key, &head_key, &op_key]).await?;
+                if let Some(done) = value(&snapshot[2]) {
+                    // An earlier attempt committed but its reply was lost.
+                    return Ok(Some(Totals::from_bytes(Some(done))?));
+                }
                 let after = grant.apply(Totals::from_bytes(value(&snapshot[0]))?);
                 let sealed = audit::seal(&head_of(&snapshot[1])?, &grant.event(&after), audit::now_ms());
                 let [audit_put, head_put] = append_ops(&keys, &sealed);
                 let txn = Txn::new()
-                    .when(vec![unchanged(&party_key, &snapshot[0]), unchanged(&head_key, &snapshot[1])])
-                    .and_then(vec![TxnOp::put(party_key, after.to_bytes(), None), audit_put, head_put]);
+                    .when(vec![
+                        unchanged(&party_key, &snapshot[0]),
+                        unchanged(&head_key, &snapshot[1]),
+                        Compare::version(op_key.as_str(), CompareOp::Equal, 0),
+                    ])
+                    .and_then(vec![
+                        TxnOp::put(party_key, after.to_bytes(), None),
+                        audit_put,
+                        head_put,
+                        TxnOp::put(op_key, after.to_bytes(), None),
+                    ]);
                 Ok(client.txn(txn).await?.succeeded().then_some(after))
             }
         })
@@ -417,14 +481,22 @@ impl Ledger for EtcdLedger {
     }
 
     fn append_audit(&self, event: &AuditEvent) -> Result<AuditHead> {
-        let event = event.clone();
+        let (event, id) = (event.clone(), new_receipt_id());
         self.write(move |mut client, keys| {
-            let event = event.clone();
+            let (event, op_key) = (event.clone(), keys.op(&id));
             async move {
                 let head_key = keys.head();
-                let snapshot = read(&mut client, &[&head_key]).await?;
+                let snapshot = read(&mut client, &[&head_key, &op_key]).await?;
+                if let Some(done) = value(&snapshot[1]) {
+                    // An earlier attempt committed but its reply was lost.
+                    return Ok(Some(AuditHead::from_bytes(done)?));
+                }
                 let sealed = audit::seal(&head_of(&snapshot[0])?, &event, audit::now_ms());
-                let txn = Txn::new().when(vec![unchanged(&head_key, &snapshot[0])]).and_then(append_ops(&keys, &sealed).to_vec());
+                let mut ops = append_ops(&keys, &sealed).to_vec();
+                ops.push(TxnOp::put(op_key.clone(), sealed.head.to_bytes(), None));
+                let txn = Txn::new()
+                    .when(vec![unchanged(&head_key, &snapshot[0]), Compare::version(op_key.as_str(), CompareOp::Equal, 0)])
+                    .and_then(ops);
                 Ok(client.txn(txn).await?.succeeded().then_some(sealed.head))
             }
         })
@@ -458,13 +530,24 @@ impl Ledger for EtcdLedger {
             let prefix = keys.audit_prefix();
             let mut out = Vec::new();
             for (k, v) in scan(&mut client, keys.audit(from), prefix_end(&prefix)).await? {
-                let seq = std::str::from_utf8(&k[prefix.len()..])
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| unreadable("audit key", String::from_utf8_lossy(&k)))?;
-                out.push((seq, v));
+                out.push((seq_of(&prefix, &k)?, v));
             }
             Ok(Some(out))
+        })
+    }
+
+    fn audit_log(&self) -> Result<(Vec<(u64, Vec<u8>)>, Option<AuditHead>)> {
+        self.run(move |mut client, keys| async move {
+            // The head and every record as of one revision.
+            let response = client.get(keys.head(), None).await?;
+            let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            let head = response.kvs().first().map(|kv| AuditHead::from_bytes(kv.value())).transpose()?;
+            let prefix = keys.audit_prefix();
+            let mut out = Vec::new();
+            for (k, v) in scan_at(&mut client, keys.audit(0), prefix_end(&prefix), revision).await? {
+                out.push((seq_of(&prefix, &k)?, v));
+            }
+            Ok(Some((out, head)))
         })
     }
 

@@ -310,6 +310,9 @@ pub trait Ledger: Send + Sync {
     fn audit_records(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>>;
     /// The stored head of the audit log (None if nothing was ever appended).
     fn audit_head(&self) -> Result<Option<AuditHead>>;
+    /// Every stored audit record and the head, as of one moment (so an
+    /// append in between cannot look like tampering).
+    fn audit_log(&self) -> Result<(Vec<(u64, Vec<u8>)>, Option<AuditHead>)>;
 
     /// ε the party has spent so far.
     fn spent(&self, party: &str) -> Result<f64> {

@@ -223,6 +223,20 @@ impl Ledger for RedbLedger {
         Ok(out)
     }
 
+    fn audit_log(&self) -> Result<(Vec<(u64, Vec<u8>)>, Option<AuditHead>)> {
+        // One read transaction: one consistent snapshot.
+        let txn = self.db.begin_read().map_err(ledger_err)?;
+        let table = txn.open_table(AUDIT).map_err(ledger_err)?;
+        let mut records = Vec::with_capacity(table.len().map_err(ledger_err)? as usize);
+        for entry in table.iter().map_err(ledger_err)? {
+            let (k, v) = entry.map_err(ledger_err)?;
+            records.push((k.value(), v.value().to_vec()));
+        }
+        let meta = txn.open_table(META).map_err(ledger_err)?;
+        let head = meta.get(HEAD).map_err(ledger_err)?.map(|v| AuditHead::from_bytes(v.value())).transpose()?;
+        Ok((records, head))
+    }
+
     fn audit_head(&self) -> Result<Option<AuditHead>> {
         let txn = self.db.begin_read().map_err(ledger_err)?;
         let meta = txn.open_table(META).map_err(ledger_err)?;
