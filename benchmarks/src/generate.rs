@@ -182,6 +182,10 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
                 credentials_toml(&plan).as_bytes(),
                 true,
             )?;
+            // The key both demo parties hashed their customers' e-mails under,
+            // for `cleanroom prepare --key-file` (a real collaboration keeps
+            // its key with the parties, never in the clean room).
+            write_atomically(&out_dir.join("collaboration.key"), DEMO_COLLABORATION_KEY, true)?;
             Ok(written)
         }
     })

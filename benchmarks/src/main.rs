@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
                 listen: "127.0.0.1:0".parse()?,
                 executors: args.executors,
                 executor_slots: 2,
+                retention_interval: std::time::Duration::from_secs(3600),
                 state_dir: Some(state.path().to_path_buf()),
                 etcd: None,
                 etcd_prefix: cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX.into(),

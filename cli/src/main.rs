@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod operator;
+mod upload;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +37,9 @@ enum Command {
         /// Task slots per executor.
         #[arg(long, default_value_t = 2)]
         executor_slots: usize,
+        /// Seconds between passes that delete rows past their dataset's retention period (one also runs at start).
+        #[arg(long, default_value_t = 3600)]
+        retention_interval: u64,
         #[command(flatten)]
         ledger: LedgerArgs,
     },
@@ -65,6 +69,14 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Prepare a party's data on its own machine: normalise the identifier
+    /// column (e-mail or phone), replace it with its HMAC-SHA256 under the
+    /// collaboration key, and write Parquet ready to upload. No server needed;
+    /// raw identifiers never leave this machine.
+    Prepare(PrepareArgs),
+    /// Upload Parquet files into a dataset the party owns, over Flight SQL,
+    /// as one new data version (all or nothing).
+    Upload(upload::UploadArgs),
     /// Work with collaboration manifests.
     Manifest {
         #[command(subcommand)]
@@ -149,13 +161,76 @@ enum AuditCommand {
         /// Only records at or after this time (2026-11-23, 2026-11-23T09:30:00Z, or Unix seconds; UTC).
         #[arg(long)]
         since: Option<String>,
-        /// Only records of this kind (auth, auth_failure, query, answer, query_failure, refusal, budget_grant, manifest, upload, export, retention).
+        /// Only records of this kind (auth, auth_failure, query, answer, query_failure, refusal, budget_grant, manifest, upload, upload_failure, export, retention).
         #[arg(long)]
         kind: Option<String>,
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// The input: CSV (with a header row; .tsv is tab-separated) or Parquet.
+    #[arg(long = "in", value_name = "FILE")]
+    input: PathBuf,
+    /// The column holding the raw identifier (dropped from the output).
+    #[arg(long, value_name = "COL")]
+    id_column: String,
+    /// What the identifier is.
+    #[arg(long, value_enum)]
+    kind: IdKind,
+    /// The collaboration key (shared by all parties, at least 16 bytes); needed for --hash hmac-sha256.
+    #[arg(long, value_name = "KEY")]
+    key_file: Option<PathBuf>,
+    /// hmac-sha256 (under the collaboration key) for the clean room; sha256 (no key) only for ad-platform customer lists.
+    #[arg(long, value_enum, default_value = "hmac-sha256")]
+    hash: HashKind,
+    /// Output directory; the file is named after the input, <stem>.parquet.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Name of the hashed identifier column in the output.
+    #[arg(long, default_value = "uid")]
+    uid_column: String,
+    /// E-mail: also apply provider rules (Gmail ignores dots and +tags; Outlook, iCloud and others ignore +tags). Every party must choose alike.
+    #[arg(long)]
+    provider_rules: bool,
+    /// Phone: the country (ISO code, e.g. DE or US) of numbers written without a country code.
+    #[arg(long, value_name = "CC")]
+    default_country: Option<String>,
+    /// Input format [default: from the extension].
+    #[arg(long, value_enum)]
+    format: Option<InputFormatArg>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum IdKind {
+    Email,
+    Phone,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum HashKind {
+    #[value(name = "hmac-sha256")]
+    HmacSha256,
+    Sha256,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum InputFormatArg {
+    Csv,
+    Tsv,
+    Parquet,
 }
 
 #[derive(Subcommand)]
@@ -194,12 +269,16 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { manifest, listen, executors, executor_slots, ledger } => {
+        Command::Serve { manifest, listen, executors, executor_slots, retention_interval, ledger } => {
+            if retention_interval == 0 {
+                anyhow::bail!("--retention-interval must be at least 1 second");
+            }
             let options = cleanroom_scheduler::serve::ServeOptions {
                 manifest,
                 listen,
                 executors,
                 executor_slots,
+                retention_interval: std::time::Duration::from_secs(retention_interval),
                 state_dir: ledger.state_dir,
                 etcd: ledger.etcd,
                 etcd_prefix: ledger.etcd_prefix,
@@ -236,6 +315,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  truth:       {}", summary.out_dir.join("truth.json").display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Upload(args) => upload::upload(args).await,
+        Command::Prepare(args) => tokio::task::spawn_blocking(move || prepare(args)).await?,
         Command::Budget { command } => tokio::task::spawn_blocking(move || operator::budget(command)).await?,
         Command::Audit { command } => tokio::task::spawn_blocking(move || operator::audit(command)).await?,
         Command::Manifest { command: ManifestCommand::Check { file } } => {
@@ -252,4 +333,100 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn prepare(args: PrepareArgs) -> anyhow::Result<ExitCode> {
+    use cleanroom_prepare::identifier::{Country, Hasher, Kind, Normaliser};
+    use cleanroom_prepare::InputFormat;
+    let default_country = match &args.default_country {
+        None => None,
+        Some(code) => Some(Country::from_iso(code).ok_or_else(|| {
+            anyhow::anyhow!("--default-country {code}: not a country this version knows; known: {}", Country::known())
+        })?),
+    };
+    let kind = match args.kind {
+        IdKind::Email => Kind::Email,
+        IdKind::Phone => Kind::Phone,
+    };
+    if args.provider_rules && kind != Kind::Email {
+        anyhow::bail!("--provider-rules applies to e-mail addresses only");
+    }
+    if default_country.is_some() && kind != Kind::Phone {
+        anyhow::bail!("--default-country applies to phone numbers only");
+    }
+    let (hasher, key_fingerprint) = match (args.hash, &args.key_file) {
+        (HashKind::HmacSha256, Some(path)) => {
+            let key = cleanroom_prepare::load_key(path)?;
+            (Hasher::hmac(&key), Some(cleanroom_prepare::key_fingerprint(&key)))
+        }
+        (HashKind::HmacSha256, None) => anyhow::bail!(
+            "--key-file is needed: identifiers are hashed with HMAC-SHA256 under the collaboration key (or pass --hash sha256 for an ad-platform customer list)"
+        ),
+        (HashKind::Sha256, Some(_)) => anyhow::bail!("--hash sha256 uses no key: drop --key-file, or use --hash hmac-sha256"),
+        (HashKind::Sha256, None) => (Hasher::Sha256, None),
+    };
+    let format = match args.format {
+        Some(InputFormatArg::Csv) => InputFormat::Csv { delimiter: b',' },
+        Some(InputFormatArg::Tsv) => InputFormat::Csv { delimiter: b'\t' },
+        Some(InputFormatArg::Parquet) => InputFormat::Parquet,
+        None => InputFormat::from_path(&args.input),
+    };
+    let options = cleanroom_prepare::PrepareOptions {
+        input: args.input,
+        format,
+        id_column: args.id_column,
+        uid_column: args.uid_column,
+        normaliser: Normaliser { kind, provider_rules: args.provider_rules, default_country },
+        hasher,
+        key_fingerprint: key_fingerprint.clone(),
+        out_dir: args.out,
+        overwrite: args.overwrite,
+        progress: !args.quiet && !args.json,
+    };
+    let report = cleanroom_prepare::prepare(&options)?;
+    let seconds = report.elapsed.as_secs_f64();
+    if args.json {
+        let invalid: serde_json::Map<String, serde_json::Value> = report
+            .invalid
+            .iter()
+            .map(|(reason, (n, rows))| (reason.describe().to_string(), serde_json::json!({ "rows": n, "first_rows": rows })))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": report.output,
+                "rows_read": report.rows_read,
+                "rows_written": report.rows_written,
+                "invalid": report.invalid_total(),
+                "invalid_by_reason": invalid,
+                "duplicates": report.duplicates,
+                "hash": options.hasher.name(),
+                "key_fingerprint": key_fingerprint,
+                "normalisation": options.normaliser.describe(),
+                "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "read {} rows, wrote {} to {} in {seconds:.2} s ({:.0} rows/s)",
+            report.rows_read,
+            report.rows_written,
+            report.output.display(),
+            report.rows_read as f64 / seconds.max(1e-9)
+        );
+        println!("  identifiers: {}; hash: {}{}", options.normaliser.describe(), options.hasher.name(),
+            key_fingerprint.map(|f| format!(", key fingerprint {f}")).unwrap_or_default());
+        if report.invalid.is_empty() {
+            println!("  invalid identifiers: none");
+        } else {
+            println!("  invalid identifiers (rows left out): {}", report.invalid_total());
+            for (reason, (n, rows)) in &report.invalid {
+                let rows = rows.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+                let noun = if *n == 1 { "row" } else { "rows" };
+                println!("    {}: {n} (first at data {noun} {rows})", reason.describe());
+            }
+        }
+        println!("  duplicates: {} rows repeat an identifier of an earlier row (kept)", report.duplicates);
+    }
+    Ok(ExitCode::SUCCESS)
 }

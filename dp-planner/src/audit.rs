@@ -46,9 +46,10 @@ pub mod kind {
     pub const BUDGET_GRANT: &str = "budget_grant";
     pub const MANIFEST: &str = "manifest";
     pub const UPLOAD: &str = "upload";
+    pub const UPLOAD_FAILURE: &str = "upload_failure";
     pub const EXPORT: &str = "export";
     pub const RETENTION: &str = "retention";
-    pub const ALL: &[&str] = &[AUTH, AUTH_FAILURE, QUERY, ANSWER, QUERY_FAILURE, REFUSAL, BUDGET_GRANT, MANIFEST, UPLOAD, EXPORT, RETENTION];
+    pub const ALL: &[&str] = &[AUTH, AUTH_FAILURE, QUERY, ANSWER, QUERY_FAILURE, REFUSAL, BUDGET_GRANT, MANIFEST, UPLOAD, UPLOAD_FAILURE, EXPORT, RETENTION];
 }
 
 /// Something to record.

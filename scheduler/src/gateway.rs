@@ -32,7 +32,7 @@ use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
-    CommandPreparedStatementQuery, CommandStatementQuery, CommandStatementUpdate,
+    CommandPreparedStatementQuery, CommandStatementIngest, CommandStatementQuery, CommandStatementUpdate,
     DoPutPreparedStatementResult, Nullable, ProstMessageExt, Searchable, SqlInfo,
     TicketStatementQuery, XdbcDataType,
 };
@@ -63,6 +63,7 @@ use tracing::{info, warn};
 
 use crate::catalog::{Catalog, CATALOG, SCHEMA};
 use crate::cluster::EmbeddedCluster;
+use crate::ingest::{self, IngestError};
 use crate::system_tables::{SystemSchema, BUDGET, QUERIES};
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
@@ -232,13 +233,32 @@ fn shape(schema: &Schema) -> serde_json::Value {
     )
 }
 
+/// Durably append `event` to the audit log.
+async fn append_audit(ledger: Arc<dyn Ledger>, event: AuditEvent) -> Result<(), Status> {
+    blocking(move || ledger.append_audit(&event)).await?.map_err(dp_status)?;
+    Ok(())
+}
+
 impl FlightSqlGateway {
     /// Durably append `event` to the audit log. An action whose record cannot
     /// be written does not happen: the caller returns this error instead.
     async fn audit(&self, event: AuditEvent) -> Result<(), Status> {
-        let ledger = self.ledger.clone();
-        blocking(move || ledger.append_audit(&event)).await?.map_err(dp_status)?;
-        Ok(())
+        append_audit(self.ledger.clone(), event).await
+    }
+
+    /// Audit a refused upload, then return it (or the ledger's error).
+    async fn upload_refused(&self, session: &Session, dataset: &str, refusal: ingest::Refusal) -> Status {
+        // Bounded: the name is what the client sent.
+        let dataset: String = dataset.chars().take(128).collect();
+        let event = AuditEvent::new(
+            audit::kind::REFUSAL,
+            Some(&session.party),
+            json!({ "upload": dataset, "rule": refusal.rule, "message": refusal.status.message() }),
+        );
+        match self.audit(event).await {
+            Ok(()) => refusal.status,
+            Err(e) => e,
+        }
     }
 
     /// Audit a refusal of `sql`, then return it (or the ledger's error).
@@ -774,6 +794,64 @@ impl FlightSqlService for FlightSqlGateway {
             Statement::Query(_) => Err(Status::invalid_argument(
                 "only SET cleanroom.<option> = <value> runs as an update; run queries as queries",
             )),
+        }
+    }
+
+    /// An upload by a dataset's owner (ADBC `adbc_ingest`): checked batch by
+    /// batch and committed as the dataset's next data version, all or nothing.
+    async fn do_put_statement_ingest(
+        &self,
+        command: CommandStatementIngest,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let session = self.session(&request)?;
+        let (dataset, mode) = match ingest::resolve(&self.catalog, &session.party, &command) {
+            Ok(target) => target,
+            Err(refusal) => return Err(self.upload_refused(&session, &command.table, refusal).await),
+        };
+        // The upload runs in its own task, which owns the request's stream:
+        // if the client goes away the stream fails there and the task cleans
+        // up and audits, even though this handler is dropped.
+        let (catalog, ledger) = (self.catalog.clone(), self.ledger.clone());
+        let broke = request.extensions().get::<crate::stream_end::BodyBroke>().cloned().unwrap_or_default();
+        let (name, party, stream) = (dataset.name.clone(), session.party.clone(), request.into_inner());
+        let task = tokio::spawn(async move {
+            let dataset = catalog.manifest.dataset(&name).expect("resolved above");
+            let _one_at_a_time = catalog.lock_for_upload(&name).await;
+            let upload_id = random_id();
+            let record = |rows: u64, version: u64, files: usize| {
+                let event = AuditEvent::new(
+                    audit::kind::UPLOAD,
+                    Some(&party),
+                    json!({ "dataset": name, "mode": mode.as_str(), "rows": rows, "files": files, "version": version, "upload": upload_id }),
+                );
+                append_audit(ledger.clone(), event)
+            };
+            let outcome = ingest::ingest(&catalog, dataset, mode, &party, &upload_id, stream, broke, record).await;
+            match outcome {
+                Ok(ingested) => {
+                    info!(party = %party, dataset = %name, mode = mode.as_str(), rows = ingested.rows, version = %ingested.version.id(), "upload committed");
+                    Ok(ingested.rows as i64)
+                }
+                Err(IngestError::Refused(refusal)) => Err(IngestError::Refused(refusal)),
+                Err(IngestError::Failed(status)) => {
+                    warn!(party = %party, dataset = %name, upload = %upload_id, error = %status.message(), "upload not committed");
+                    let event = AuditEvent::new(
+                        audit::kind::UPLOAD_FAILURE,
+                        Some(&party),
+                        json!({ "dataset": name, "upload": upload_id, "message": status.message() }),
+                    );
+                    if let Err(e) = append_audit(ledger.clone(), event).await {
+                        warn!(error = %e, "could not record the failed upload in the audit log");
+                    }
+                    Err(IngestError::Failed(status))
+                }
+            }
+        });
+        match task.await.map_err(|e| Status::internal(format!("the upload task failed: {e}")))? {
+            Ok(rows) => Ok(rows),
+            Err(IngestError::Failed(status)) => Err(status),
+            Err(IngestError::Refused(refusal)) => Err(self.upload_refused(&session, &dataset.name, refusal).await),
         }
     }
 

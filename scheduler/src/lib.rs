@@ -5,6 +5,10 @@
 pub mod catalog;
 pub mod cluster;
 pub mod gateway;
+pub mod ingest;
 pub mod manifest;
+pub mod retention;
 pub mod serve;
+pub mod storage;
+pub mod stream_end;
 pub mod system_tables;

@@ -47,10 +47,48 @@ pub struct Manifest {
     pub defaults: Defaults,
     pub parties: Vec<Party>,
     pub datasets: Vec<Dataset>,
+    /// How to reach S3 for `s3://` locations (`[s3]`); absent: from the
+    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`, …).
+    pub s3: Option<S3Settings>,
     /// The directory relative dataset locations are resolved against: the
     /// manifest file's directory, so a manifest works from any working
     /// directory.
     pub base_dir: PathBuf,
+}
+
+/// The `[s3]` table: the S3 (or S3-compatible) service of `s3://` dataset
+/// locations. What it leaves out comes from the environment, as for the AWS
+/// tools.
+#[derive(Clone, PartialEq, Default)]
+pub struct S3Settings {
+    /// e.g. `http://127.0.0.1:9000` for a local S3-compatible server.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Allow a plain-HTTP endpoint.
+    pub allow_http: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Where a dataset's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local directory (absolute once resolved).
+    Local(PathBuf),
+    /// `s3://bucket/prefix/`.
+    S3 { bucket: String, prefix: String },
 }
 
 /// The `[collaboration]` table.
@@ -129,6 +167,16 @@ pub struct Dataset {
     /// Parties other than the owner allowed to query the dataset.
     pub readers: Vec<String>,
     pub columns: BTreeMap<String, Column>,
+    /// How long rows are kept, by their event time.
+    pub retention: Option<Retention>,
+}
+
+/// `retention = { column = "ts", days = 90 }`: rows whose `column` (a date
+/// or timestamp) is more than `days` days old are deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub column: String,
+    pub days: u32,
 }
 
 /// The role of a column, as written in the manifest.
@@ -287,8 +335,9 @@ impl Manifest {
         c.unknown_keys(
             &root,
             "",
-            &["collaboration", "defaults", "parties", "datasets"],
+            &["collaboration", "defaults", "parties", "datasets", "s3"],
         );
+        let s3 = parse_s3(&mut c, &root);
         let collaboration = parse_collaboration(&mut c, &root);
         let defaults = parse_defaults(&mut c, &root);
         let parties = parse_parties(&mut c, &root);
@@ -302,6 +351,7 @@ impl Manifest {
             defaults,
             parties,
             datasets,
+            s3,
             base_dir: std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf()),
         })
     }
@@ -419,17 +469,19 @@ impl Dataset {
         }
     }
 
-    /// The dataset location as an absolute local directory path: a relative
-    /// path is resolved against `base_dir` (the manifest's directory), a
-    /// `file://` URL is percent-decoded. Object-store URLs (`s3://`, …) are
-    /// not supported yet and give an error.
-    pub fn local_path(&self, base_dir: &Path) -> Result<PathBuf, ManifestError> {
+    /// Where the dataset's files are: a local directory (a relative path is
+    /// resolved against `base_dir`, the manifest's directory; a `file://` URL
+    /// is percent-decoded) or an `s3://bucket/prefix/` location.
+    pub fn location(&self, base_dir: &Path) -> Result<Location, ManifestError> {
         let error = |reason: String| ManifestError::Location {
             dataset: self.name.clone(),
             location: self.location.clone(),
             reason,
         };
-        let path = parse_location(&self.location).map_err(error)?;
+        let path = match parse_location(&self.location).map_err(error)? {
+            Location::Local(path) => path,
+            s3 => return Ok(s3),
+        };
         let joined = if path.is_absolute() {
             path
         } else {
@@ -440,7 +492,20 @@ impl Dataset {
         // slash, so `data/x/` and `data/x` give the same path.
         let absolute = std::path::absolute(&joined)
             .map_err(|e| error(format!("cannot make the path absolute: {e}")))?;
-        Ok(absolute.components().collect())
+        Ok(Location::Local(absolute.components().collect()))
+    }
+
+    /// The dataset location as an absolute local directory path; an
+    /// object-store location is an error.
+    pub fn local_path(&self, base_dir: &Path) -> Result<PathBuf, ManifestError> {
+        match self.location(base_dir)? {
+            Location::Local(path) => Ok(path),
+            Location::S3 { .. } => Err(ManifestError::Location {
+                dataset: self.name.clone(),
+                location: self.location.clone(),
+                reason: "not a local directory".to_string(),
+            }),
+        }
     }
 }
 
@@ -450,24 +515,25 @@ impl Dataset {
 /// URL schemes the engine is expected to read from later; named separately so
 /// the message says "not yet" rather than "never".
 const OBJECT_STORE_SCHEMES: &[&str] = &[
-    "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss", "adl", "http", "https", "hdfs",
+    "gs", "gcs", "az", "azure", "abfs", "abfss", "adl", "http", "https", "hdfs",
 ];
 
-/// Turns a location into a local path (relative or absolute), or says why it
-/// cannot be one.
-fn parse_location(location: &str) -> Result<PathBuf, String> {
+/// Turns a location into a local path (relative or absolute) or an S3
+/// location, or says why it cannot be one.
+fn parse_location(location: &str) -> Result<Location, String> {
     if location.trim().is_empty() {
         return Err("location must not be empty".to_string());
     }
     if let Some((scheme, rest)) = split_scheme(location) {
         let scheme = scheme.to_ascii_lowercase();
         return match scheme.as_str() {
-            "file" => file_url_path(rest),
+            "file" => file_url_path(rest).map(Location::Local),
+            "s3" => s3_location(rest),
             s if OBJECT_STORE_SCHEMES.contains(&s) => Err(format!(
-                "{s}:// locations are not supported yet (use a local path or a file:// URL)"
+                "{s}:// locations are not supported yet (use a local path, a file:// URL or s3://bucket/prefix/)"
             )),
             s => Err(format!(
-                "unsupported URL scheme \"{s}\" (use a local path or a file:// URL)"
+                "unsupported URL scheme \"{s}\" (use a local path, a file:// URL or s3://bucket/prefix/)"
             )),
         };
     }
@@ -479,7 +545,49 @@ fn parse_location(location: &str) -> Result<PathBuf, String> {
     {
         return Err("a file URL must look like file:///absolute/path".to_string());
     }
-    Ok(PathBuf::from(location))
+    Ok(Location::Local(PathBuf::from(location)))
+}
+
+/// `bucket/prefix/` of an `s3://` URL.
+fn s3_location(rest: &str) -> Result<Location, String> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !valid_bucket {
+        return Err(format!("\"{bucket}\" is not an S3 bucket name (3 to 63 lower-case letters, digits, dots and hyphens)"));
+    }
+    if prefix.contains(['?', '#']) || prefix.split('/').any(|p| p == "." || p == "..") {
+        return Err("an s3:// location is s3://bucket/prefix/, without a query, fragment, . or ..".to_string());
+    }
+    Ok(Location::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() })
+}
+
+/// The optional `[s3]` table.
+fn parse_s3(c: &mut Checker, root: &Table) -> Option<S3Settings> {
+    let value = c.field(root, "", "s3", false)?;
+    let table = c.table(value, "s3")?;
+    c.unknown_keys(table, "s3", &["endpoint", "region", "allow_http", "access_key_id", "secret_access_key"]);
+    let mut s3 = S3Settings {
+        endpoint: c.optional_string(table, "s3", "endpoint"),
+        region: c.optional_string(table, "s3", "region"),
+        access_key_id: c.optional_string(table, "s3", "access_key_id"),
+        secret_access_key: c.optional_string(table, "s3", "secret_access_key"),
+        ..S3Settings::default()
+    };
+    if let Some(v) = c.field(table, "s3", "allow_http", false) {
+        s3.allow_http = c.boolean(v, "s3.allow_http").unwrap_or(false);
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            c.report("s3.endpoint", format!("must be an http:// or https:// URL, found {endpoint:?}"));
+        } else if endpoint.starts_with("http://") && !s3.allow_http {
+            c.report("s3.endpoint", "is plain HTTP: set allow_http = true to use it (credentials and data travel unencrypted)");
+        }
+    }
+    if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+        c.report("s3", "give both access_key_id and secret_access_key, or neither (then they come from the environment)");
+    }
+    Some(s3)
 }
 
 /// Splits `scheme://rest` when the part before `://` is a URL scheme.
@@ -1010,6 +1118,7 @@ fn parse_datasets(
                 "public",
                 "readers",
                 "columns",
+                "retention",
             ],
         );
 
@@ -1144,6 +1253,8 @@ fn parse_datasets(
             }
         }
 
+        let retention = parse_retention(c, table, &at);
+
         datasets.push(Dataset {
             name,
             owner,
@@ -1153,9 +1264,21 @@ fn parse_datasets(
             privacy_unit,
             readers,
             columns,
+            retention,
         });
     }
     datasets
+}
+
+/// `retention = { column = "...", days = N }` of a dataset.
+fn parse_retention(c: &mut Checker, table: &Table, at: &str) -> Option<Retention> {
+    let value = c.field(table, at, "retention", false)?;
+    let path = join(at, "retention");
+    let t = c.table(value, &path)?;
+    c.unknown_keys(t, &path, &["column", "days"]);
+    let column = c.required_string(t, &path, "column");
+    let days = c.field(t, &path, "days", true).and_then(|v| c.count::<u32>(v, &join(&path, "days")));
+    Some(Retention { column: column?, days: days? })
 }
 
 /// Parses one column entry. Returns its role when readable (for the
@@ -2025,11 +2148,12 @@ campaign_id = {{ role = "dimension" }}
             "location = \"data/impressions/\"",
             "location = \"ftp://host/x\"",
         );
+        text = edit(&text, "location = \"s3://bucket/conversions/\"", "location = \"gs://bucket/conversions/\"");
         let problems = problems(&text);
         assert_has(
             &problems,
             "datasets[1].location",
-            "s3:// locations are not supported yet",
+            "gs:// locations are not supported yet",
         );
         assert_has(
             &problems,
@@ -2039,13 +2163,18 @@ campaign_id = {{ role = "dimension" }}
     }
 
     #[test]
-    fn local_path_refuses_object_store_urls() {
+    fn s3_locations_resolve_to_bucket_and_prefix() {
         let manifest = Manifest::from_str(&sample(), Path::new("/m")).unwrap();
         let mut dataset = manifest.dataset("conversions").unwrap().clone();
-        dataset.location = "s3://bucket/conversions/".to_string();
+        dataset.location = "s3://my-bucket/clean/conversions/".to_string();
+        assert_eq!(
+            dataset.location(&manifest.base_dir).unwrap(),
+            Location::S3 { bucket: "my-bucket".into(), prefix: "clean/conversions".into() }
+        );
         let err = dataset.local_path(&manifest.base_dir).unwrap_err();
         assert!(matches!(err, ManifestError::Location { .. }));
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        dataset.location = "s3://Bad_Bucket/x".to_string();
+        assert!(dataset.location(&manifest.base_dir).unwrap_err().to_string().contains("not an S3 bucket name"));
 
         dataset.location = "file://otherhost/x".to_string();
         assert!(dataset.local_path(&manifest.base_dir).is_err());
@@ -2054,6 +2183,19 @@ campaign_id = {{ role = "dimension" }}
             dataset.local_path(&manifest.base_dir).unwrap(),
             PathBuf::from("/srv/x")
         );
+    }
+
+    #[test]
+    fn s3_settings_are_checked() {
+        let text = format!("{}\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"\naccess_key_id = \"k\"\n", sample());
+        let problems = problems(&text);
+        assert_has(&problems, "s3.endpoint", "set allow_http = true");
+        assert_has(&problems, "s3", "give both access_key_id and secret_access_key");
+        let text = format!("{}\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n", sample());
+        let manifest = Manifest::from_str(&text, Path::new("/m")).unwrap();
+        let s3 = manifest.s3.unwrap();
+        assert_eq!((s3.endpoint.as_deref(), s3.allow_http), (Some("http://127.0.0.1:9000"), true));
+        assert!(!format!("{s3:?}").contains("\"s\""), "the secret is not printed");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub executor_slots: usize,
     /// Where the budget ledger lives; defaults to `state/` beside the manifest.
     pub state_dir: Option<PathBuf>,
+    /// How often expired rows are looked for (also once at start).
+    pub retention_interval: std::time::Duration,
     /// The ledger on etcd instead: endpoints, and the key prefix.
     pub etcd: Option<String>,
     pub etcd_prefix: String,
@@ -96,6 +98,19 @@ pub async fn start(
     let partitions = (options.executors * options.executor_slots).max(1);
     let state = cleanroom_executor::session_state(partitions);
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
+    // Expired rows go before the first query, then on a schedule.
+    crate::retention::enforce_all(&catalog, &ledger).await;
+    if manifest.datasets.iter().any(|d| d.retention.is_some()) {
+        let (catalog, ledger, every) = (catalog.clone(), ledger.clone(), options.retention_interval);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                crate::retention::enforce_all(&catalog, &ledger).await;
+            }
+        });
+    }
     let cluster = EmbeddedCluster::start(&state, options.executors.max(1), options.executor_slots.max(1)).await?;
     let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger.clone(), partitions);
 
@@ -105,6 +120,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(crate::stream_end::layer())
             .add_service(FlightServiceServer::new(gateway))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );

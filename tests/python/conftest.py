@@ -48,12 +48,12 @@ def credentials(demo: Path) -> dict:
 
 
 class Server:
-    def __init__(self, demo: Path, state_dir: Path):
+    def __init__(self, demo: Path, state_dir: Path, manifest: Path = None):
         self.log = state_dir.with_suffix(".log")
         self.proc = subprocess.Popen(
             [
                 str(cleanroom_binary()), "serve",
-                "--manifest", str(demo / "manifest.toml"),
+                "--manifest", str(manifest or demo / "manifest.toml"),
                 "--listen", "127.0.0.1:0",
                 "--state-dir", str(state_dir),
             ],
