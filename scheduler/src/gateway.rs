@@ -84,7 +84,8 @@ struct Session {
     options: Mutex<QueryOptions>,
     /// Statements planned by GetFlightInfo (with their SQL text), waiting
     /// for their DoGet.
-    pending: Mutex<HashMap<String, (Instant, (String, Arc<PlannedQuery>))>>,
+    /// The data versions the statement was planned on go with it.
+    pending: Mutex<HashMap<String, (Instant, (String, Arc<PlannedQuery>, String))>>,
     /// Prepared statements: handle → SQL.
     prepared: Mutex<HashMap<String, (Instant, String)>>,
 }
@@ -382,19 +383,30 @@ impl FlightSqlGateway {
             }
             Statement::Query(planned) => planned,
         };
+        // The versions the plan reads (it holds their tables): the answer is
+        // remembered under them, even if an upload lands before the DoGet.
+        let versions = match &planned {
+            PlannedQuery::Dp(q) => self.data_versions(&q.datasets),
+            _ => String::new(),
+        };
         let id = random_id();
         insert_bounded(
             &mut session.pending.lock().expect("pending lock"),
             MAX_PENDING_PER_SESSION,
             id.clone(),
-            (sql.to_string(), Arc::new(planned)),
+            (sql.to_string(), Arc::new(planned), versions),
         );
         let ticket = TicketStatementQuery { statement_handle: encode_handle(&id, Kind::Query).into() };
         schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor)
     }
 
     /// Charge, execute and release a planned statement.
-    async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>) -> Result<Released, Status> {
+    /// The current data versions of `datasets`, as one key.
+    fn data_versions(&self, datasets: &[String]) -> String {
+        datasets.iter().map(|d| self.catalog.version(d).unwrap_or_default()).collect::<Vec<_>>().join("+")
+    }
+
+    async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>, version: &str) -> Result<Released, Status> {
         let (free, what) = match planned.as_ref() {
             PlannedQuery::NoData(q) => (Some(release::without_data(q).await), "no_data"),
             PlannedQuery::Explain(q) => (Some(release::explain(q)), "explain"),
@@ -427,8 +439,7 @@ impl FlightSqlGateway {
 
         // The same question on the same data gets the answer already
         // released to this party, at no new cost.
-        let version = query.datasets.iter().map(|d| self.catalog.version(d).unwrap_or_default()).collect::<Vec<_>>().join("+");
-        let key = release::answer_key(query, &session.party, &version);
+        let key = release::answer_key(query, &session.party, version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
         let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
@@ -752,13 +763,13 @@ impl FlightSqlService for FlightSqlGateway {
         let id = decode_handle(&ticket.statement_handle, Kind::Query)?;
         // Removed on use: a ticket executes (and is charged) once, and only in
         // the session that planned it.
-        let (_, (sql, planned)) = session
+        let (_, (sql, planned, versions)) = session
             .pending
             .lock()
             .expect("pending lock")
             .remove(&id)
             .ok_or_else(|| Status::not_found("no such statement in this session (tickets are valid once, in the session that planned them)"))?;
-        let released = self.execute(&session, &sql, planned).await?;
+        let released = self.execute(&session, &sql, planned, &versions).await?;
         let metadata = released.schema().metadata().clone();
         let mut response = Response::new(batches_stream(released.schema(), released.batches().to_vec()));
         // The receipt also travels as response headers, for clients that do
