@@ -184,6 +184,11 @@ impl Catalog {
     /// Make `version` (just committed) the one queries read.
     pub async fn install(&self, dataset: &str, version: Version) -> anyhow::Result<()> {
         let declared = self.manifest.dataset(dataset).with_context(|| format!("no dataset `{dataset}`"))?;
+        if version.files.is_empty() {
+            // Retention removed every row: the dataset has no data until its next upload.
+            self.tables.write().expect("catalog lock").remove(dataset);
+            return Ok(());
+        }
         let store = self.store(dataset).with_context(|| format!("no dataset `{dataset}`"))?;
         let schema = self.table(dataset).map(|t| t.schema.clone());
         let (provider, schema) = listing_table(store, &version, schema, &self.state).await?;

@@ -17,7 +17,7 @@ use arrow::array::{Array, ArrayRef, BinaryArray, FixedSizeBinaryArray, LargeBina
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
-use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
+use arrow_flight::sql::TableExistsOption;
 use arrow_flight::sql::CommandStatementIngest;
 use futures::{Stream, TryStreamExt};
 use tonic::Status;
@@ -89,7 +89,6 @@ pub fn resolve<'a>(catalog: &'a Catalog, party: &str, command: &CommandStatement
         }
     };
     // `if_not_exist` does not matter: every dataset of the manifest exists.
-    let _ = TableNotExistOption::try_from(options.if_not_exist);
     Ok((dataset, mode))
 }
 
