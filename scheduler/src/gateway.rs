@@ -240,26 +240,26 @@ async fn append_audit(ledger: Arc<dyn Ledger>, event: AuditEvent) -> Result<(), 
     Ok(())
 }
 
+/// Audit a refused upload, then return its status (or the ledger's error).
+async fn upload_refused(ledger: Arc<dyn Ledger>, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
+    // Bounded: the name is what the client sent.
+    let dataset: String = dataset.chars().take(128).collect();
+    let event = AuditEvent::new(
+        audit::kind::REFUSAL,
+        Some(party),
+        json!({ "upload": dataset, "rule": refusal.rule, "message": refusal.status.message() }),
+    );
+    match append_audit(ledger, event).await {
+        Ok(()) => refusal.status,
+        Err(e) => e,
+    }
+}
+
 impl FlightSqlGateway {
     /// Durably append `event` to the audit log. An action whose record cannot
     /// be written does not happen: the caller returns this error instead.
     async fn audit(&self, event: AuditEvent) -> Result<(), Status> {
         append_audit(self.ledger.clone(), event).await
-    }
-
-    /// Audit a refused upload, then return it (or the ledger's error).
-    async fn upload_refused(&self, session: &Session, dataset: &str, refusal: ingest::Refusal) -> Status {
-        // Bounded: the name is what the client sent.
-        let dataset: String = dataset.chars().take(128).collect();
-        let event = AuditEvent::new(
-            audit::kind::REFUSAL,
-            Some(&session.party),
-            json!({ "upload": dataset, "rule": refusal.rule, "message": refusal.status.message() }),
-        );
-        match self.audit(event).await {
-            Ok(()) => refusal.status,
-            Err(e) => e,
-        }
     }
 
     /// Audit a refusal of `sql`, then return it (or the ledger's error).
@@ -818,11 +818,11 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.session(&request)?;
         let (dataset, mode) = match ingest::resolve(&self.catalog, &session.party, &command) {
             Ok(target) => target,
-            Err(refusal) => return Err(self.upload_refused(&session, &command.table, refusal).await),
+            Err(refusal) => return Err(upload_refused(self.ledger.clone(), &session.party, &command.table, refusal).await),
         };
         // The upload runs in its own task, which owns the request's stream:
         // if the client goes away the stream fails there and the task cleans
-        // up and audits, even though this handler is dropped.
+        // up and audits (a refusal too), even though this handler is dropped.
         let (catalog, ledger) = (self.catalog.clone(), self.ledger.clone());
         let broke = request.extensions().get::<crate::stream_end::BodyBroke>().cloned().unwrap_or_default();
         let (name, party, stream) = (dataset.name.clone(), session.party.clone(), request.into_inner());
@@ -844,7 +844,7 @@ impl FlightSqlService for FlightSqlGateway {
                     info!(party = %party, dataset = %name, mode = mode.as_str(), rows = ingested.rows, version = %ingested.version.id(), "upload committed");
                     Ok(ingested.rows as i64)
                 }
-                Err(IngestError::Refused(refusal)) => Err(IngestError::Refused(refusal)),
+                Err(IngestError::Refused(refusal)) => Err(upload_refused(ledger.clone(), &party, &name, refusal).await),
                 Err(IngestError::Failed(status)) => {
                     warn!(party = %party, dataset = %name, upload = %upload_id, error = %status.message(), "upload not committed");
                     let event = AuditEvent::new(
@@ -855,15 +855,11 @@ impl FlightSqlService for FlightSqlGateway {
                     if let Err(e) = append_audit(ledger.clone(), event).await {
                         warn!(error = %e, "could not record the failed upload in the audit log");
                     }
-                    Err(IngestError::Failed(status))
+                    Err(status)
                 }
             }
         });
-        match task.await.map_err(|e| Status::internal(format!("the upload task failed: {e}")))? {
-            Ok(rows) => Ok(rows),
-            Err(IngestError::Failed(status)) => Err(status),
-            Err(IngestError::Refused(refusal)) => Err(self.upload_refused(&session, &dataset.name, refusal).await),
-        }
+        task.await.map_err(|e| Status::internal(format!("the upload task failed: {e}")))?
     }
 
     async fn do_put_prepared_statement_query(
