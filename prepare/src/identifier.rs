@@ -148,23 +148,38 @@ impl Normaliser {
         if s.len() > 254 {
             return Err(Invalid::TooLong);
         }
-        if s.bytes().any(|b| b.is_ascii_whitespace()) {
+        // One pass over the bytes finds what the checks below need.
+        let (mut whitespace, mut at, mut ats) = (false, 0, 0);
+        for (i, b) in s.bytes().enumerate() {
+            whitespace |= b.is_ascii_whitespace();
+            if b == b'@' {
+                if ats == 0 {
+                    at = i;
+                }
+                ats += 1;
+            }
+        }
+        if whitespace {
             return Err(Invalid::Whitespace);
         }
-        let (local, domain) = s.split_once('@').ok_or(Invalid::NoAt)?;
-        if domain.contains('@') {
-            return Err(Invalid::SeveralAts);
+        match ats {
+            0 => return Err(Invalid::NoAt),
+            1 => {}
+            _ => return Err(Invalid::SeveralAts),
         }
+        let (local, domain) = (&s[..at], &s[at + 1..]);
         if local.is_empty() {
             return Err(Invalid::EmptyLocalPart);
         }
-        if !domain.contains('.') || domain.split('.').any(str::is_empty) {
+        let d = domain.as_bytes();
+        let dots = d.iter().filter(|&&b| b == b'.').count();
+        if dots == 0 || d[0] == b'.' || d[d.len() - 1] == b'.' || d.windows(2).any(|w| w == b"..") {
             return Err(Invalid::BadDomain);
         }
         let start = out.len();
         push_lower(out, local);
         let mut domain_lower = String::new();
-        let domain = if domain.bytes().all(|b| !b.is_ascii_uppercase()) {
+        let domain = if !d.iter().any(u8::is_ascii_uppercase) {
             domain
         } else {
             push_lower(&mut domain_lower, domain);
@@ -276,7 +291,9 @@ impl Normaliser {
 
 fn push_lower(out: &mut String, s: &str) {
     if s.is_ascii() {
-        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
+        let start = out.len();
+        out.push_str(s);
+        out[start..].make_ascii_lowercase();
     } else {
         out.extend(s.chars().flat_map(char::to_lowercase));
     }
@@ -323,11 +340,17 @@ impl Hasher {
 
 /// Lower-case hex of `digest` into `out` (64 characters).
 pub fn push_hex(out: &mut String, digest: &[u8; 32]) {
+    out.push_str(hex_str(digest, &mut [0; 64]));
+}
+
+/// Lower-case hex of `digest`, written into `buf`.
+pub fn hex_str<'a>(digest: &[u8; 32], buf: &'a mut [u8; 64]) -> &'a str {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in digest {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 15) as usize] as char);
+    for (pair, b) in buf.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 15) as usize];
     }
+    std::str::from_utf8(buf).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]
@@ -370,6 +393,10 @@ mod tests {
         assert_eq!(email("@example.com", false), Err(Invalid::EmptyLocalPart));
         assert_eq!(email("jane@localhost", false), Err(Invalid::BadDomain));
         assert_eq!(email("jane@example..com", false), Err(Invalid::BadDomain));
+        assert_eq!(email("jane@.example.com", false), Err(Invalid::BadDomain));
+        assert_eq!(email("jane@example.com.", false), Err(Invalid::BadDomain));
+        assert_eq!(email("jane@", false), Err(Invalid::BadDomain));
+        assert_eq!(email("a b@c@d", false), Err(Invalid::Whitespace));
         assert_eq!(email("jane doe@example.com", false), Err(Invalid::Whitespace));
         assert_eq!(email(&format!("{}@example.com", "a".repeat(250)), false), Err(Invalid::TooLong));
     }
