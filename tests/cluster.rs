@@ -17,14 +17,9 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(
         &ServeOptions {
-            manifest: dir.path().join("manifest.toml"),
             listen: "127.0.0.1:0".parse().unwrap(),
-            executors: 2,
-            executor_slots: 2,
-            retention_interval: std::time::Duration::from_secs(3600),
             state_dir: Some(dir.path().join("state")),
-            etcd: None,
-            etcd_prefix: cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX.into(),
+            ..ServeOptions::standalone(dir.path().join("manifest.toml"))
         },
         async move {
             let _ = stopped.await;

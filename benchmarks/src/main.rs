@@ -122,14 +122,10 @@ async fn main() -> anyhow::Result<()> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = cleanroom_scheduler::serve::start(
             &cleanroom_scheduler::serve::ServeOptions {
-                manifest: bench_manifest,
                 listen: "127.0.0.1:0".parse()?,
                 executors: args.executors,
-                executor_slots: 2,
-                retention_interval: std::time::Duration::from_secs(3600),
                 state_dir: Some(state.path().to_path_buf()),
-                etcd: None,
-                etcd_prefix: cleanroom_scheduler::serve::DEFAULT_ETCD_PREFIX.into(),
+                ..cleanroom_scheduler::serve::ServeOptions::standalone(bench_manifest)
             },
             async move {
                 let _ = stopped.await;

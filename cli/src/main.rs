@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cleanroom_scheduler::serve::{Running, ServeOptions};
 
 mod operator;
 mod upload;
@@ -37,11 +38,68 @@ enum Command {
         /// Task slots per executor.
         #[arg(long, default_value_t = 2)]
         executor_slots: usize,
-        /// Seconds between passes that delete rows past their dataset's retention period (one also runs at start).
-        #[arg(long, default_value_t = 3600)]
-        retention_interval: u64,
         #[command(flatten)]
-        ledger: LedgerArgs,
+        server: ServerArgs,
+    },
+    /// Run the clean room's front of a cluster: the Flight SQL gateway, the
+    /// budget ledger and the Ballista scheduler, whose internal address
+    /// `cleanroom executor` processes join. Runs no query work itself.
+    Scheduler {
+        /// The collaboration manifest (TOML).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Address the Flight SQL gateway listens on: the only port parties reach.
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: SocketAddr,
+        /// Address of the Ballista scheduler, for executors only (keep it off
+        /// the parties' network: it accepts any plan).
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        internal_bind: SocketAddr,
+        /// Partitions each query's scans and shuffles are split into (about the
+        /// cluster's total task slots).
+        #[arg(long, default_value_t = 8)]
+        partitions: usize,
+        /// Seconds without a heartbeat after which an executor is lost and its
+        /// work is run again elsewhere; with no executor left, running queries
+        /// fail after as long.
+        #[arg(long, default_value_t = 180)]
+        executor_timeout: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run a Ballista executor that joins `cleanroom scheduler`'s internal
+    /// address and runs query tasks with cleanroom's functions.
+    Executor {
+        /// The scheduler's internal address, host:port.
+        #[arg(long)]
+        scheduler: String,
+        /// Address the executor's shuffle (Flight) service binds; keep it internal.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// The shuffle service's port (the port after it is also taken).
+        #[arg(long, default_value_t = 50060)]
+        port: u16,
+        /// Host name or address the scheduler and other executors reach this
+        /// executor at [default: --bind].
+        #[arg(long)]
+        external_host: Option<String>,
+        /// Concurrent tasks.
+        #[arg(long, default_value_t = 2)]
+        slots: usize,
+        /// Directory for shuffle and spill files [default: a temporary directory].
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Memory for query execution, shared by the slots, e.g. 4GiB or
+        /// 512MiB; beyond it, operators spill to the work directory
+        /// [default: 70 % of the host's or container's memory].
+        #[arg(long, value_parser = parse_bytes)]
+        memory_limit: Option<u64>,
+        /// The collaboration manifest, for datasets on S3 (its `[s3]` settings).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Seconds between heartbeats to the scheduler (keep it well under its --executor-timeout).
+        #[arg(long, default_value_t = 60)]
+        heartbeat_interval: u64,
     },
     /// See and change privacy budgets (operators; reads the ledger directly).
     Budget {
@@ -82,6 +140,91 @@ enum Command {
         #[command(subcommand)]
         command: ManifestCommand,
     },
+}
+
+/// What `serve` and `scheduler` share: retention, the ledger, the Flight SQL
+/// endpoint's TLS and the operator's metrics port.
+#[derive(clap::Args, Clone)]
+struct ServerArgs {
+    /// Seconds between passes that delete rows past their dataset's retention period (one also runs at start).
+    #[arg(long, default_value_t = 3600)]
+    retention_interval: u64,
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    /// Serve Flight SQL over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (keep it internal).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl ServerArgs {
+    fn tls(&self) -> Option<cleanroom_scheduler::serve::TlsFiles> {
+        Some(cleanroom_scheduler::serve::TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()? })
+    }
+}
+
+/// The options `serve` and `scheduler` share.
+fn server_options(manifest: PathBuf, listen: SocketAddr, server: ServerArgs) -> anyhow::Result<ServeOptions> {
+    if server.retention_interval == 0 {
+        anyhow::bail!("--retention-interval must be at least 1 second");
+    }
+    Ok(ServeOptions {
+        listen,
+        retention_interval: std::time::Duration::from_secs(server.retention_interval),
+        tls: server.tls(),
+        metrics: server.metrics_listen,
+        state_dir: server.ledger.state_dir,
+        etcd: server.ledger.etcd,
+        etcd_prefix: server.ledger.etcd_prefix,
+        ..ServeOptions::standalone(manifest)
+    })
+}
+
+fn flight_url(options: &ServeOptions, running: &Running) -> String {
+    format!("{}://{}", if options.tls.is_some() { "grpc+tls" } else { "grpc" }, running.addr)
+}
+
+/// Start the server, print `banner` (closed with the metrics address), serve until Ctrl-C or SIGTERM.
+async fn run_server(options: &ServeOptions, banner: impl Fn(&Running) -> String) -> anyhow::Result<ExitCode> {
+    let running = cleanroom_scheduler::serve::start(options, cleanroom_scheduler::serve::shutdown_signal()).await?;
+    println!(
+        "{}{}); press Ctrl-C to stop",
+        banner(&running),
+        running.metrics_addr.map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
+    );
+    running.wait().await?;
+    eprintln!("cleanroom stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `4GiB`, `512MiB`, `1.5GB`, `1000000` → bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size such as 4GiB or 512MiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024.0f64.powi(4),
+        _ => return Err(format!("`{text}`: unknown unit (use B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)")),
+    };
+    let bytes = number * scale;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("`{text}` is not a positive size"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Where the budget ledger and audit log live.
@@ -240,6 +383,10 @@ enum ManifestCommand {
         /// The manifest (TOML).
         file: PathBuf,
     },
+    /// Print the argon2id hash of a party's password, for the manifest's
+    /// `password` or a `password_file`. The password is read from
+    /// CLEANROOM_PASSWORD, or else from the first line of standard input.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -269,27 +416,51 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { manifest, listen, executors, executor_slots, retention_interval, ledger } => {
-            if retention_interval == 0 {
-                anyhow::bail!("--retention-interval must be at least 1 second");
-            }
-            let options = cleanroom_scheduler::serve::ServeOptions {
-                manifest,
-                listen,
-                executors,
+        Command::Serve { manifest, listen, executors, executor_slots, server } => {
+            let options = ServeOptions {
+                executors: executors.max(1),
                 executor_slots,
-                retention_interval: std::time::Duration::from_secs(retention_interval),
-                state_dir: ledger.state_dir,
-                etcd: ledger.etcd,
-                etcd_prefix: ledger.etcd_prefix,
+                ..server_options(manifest, listen, server)?
             };
-            let running = cleanroom_scheduler::serve::start(&options, cleanroom_scheduler::serve::shutdown_signal()).await?;
-            println!(
-                "cleanroom is serving Flight SQL on grpc://{} ({} executors); press Ctrl-C to stop",
-                running.addr, running.cluster.executors
-            );
-            running.wait().await?;
-            eprintln!("cleanroom stopped");
+            run_server(&options, |running| {
+                format!("cleanroom is serving Flight SQL on {} ({} executors", flight_url(&options, running), running.cluster.executors)
+            })
+            .await
+        }
+        Command::Scheduler { manifest, listen, internal_bind, partitions, executor_timeout, server } => {
+            if executor_timeout == 0 {
+                anyhow::bail!("--executor-timeout must be at least 1 second");
+            }
+            if internal_bind.port() == listen.port() && (internal_bind.ip() == listen.ip() || internal_bind.ip().is_unspecified() || listen.ip().is_unspecified()) {
+                anyhow::bail!("--internal-bind must differ from --listen: parties must never reach the Ballista scheduler");
+            }
+            let options = ServeOptions {
+                executors: 0,
+                internal_bind,
+                partitions: Some(partitions.max(1)),
+                executor_timeout: std::time::Duration::from_secs(executor_timeout),
+                ..server_options(manifest, listen, server)?
+            };
+            run_server(&options, |running| {
+                format!("cleanroom scheduler: Flight SQL on {} (executors join {}", flight_url(&options, running), running.cluster.scheduler_addr)
+            })
+            .await
+        }
+        Command::Executor { scheduler, bind, port, external_host, slots, work_dir, memory_limit, manifest, heartbeat_interval } => {
+            let options = cleanroom_scheduler::executor_process::ExecutorOptions {
+                scheduler,
+                bind,
+                port,
+                external_host,
+                slots,
+                work_dir,
+                memory_limit,
+                manifest,
+                heartbeat_interval,
+            };
+            println!("cleanroom executor: shuffle service on {bind}:{port}, joining the scheduler at {}", options.scheduler);
+            cleanroom_scheduler::executor_process::run(&options).await?;
+            eprintln!("cleanroom executor stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate { sf, out, seed, quiet } => {
@@ -331,6 +502,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("{}: {} problem(s)", file.display(), problems.len());
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Manifest { command: ManifestCommand::HashPassword } => {
+            let password = match std::env::var("CLEANROOM_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if password.is_empty() {
+                anyhow::bail!("no password: set CLEANROOM_PASSWORD or write it on standard input");
+            }
+            println!("{}", cleanroom_scheduler::manifest::hash_password(&password));
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,13 +1,16 @@
-//! The embedded Ballista cluster of `cleanroom serve`: one scheduler and N
-//! executors in this process, all on loopback only.
+//! The Ballista scheduler inside the gateway's process, and (for `cleanroom
+//! serve`) executors in the same process.
 //!
 //! Ballista's scheduler accepts raw physical plans and its executors serve any
-//! shuffle partition to whoever asks, so neither is a security boundary: both
-//! bind 127.0.0.1 on ephemeral ports, Ballista's REST API is not started, and
-//! only the gateway talks to them.
+//! shuffle partition to whoever asks, so neither is a security boundary. In
+//! `serve` both bind 127.0.0.1 on ephemeral ports; in `cleanroom scheduler`
+//! the scheduler binds the operator's `--internal-bind` address, which only
+//! executors may reach (a NetworkPolicy on Kubernetes). Ballista's REST API
+//! is never started, and only the gateway talks to the scheduler.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use ballista_core::config::TaskSchedulingPolicy;
@@ -25,13 +28,41 @@ use datafusion::prelude::SessionConfig;
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 use tokio::net::TcpListener;
 
-/// A running in-process cluster.
+/// How the scheduler is started.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The scheduler's internal gRPC address (port 0 picks a free port).
+    pub bind: SocketAddr,
+    /// Executors started inside this process (0 in cluster mode).
+    pub in_process_executors: usize,
+    /// Task slots of each in-process executor.
+    pub slots: usize,
+    /// An executor not heard from for this long is lost: its running tasks and
+    /// the shuffle output it held are scheduled again elsewhere. When the last
+    /// executor is lost, running jobs fail after the same period.
+    pub executor_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            bind: (Ipv4Addr::LOCALHOST, 0).into(),
+            in_process_executors: 2,
+            slots: 2,
+            executor_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// A running scheduler (and any in-process executors).
 #[derive(Clone)]
 pub struct EmbeddedCluster {
-    /// The scheduler's gRPC address (loopback).
+    /// The scheduler's gRPC address as bound.
     pub scheduler_addr: SocketAddr,
     scheduler: SchedulerServer<LogicalPlanNode, PhysicalPlanNode>,
+    /// Executors started in this process.
     pub executors: usize,
+    executor_timeout: Duration,
 }
 
 /// One Ballista job as the scheduler records it.
@@ -44,9 +75,9 @@ pub struct JobSummary {
 }
 
 impl EmbeddedCluster {
-    /// Start the scheduler and `executors` executors, each with `vcores` task
-    /// slots, all built from `state` (which registers cleanroom's functions).
-    pub async fn start(state: &SessionState, executors: usize, vcores: usize) -> anyhow::Result<Self> {
+    /// Start the scheduler and the in-process executors, all built from
+    /// `state` (which registers cleanroom's functions).
+    pub async fn start(state: &SessionState, options: &ClusterOptions) -> anyhow::Result<Self> {
         let logical = state.config().ballista_logical_extension_codec();
         let physical = state.config().ballista_physical_extension_codec();
         let codec = BallistaCodec::new(logical, physical);
@@ -55,20 +86,20 @@ impl EmbeddedCluster {
         let session_builder = Arc::new(move |_: SessionConfig| Ok(builder_state.clone()));
         let config_producer = Arc::new(move || session_config.clone());
 
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(options.bind)
             .await
-            .context("cannot bind the internal scheduler port on 127.0.0.1")?;
+            .with_context(|| format!("cannot bind the internal scheduler address {}", options.bind))?;
         let scheduler_addr = listener.local_addr()?;
         let endpoint = scheduler_addr.to_string();
         let cluster = BallistaCluster::new_memory(endpoint.clone(), session_builder, config_producer.clone());
         let metrics = default_metrics_collector().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut scheduler: SchedulerServer<LogicalPlanNode, PhysicalPlanNode> = SchedulerServer::new(
-            endpoint,
-            cluster,
-            codec,
-            Arc::new(SchedulerConfig::default().with_scheduler_policy(TaskSchedulingPolicy::PullStaged)),
-            metrics,
-        );
+        let timeout = options.executor_timeout.as_secs().max(1);
+        let mut config = SchedulerConfig::default().with_scheduler_policy(TaskSchedulingPolicy::PullStaged);
+        config.executor_timeout_seconds = timeout;
+        config.expire_dead_executor_interval_seconds = (timeout / 3).clamp(1, 15);
+        config.no_executors_grace_period_seconds = timeout;
+        let mut scheduler: SchedulerServer<LogicalPlanNode, PhysicalPlanNode> =
+            SchedulerServer::new(endpoint, cluster, codec, Arc::new(config), metrics);
         scheduler.init().await.map_err(|e| anyhow::anyhow!("cannot start the scheduler: {e}"))?;
         let max_message = config_producer().ballista_grpc_client_max_message_size();
         let service = SchedulerGrpcServer::new(scheduler.clone())
@@ -79,15 +110,47 @@ impl EmbeddedCluster {
                 .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        for _ in 0..executors {
-            cleanroom_executor::start_in_process(scheduler_addr, vcores, state).await?;
+        let local = connect_addr(scheduler_addr);
+        for _ in 0..options.in_process_executors {
+            cleanroom_executor::start_in_process(local, options.slots.max(1), state).await?;
         }
-        Ok(EmbeddedCluster { scheduler_addr, scheduler, executors })
+        Ok(EmbeddedCluster {
+            scheduler_addr,
+            scheduler,
+            executors: options.in_process_executors,
+            executor_timeout: options.executor_timeout,
+        })
     }
 
-    /// The URL a Ballista client session uses to reach the scheduler.
+    /// The URL a Ballista client session in this process uses to reach the scheduler.
     pub fn scheduler_url(&self) -> String {
-        format!("df://{}", self.scheduler_addr)
+        format!("df://{}", connect_addr(self.scheduler_addr))
+    }
+
+    /// Executors heard from within the executor timeout.
+    pub async fn live_executors(&self) -> usize {
+        let Ok(executors) = self.scheduler.state.executor_manager.get_executors_state().await else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        executors
+            .iter()
+            .filter(|(_, seen, _)| seen.is_some_and(|t| now.saturating_sub(t) <= self.executor_timeout))
+            .count()
+    }
+
+    /// Wait up to `patience` for at least one live executor.
+    pub async fn wait_for_executor(&self, patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if self.scheduler.is_ready() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Every job the scheduler has seen.
@@ -115,5 +178,15 @@ impl EmbeddedCluster {
                 completed_stages: j.completed_stages,
             })
             .collect())
+    }
+}
+
+/// The address to dial for a scheduler bound to `bound` (a wildcard bind is
+/// dialled on loopback).
+fn connect_addr(bound: SocketAddr) -> SocketAddr {
+    if bound.ip().is_unspecified() {
+        SocketAddr::new(if bound.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() }, bound.port())
+    } else {
+        bound
     }
 }

@@ -64,6 +64,7 @@ use tracing::{info, warn};
 use crate::catalog::{Catalog, CATALOG, SCHEMA};
 use crate::cluster::EmbeddedCluster;
 use crate::ingest::{self, IngestError};
+use crate::metrics::{Metrics, Outcome};
 use crate::system_tables::{SystemSchema, BUDGET, QUERIES};
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
@@ -147,7 +148,12 @@ pub struct FlightSqlGateway {
     ledger: Arc<dyn Ledger>,
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
     target_partitions: usize,
+    metrics: Arc<Metrics>,
 }
+
+/// How long a query waits for an executor to join before it is turned away
+/// (uncharged) as unavailable.
+const EXECUTOR_WAIT: Duration = Duration::from_secs(10);
 
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
@@ -240,19 +246,24 @@ async fn append_audit(ledger: Arc<dyn Ledger>, event: AuditEvent) -> Result<(), 
     Ok(())
 }
 
-/// Audit a refused upload, then return its status (or the ledger's error).
-async fn upload_refused(ledger: Arc<dyn Ledger>, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
-    // Bounded: the name is what the client sent.
-    let dataset: String = dataset.chars().take(128).collect();
-    let event = AuditEvent::new(
-        audit::kind::REFUSAL,
-        Some(party),
-        json!({ "upload": dataset, "rule": refusal.rule, "message": refusal.status.message() }),
-    );
-    match append_audit(ledger, event).await {
-        Ok(()) => refusal.status,
+/// Record a refusal by `rule` on the audit log (with `detail`) and in the
+/// metrics, then return its status — or the ledger's error: a refusal that
+/// could not be recorded is not returned as one.
+async fn refuse(ledger: Arc<dyn Ledger>, metrics: &Metrics, party: &str, rule: &str, mut detail: serde_json::Value, status: Status) -> Status {
+    detail["rule"] = rule.into();
+    detail["message"] = status.message().into();
+    metrics.refusal(rule);
+    match append_audit(ledger, AuditEvent::new(audit::kind::REFUSAL, Some(party), detail)).await {
+        Ok(()) => status,
         Err(e) => e,
     }
+}
+
+/// Audit a refused upload, then return its status (or the ledger's error).
+async fn upload_refused(ledger: Arc<dyn Ledger>, metrics: &Metrics, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
+    // Bounded: the name is what the client sent.
+    let dataset: String = dataset.chars().take(128).collect();
+    refuse(ledger, metrics, party, refusal.rule, json!({ "upload": dataset }), refusal.status).await
 }
 
 impl FlightSqlGateway {
@@ -264,25 +275,26 @@ impl FlightSqlGateway {
 
     /// Audit a refusal of `sql`, then return it (or the ledger's error).
     async fn refused(&self, session: &Session, sql: &str, status: Status) -> Status {
-        let event = AuditEvent::new(
-            audit::kind::REFUSAL,
-            Some(&session.party),
-            json!({ "sql": sql, "rule": refusal_rule(&status), "message": status.message() }),
-        );
-        match self.audit(event).await {
-            Ok(()) => status,
-            Err(e) => e,
-        }
+        self.metrics.query(Outcome::Refused);
+        let rule = refusal_rule(&status);
+        refuse(self.ledger.clone(), &self.metrics, &session.party, &rule, json!({ "sql": sql }), status).await
     }
 
-    pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> Self {
-        FlightSqlGateway {
+    pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(catalog.manifest.clone(), cluster.clone(), ledger.clone())?);
+        Ok(FlightSqlGateway {
             catalog,
             cluster,
             ledger,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             target_partitions,
-        }
+            metrics,
+        })
+    }
+
+    /// The gateway's metrics, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     #[allow(clippy::result_large_err)]
@@ -421,6 +433,7 @@ impl FlightSqlGateway {
                 json!({ "sql": sql, "statement": what, "epsilon": 0.0, "delta": 0.0, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
             ))
             .await?;
+            self.metrics.query(Outcome::Free);
             return Ok(answer);
         }
         let PlannedQuery::Dp(query) = planned.as_ref() else { unreachable!("handled above") };
@@ -451,7 +464,18 @@ impl FlightSqlGateway {
                 json!({ "receipt": receipt, "query_id": query.id, "sql": sql, "cached": true, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
             ))
             .await?;
+            self.metrics.query(Outcome::Cached);
             return Ok(answer);
+        }
+
+        // Nothing is charged for a query no executor could run.
+        if !self.cluster.wait_for_executor(EXECUTOR_WAIT).await {
+            self.metrics.query(Outcome::Unavailable);
+            warn!(party = %session.party, query = %query.id, "no executor available; query turned away uncharged");
+            return Err(Status::unavailable(format!(
+                "no executor is available to run the query (none joined the cluster within {} s): it was not run and nothing was charged; try again when executors are up",
+                EXECUTOR_WAIT.as_secs()
+            )));
         }
 
         let charge = Charge {
@@ -473,11 +497,8 @@ impl FlightSqlGateway {
             Ok(receipt) => receipt,
             Err(status) if status.code() == tonic::Code::ResourceExhausted => {
                 let rule = if status.message().starts_with("collaboration") { "collaboration_cap" } else { "budget" };
-                let event = AuditEvent::new(audit::kind::REFUSAL, Some(&session.party), json!({ "sql": sql, "rule": rule, "message": status.message() }));
-                return Err(match self.audit(event).await {
-                    Ok(()) => status,
-                    Err(e) => e,
-                });
+                self.metrics.query(Outcome::Refused);
+                return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), status).await);
             }
             Err(status) => return Err(status),
         };
@@ -486,10 +507,21 @@ impl FlightSqlGateway {
         let receipt_id = receipt.id().to_string();
         let epsilon = receipt.epsilon();
         let outcome: Result<Released, Status> = async {
-            let exact = self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await.map_err(|e| {
-                warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
-                Status::internal(format!("the query failed while running; its charge of epsilon = {epsilon} is kept"))
-            })?;
+            let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await {
+                Ok(batches) => batches,
+                Err(e) => {
+                    warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
+                    // The cause may depend on the data and is not passed on; whether
+                    // the cluster has executors left does not.
+                    return Err(if self.cluster.live_executors().await == 0 {
+                        Status::unavailable(format!(
+                            "the query failed while running: no executor is left in the cluster; its charge of epsilon = {epsilon} is kept"
+                        ))
+                    } else {
+                        Status::internal(format!("the query failed while running; its charge of epsilon = {epsilon} is kept"))
+                    });
+                }
+            };
             let planned_for_release = planned.clone();
             let noisy = blocking(move || {
                 let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
@@ -511,6 +543,7 @@ impl FlightSqlGateway {
         let released = match outcome {
             Ok(released) => released,
             Err(status) => {
+                self.metrics.query(Outcome::Failed);
                 // The cause may depend on the data: the record says only that it failed.
                 let event = AuditEvent::new(audit::kind::QUERY_FAILURE, Some(&session.party), json!({ "receipt": receipt_id, "query_id": query.id }));
                 if let Err(e) = self.audit(event).await {
@@ -519,6 +552,7 @@ impl FlightSqlGateway {
                 return Err(status);
             }
         };
+        self.metrics.query(Outcome::Answered);
         let (ledger, kept) = (self.ledger.clone(), released.clone());
         let stored = blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
         if !matches!(stored, Ok(Ok(()))) {
@@ -531,9 +565,11 @@ impl FlightSqlGateway {
     /// Run a rewritten plan as a Ballista job and collect its (exact, small)
     /// result here, on the trusted side.
     async fn run_on_cluster(&self, session: &Session, query_id: &str, plan: LogicalPlan) -> datafusion::error::Result<Vec<RecordBatch>> {
+        let started = Instant::now();
         let df = session.ctx.execute_logical_plan(plan).await?;
         let physical = df.create_physical_plan().await?;
         let batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()).await?;
+        self.metrics.job(started.elapsed());
         let job = physical
             .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()
             .and_then(|d| d.job_id());
@@ -818,12 +854,12 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.session(&request)?;
         let (dataset, mode) = match ingest::resolve(&self.catalog, &session.party, &command) {
             Ok(target) => target,
-            Err(refusal) => return Err(upload_refused(self.ledger.clone(), &session.party, &command.table, refusal).await),
+            Err(refusal) => return Err(upload_refused(self.ledger.clone(), &self.metrics, &session.party, &command.table, refusal).await),
         };
         // The upload runs in its own task, which owns the request's stream:
         // if the client goes away the stream fails there and the task cleans
         // up and audits (a refusal too), even though this handler is dropped.
-        let (catalog, ledger) = (self.catalog.clone(), self.ledger.clone());
+        let (catalog, ledger, metrics) = (self.catalog.clone(), self.ledger.clone(), self.metrics.clone());
         let broke = request.extensions().get::<crate::stream_end::BodyBroke>().cloned().unwrap_or_default();
         let (name, party, stream) = (dataset.name.clone(), session.party.clone(), request.into_inner());
         let task = tokio::spawn(async move {
@@ -844,7 +880,7 @@ impl FlightSqlService for FlightSqlGateway {
                     info!(party = %party, dataset = %name, mode = mode.as_str(), rows = ingested.rows, version = %ingested.version.id(), "upload committed");
                     Ok(ingested.rows as i64)
                 }
-                Err(IngestError::Refused(refusal)) => Err(upload_refused(ledger.clone(), &party, &name, refusal).await),
+                Err(IngestError::Refused(refusal)) => Err(upload_refused(ledger.clone(), &metrics, &party, &name, refusal).await),
                 Err(IngestError::Failed(status)) => {
                     warn!(party = %party, dataset = %name, upload = %upload_id, error = %status.message(), "upload not committed");
                     let event = AuditEvent::new(

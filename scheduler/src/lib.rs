@@ -4,9 +4,11 @@
 
 pub mod catalog;
 pub mod cluster;
+pub mod executor_process;
 pub mod gateway;
 pub mod ingest;
 pub mod manifest;
+pub mod metrics;
 pub mod retention;
 pub mod serve;
 pub mod storage;

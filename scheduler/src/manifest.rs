@@ -340,7 +340,7 @@ impl Manifest {
         let s3 = parse_s3(&mut c, &root);
         let collaboration = parse_collaboration(&mut c, &root);
         let defaults = parse_defaults(&mut c, &root);
-        let parties = parse_parties(&mut c, &root);
+        let parties = parse_parties(&mut c, &root, base_dir);
         let datasets = parse_datasets(&mut c, &root, &defaults, &parties);
 
         if !c.problems.is_empty() {
@@ -970,7 +970,7 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
     defaults
 }
 
-fn parse_parties(c: &mut Checker, root: &Table) -> Vec<Party> {
+fn parse_parties(c: &mut Checker, root: &Table, base_dir: &Path) -> Vec<Party> {
     const NONE: &str = "at least one [[parties]] entry is required";
     let mut parties = Vec::new();
     let Some(value) = root.get("parties") else {
@@ -989,7 +989,7 @@ fn parse_parties(c: &mut Checker, root: &Table) -> Vec<Party> {
         let Some(table) = c.table(entry, &at) else {
             continue;
         };
-        c.unknown_keys(table, &at, &["name", "password", "epsilon_budget", "delta_budget"]);
+        c.unknown_keys(table, &at, &["name", "password", "password_file", "epsilon_budget", "delta_budget"]);
 
         let name = c.required_string(table, &at, "name").unwrap_or_default();
         let name_path = join(&at, "name");
@@ -1014,12 +1014,34 @@ fn parse_parties(c: &mut Checker, root: &Table) -> Vec<Party> {
             }
         }
 
-        let password = c
-            .required_string(table, &at, "password")
-            .unwrap_or_default();
-        if matches!(table.get("password"), Some(Value::String(_))) {
+        // The hash inline, or in a file (a mounted Secret on Kubernetes).
+        let (password, password_at) = match (table.get("password"), table.get("password_file")) {
+            (Some(_), Some(_)) => {
+                c.report(&join(&at, "password_file"), "give either password or password_file, not both");
+                (String::new(), None)
+            }
+            (None, Some(_)) => {
+                let path_at = join(&at, "password_file");
+                match c.required_string(table, &at, "password_file") {
+                    Some(file) => match std::fs::read_to_string(base_dir.join(&file)) {
+                        Ok(text) => (text.trim().to_string(), Some(path_at)),
+                        Err(e) => {
+                            c.report(&path_at, format!("cannot read {file}: {e}"));
+                            (String::new(), None)
+                        }
+                    },
+                    None => (String::new(), None),
+                }
+            }
+            _ => {
+                let password = c.required_string(table, &at, "password").unwrap_or_default();
+                let valid = matches!(table.get("password"), Some(Value::String(_)));
+                (password, valid.then(|| join(&at, "password")))
+            }
+        };
+        if let Some(path) = password_at {
             if let Err(message) = check_phc(&password) {
-                c.report(&join(&at, "password"), message);
+                c.report(&path, message);
             }
         }
 
@@ -1466,6 +1488,16 @@ fn parse_bounds(c: &mut Checker, value: &Value, at: &str) -> Option<[f64; 2]> {
     ok.then_some([lower, upper])
 }
 
+/// The argon2id PHC hash of `password` with a random salt and argon2's
+/// recommended cost: what a manifest's `password` (or `password_file`) holds.
+pub fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
+    let salt = SaltString::encode_b64(&salt).expect("16 bytes make a salt");
+    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 hashes any password").to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1818,6 +1850,31 @@ campaign_id = {{ role = "dimension" }}
         let manifest = Manifest::from_str(&sample(), Path::new("/m")).unwrap();
         assert!(manifest.verify_password("advertiser", "adv-pw"));
         assert!(manifest.verify_password("adnetwork", "net-pw"));
+    }
+
+    #[test]
+    fn hashed_passwords_verify() {
+        let hash = hash_password("s3cret pass");
+        assert!(check_phc(&hash).is_ok());
+        let text = sample().replacen(&phc("net-pw"), &hash, 1);
+        let manifest = Manifest::from_str(&text, Path::new("/m")).unwrap();
+        assert!(manifest.verify_password("adnetwork", "s3cret pass"));
+        assert!(!manifest.verify_password("adnetwork", "net-pw"));
+    }
+
+    #[test]
+    fn a_password_hash_may_live_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("adnetwork"), format!("{}\n", phc("net-pw"))).unwrap();
+        let text = sample().replacen(&format!("password = \"{}\"", phc("net-pw")), "password_file = \"adnetwork\"", 1);
+        assert!(text.contains("password_file"));
+        let manifest = Manifest::from_str(&text, dir.path()).unwrap();
+        assert!(manifest.verify_password("adnetwork", "net-pw"));
+        let missing = Manifest::from_str(&text, Path::new("/nonexistent")).unwrap_err().to_string();
+        assert!(missing.contains("password_file") && missing.contains("cannot read adnetwork"), "{missing}");
+        let both = text.replacen("password_file = \"adnetwork\"", &format!("password_file = \"adnetwork\"\npassword = \"{}\"", phc("x")), 1);
+        let error = Manifest::from_str(&both, dir.path()).unwrap_err().to_string();
+        assert!(error.contains("either password or password_file"), "{error}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `cleanroom serve`: the standalone clean room in one process — the Flight
-//! SQL gateway on the listen address, and an embedded Ballista scheduler and
-//! executors on loopback.
+//! The clean room's main process. `cleanroom serve`: the Flight SQL gateway
+//! on the listen address, and an embedded Ballista scheduler and executors on
+//! loopback. `cleanroom scheduler`: the same gateway and scheduler, with the
+//! scheduler on an internal address for separate `cleanroom executor`
+//! processes and no executors of its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::catalog::Catalog;
-use crate::cluster::EmbeddedCluster;
+use crate::cluster::{ClusterOptions, EmbeddedCluster};
 use crate::gateway::FlightSqlGateway;
 use crate::manifest::Manifest;
 
@@ -22,9 +24,21 @@ use crate::manifest::Manifest;
 pub struct ServeOptions {
     pub manifest: PathBuf,
     pub listen: SocketAddr,
+    /// Executors inside this process (0 for `cleanroom scheduler`).
     pub executors: usize,
-    /// Task slots per executor.
+    /// Task slots per in-process executor.
     pub executor_slots: usize,
+    /// The Ballista scheduler's address, for executors only.
+    pub internal_bind: SocketAddr,
+    /// Partitions a query's scans and shuffles are split into
+    /// [default: executors × slots, or 8 without in-process executors].
+    pub partitions: Option<usize>,
+    /// See [`ClusterOptions::executor_timeout`].
+    pub executor_timeout: std::time::Duration,
+    /// Serve Flight SQL over TLS with this certificate chain and key (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Prometheus metrics over HTTP on this (internal) address.
+    pub metrics: Option<SocketAddr>,
     /// Where the budget ledger lives; defaults to `state/` beside the manifest.
     pub state_dir: Option<PathBuf>,
     /// How often expired rows are looked for (also once at start).
@@ -32,6 +46,34 @@ pub struct ServeOptions {
     /// The ledger on etcd instead: endpoints, and the key prefix.
     pub etcd: Option<String>,
     pub etcd_prefix: String,
+}
+
+/// The gateway's certificate chain and private key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ServeOptions {
+    /// `cleanroom serve`'s defaults for `manifest`.
+    pub fn standalone(manifest: PathBuf) -> ServeOptions {
+        ServeOptions {
+            manifest,
+            listen: "127.0.0.1:50051".parse().expect("address"),
+            executors: 2,
+            executor_slots: 2,
+            internal_bind: "127.0.0.1:0".parse().expect("address"),
+            partitions: None,
+            executor_timeout: std::time::Duration::from_secs(180),
+            tls: None,
+            metrics: None,
+            state_dir: None,
+            retention_interval: std::time::Duration::from_secs(3600),
+            etcd: None,
+            etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
+        }
+    }
 }
 
 /// Where the ledger and audit log are: the embedded store in a directory, or etcd.
@@ -58,6 +100,8 @@ pub const DEFAULT_ETCD_PREFIX: &str = "/cleanroom/";
 pub struct Running {
     pub addr: SocketAddr,
     pub cluster: EmbeddedCluster,
+    /// Where Prometheus metrics are served, if asked for.
+    pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -95,7 +139,10 @@ pub async fn start(
     if changed {
         tracing::info!(manifest = %options.manifest.display(), "manifest recorded in the audit log");
     }
-    let partitions = (options.executors * options.executor_slots).max(1);
+    let partitions = options
+        .partitions
+        .unwrap_or(if options.executors == 0 { 8 } else { options.executors * options.executor_slots })
+        .max(1);
     let state = cleanroom_executor::session_state(partitions);
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
     // Expired rows go before the first query, then on a schedule.
@@ -111,27 +158,50 @@ pub async fn start(
             }
         });
     }
-    let cluster = EmbeddedCluster::start(&state, options.executors.max(1), options.executor_slots.max(1)).await?;
-    let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger.clone(), partitions);
+    let cluster = EmbeddedCluster::start(
+        &state,
+        &ClusterOptions {
+            bind: options.internal_bind,
+            in_process_executors: options.executors,
+            slots: options.executor_slots.max(1),
+            executor_timeout: options.executor_timeout,
+        },
+    )
+    .await?;
+    let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger.clone(), partitions)?;
+    let metrics_addr = match options.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, gateway.metrics()).await?),
+        None => None,
+    };
 
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let addr = listener.local_addr()?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("the TLS certificate or key is not usable (both must be PEM)")?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .layer(crate::stream_end::layer())
             .add_service(FlightServiceServer::new(gateway))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );
     tracing::info!(
         %addr,
+        tls = options.tls.is_some(),
         scheduler = %cluster.scheduler_addr,
         executors = cluster.executors,
+        metrics = ?metrics_addr,
         ledger = %ledger.describe(),
         "cleanroom started"
     );
-    Ok(Running { addr, cluster, server })
+    Ok(Running { addr, cluster, metrics_addr, server })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -48,7 +48,7 @@ def credentials(demo: Path) -> dict:
 
 
 class Server:
-    def __init__(self, demo: Path, state_dir: Path, manifest: Path = None):
+    def __init__(self, demo: Path, state_dir: Path, manifest: Path = None, args=()):
         self.log = state_dir.with_suffix(".log")
         self.proc = subprocess.Popen(
             [
@@ -56,6 +56,7 @@ class Server:
                 "--manifest", str(manifest or demo / "manifest.toml"),
                 "--listen", "127.0.0.1:0",
                 "--state-dir", str(state_dir),
+                *args,
             ],
             stdout=subprocess.PIPE,
             stderr=open(self.log, "w"),
@@ -67,9 +68,10 @@ class Server:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError("server exited:\n" + self.log.read_text())
-            m = re.search(r"grpc://(\S+)", line)
+            m = re.search(r"(grpc(?:\+tls)?)://(\S+)", line)
             if m:
-                self.uri = f"grpc://{m.group(1)}"
+                self.uri = f"{m.group(1)}://{m.group(2)}"
+                self.banner = line
                 break
         if self.uri is None:
             raise RuntimeError("server did not start")
