@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cleanroom_scheduler::serve::{Running, ServeOptions};
 
+mod logging;
 mod operator;
 mod upload;
 
@@ -160,6 +161,10 @@ struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (keep it internal).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Allow Flight SQL without TLS on a non-loopback --listen address
+    /// (passwords and answers then cross the network in clear text).
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 impl ServerArgs {
@@ -172,6 +177,11 @@ impl ServerArgs {
 fn server_options(manifest: PathBuf, listen: SocketAddr, server: ServerArgs) -> anyhow::Result<ServeOptions> {
     if server.retention_interval == 0 {
         anyhow::bail!("--retention-interval must be at least 1 second");
+    }
+    if !listen.ip().is_loopback() && server.tls_cert.is_none() && !server.allow_plaintext {
+        anyhow::bail!(
+            "--listen {listen} is reachable from other machines: give --tls-cert and --tls-key (or --allow-plaintext on a network you trust, since passwords and answers would travel in clear text)"
+        );
     }
     Ok(ServeOptions {
         listen,
@@ -391,13 +401,7 @@ enum ManifestCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ballista=warn,ballista_scheduler=warn,ballista_executor=warn,ballista_core=warn,datafusion=warn".into()),
-        )
-        .init();
+    logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -127,8 +127,14 @@ impl EmbeddedCluster {
         format!("df://{}", connect_addr(self.scheduler_addr))
     }
 
-    /// Executors heard from within the executor timeout.
+    /// Executors that may be given work: active and heard from within the
+    /// executor timeout (what Ballista schedules on).
     pub async fn live_executors(&self) -> usize {
+        // `is_ready` is "at least min_ready_executors (1) alive"; the count
+        // is read from the same executor states.
+        if !self.scheduler.is_ready() {
+            return 0;
+        }
         let Ok(executors) = self.scheduler.state.executor_manager.get_executors_state().await else {
             return 0;
         };
@@ -137,6 +143,20 @@ impl EmbeddedCluster {
             .iter()
             .filter(|(_, seen, _)| seen.is_some_and(|t| now.saturating_sub(t) <= self.executor_timeout))
             .count()
+            .max(1)
+    }
+
+    /// Resolves once no executor has been live for a whole executor timeout.
+    pub async fn until_no_executor_for_timeout(&self) {
+        let mut since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.scheduler.is_ready() {
+                since = None;
+            } else if since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= self.executor_timeout {
+                return;
+            }
+        }
     }
 
     /// Wait up to `patience` for at least one live executor.

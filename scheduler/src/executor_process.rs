@@ -41,7 +41,8 @@ pub struct ExecutorOptions {
     /// container's memory].
     pub memory_limit: Option<u64>,
     /// The collaboration manifest, for its `s3://` locations and `[s3]`
-    /// settings (without it, S3 is reached as the environment says).
+    /// settings (credentials may also come from the AWS environment
+    /// variables). Without it, executors read local datasets only.
     pub manifest: Option<PathBuf>,
     /// Seconds between heartbeats to the scheduler.
     pub heartbeat_interval: u64,
@@ -58,7 +59,7 @@ pub async fn run(options: &ExecutorOptions) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the work directory {}", dir.display()))?;
     }
     let stores = match &options.manifest {
-        Some(path) => object_stores(&Manifest::load(path)?)?,
+        Some(path) => object_stores(path)?,
         None => Vec::new(),
     };
     // The same session (functions, Ballista settings) the scheduler plans with.
@@ -76,10 +77,18 @@ pub async fn run(options: &ExecutorOptions) -> anyhow::Result<()> {
         }
         Ok(Arc::new(runtime))
     });
+    // Other executors and the gateway dial the advertised host: a wildcard is no address.
+    let external_host = match (&options.external_host, options.bind.is_unspecified()) {
+        (Some(host), _) => host.clone(),
+        (None, false) => options.bind.to_string(),
+        (None, true) => anyhow::bail!("--bind {} listens everywhere: give --external-host, the address the scheduler and other executors reach this one at", options.bind),
+    };
+    // Ballista joins host and port with a colon: an IPv6 address needs brackets.
+    let bracket = |host: String| if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
     let defaults = ExecutorProcessConfig::default();
     let config = ExecutorProcessConfig {
-        bind_host: options.bind.to_string(),
-        external_host: options.external_host.clone().or_else(|| Some(options.bind.to_string())),
+        bind_host: bracket(options.bind.to_string()),
+        external_host: Some(bracket(external_host)),
         port: options.port,
         grpc_port: options.port.checked_add(1).context("--port must leave room for the gRPC port after it")?,
         scheduler_host: host,
@@ -103,12 +112,15 @@ pub async fn run(options: &ExecutorOptions) -> anyhow::Result<()> {
     start_executor_process(Arc::new(config)).await.map_err(|e| anyhow::anyhow!("the executor stopped: {e}"))
 }
 
-/// The stores of the manifest's `s3://` datasets, by bucket URL.
-fn object_stores(manifest: &Manifest) -> anyhow::Result<Vec<(url::Url, Arc<dyn ObjectStore>)>> {
+/// The stores of the manifest's `s3://` datasets, by bucket URL. Only the
+/// storage parts of the manifest are read: executors need no party's
+/// password hash (nor the files holding them).
+fn object_stores(path: &std::path::Path) -> anyhow::Result<Vec<(url::Url, Arc<dyn ObjectStore>)>> {
+    let (s3, locations) = Manifest::load_storage(path)?;
     let mut stores = Vec::new();
-    for dataset in &manifest.datasets {
-        if let Location::S3 { bucket, prefix } = dataset.location(&manifest.base_dir)? {
-            let store = DatasetStore::s3(&bucket, &prefix, manifest.s3.as_ref())?;
+    for location in locations {
+        if let Location::S3 { bucket, prefix } = location {
+            let store = DatasetStore::s3(&bucket, &prefix, s3.as_ref())?;
             let mut base = store.url.clone();
             base.set_path("/");
             stores.push((base, store.store));

@@ -189,7 +189,12 @@ fn dp_status(e: DpError) -> Status {
                 "{e}: the request was not carried out and nothing was answered; try again when the ledger is back (a charge that may have reached it is kept)"
             ))
         }
-        DpError::Mechanism(_) | DpError::Ledger(_) => {
+        DpError::Mechanism(_) => {
+            // Not the text: a mechanism error may quote the exact result.
+            warn!("release failed in a noise mechanism");
+            Status::internal("the answer could not be released; any charge made for it is kept")
+        }
+        DpError::Ledger(_) => {
             warn!(error = %e, "release failed");
             Status::internal("the answer could not be released; any charge made for it is kept")
         }
@@ -231,6 +236,33 @@ fn refusal_rule(status: &Status) -> String {
         return "option".into();
     }
     "sql".into()
+}
+
+/// The variant of a DataFusion error, for logs (its message may quote values).
+fn error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
+    use datafusion::error::DataFusionError as E;
+    match e {
+        E::ArrowError(..) => "arrow",
+        E::ParquetError(..) => "parquet",
+        E::ObjectStore(..) => "object_store",
+        E::IoError(..) => "io",
+        E::SQL(..) => "sql",
+        E::NotImplemented(..) => "not_implemented",
+        E::Internal(..) => "internal",
+        E::Plan(..) => "plan",
+        E::Configuration(..) => "configuration",
+        E::SchemaError(..) => "schema",
+        E::Execution(..) => "execution",
+        E::ExecutionJoin(..) => "join",
+        E::ResourcesExhausted(..) => "resources_exhausted",
+        E::External(..) => "external",
+        E::Context(_, inner) => error_kind(inner),
+        E::Substrait(..) => "substrait",
+        E::Diagnostic(_, inner) => error_kind(inner),
+        E::Collection(..) => "collection",
+        E::Shared(inner) => error_kind(inner),
+        _ => "other",
+    }
 }
 
 /// Column names and types of an answer, for the audit log (never values).
@@ -472,10 +504,11 @@ impl FlightSqlGateway {
         if !self.cluster.wait_for_executor(EXECUTOR_WAIT).await {
             self.metrics.query(Outcome::Unavailable);
             warn!(party = %session.party, query = %query.id, "no executor available; query turned away uncharged");
-            return Err(Status::unavailable(format!(
+            let status = Status::unavailable(format!(
                 "no executor is available to run the query (none joined the cluster within {} s): it was not run and nothing was charged; try again when executors are up",
                 EXECUTOR_WAIT.as_secs()
-            )));
+            ));
+            return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, "no_executor", json!({ "sql": sql }), status).await);
         }
 
         let charge = Charge {
@@ -510,7 +543,8 @@ impl FlightSqlGateway {
             let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await {
                 Ok(batches) => batches,
                 Err(e) => {
-                    warn!(party = %session.party, query = %query.id, error = %e, "execution failed");
+                    // Only the kind of error: its text may quote the data.
+                    warn!(party = %session.party, query = %query.id, kind = error_kind(&e), "execution failed");
                     // The cause may depend on the data and is not passed on; whether
                     // the cluster has executors left does not.
                     return Err(if self.cluster.live_executors().await == 0 {
@@ -568,7 +602,15 @@ impl FlightSqlGateway {
         let started = Instant::now();
         let df = session.ctx.execute_logical_plan(plan).await?;
         let physical = df.create_physical_plan().await?;
-        let batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()).await?;
+        // Ballista fails a job whose executors are all lost, but not one
+        // submitted just after the last was lost: the job is also given up
+        // once no executor has been live for the executor timeout.
+        let batches = tokio::select! {
+            batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()) => batches?,
+            () = self.cluster.until_no_executor_for_timeout() => {
+                return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()));
+            }
+        };
         self.metrics.job(started.elapsed());
         let job = physical
             .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()

@@ -323,6 +323,33 @@ impl Manifest {
         Manifest::from_str(&text, &base_dir)
     }
 
+    /// Only what reaching the datasets needs — the `[s3]` settings and each
+    /// dataset's location — for executors, which hold no party's password
+    /// hash. The rest of the manifest is not checked here.
+    pub fn load_storage(path: &Path) -> Result<(Option<S3Settings>, Vec<Location>), ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
+        let base_dir = std::path::absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+            .map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
+        let root: Table = toml::from_str(&text).map_err(|e| ManifestError::Invalid(vec![syntax_problem(&text, &e)]))?;
+        let mut c = Checker::default();
+        let s3 = parse_s3(&mut c, &root);
+        let mut locations = Vec::new();
+        if let Some(Value::Array(entries)) = root.get("datasets") {
+            for (i, entry) in entries.iter().enumerate() {
+                let Some(Value::String(location)) = entry.get("location") else { continue };
+                match parse_location(location) {
+                    Ok(Location::Local(dir)) => locations.push(Location::Local(base_dir.join(dir))),
+                    Ok(s3) => locations.push(s3),
+                    Err(reason) => c.report(&format!("datasets[{i}].location"), reason),
+                }
+            }
+        }
+        if !c.problems.is_empty() {
+            return Err(ManifestError::Invalid(c.problems));
+        }
+        Ok((s3, locations))
+    }
+
     /// Parses and validates manifest text; `base_dir` plays the role of the
     /// manifest file's directory. On failure the error lists every problem.
     pub fn from_str(text: &str, base_dir: &Path) -> Result<Manifest, ManifestError> {
@@ -1850,6 +1877,20 @@ campaign_id = {{ role = "dimension" }}
         let manifest = Manifest::from_str(&sample(), Path::new("/m")).unwrap();
         assert!(manifest.verify_password("advertiser", "adv-pw"));
         assert!(manifest.verify_password("adnetwork", "net-pw"));
+    }
+
+    #[test]
+    fn executors_read_only_the_storage_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        // password_file names a file that does not exist here: executors never read it.
+        let text = sample().replacen(&format!("password = \"{}\"", phc("net-pw")), "password_file = \"/nonexistent/adnetwork\"", 1)
+            + "\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n";
+        let path = dir.path().join("manifest.toml");
+        std::fs::write(&path, text.replacen("location = \"", "location = \"s3://bucket/", 1)).unwrap();
+        let (s3, locations) = Manifest::load_storage(&path).unwrap();
+        assert_eq!(s3.unwrap().endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(locations.iter().any(|l| matches!(l, Location::S3 { bucket, .. } if bucket == "bucket")), "{locations:?}");
+        assert!(Manifest::load(&path).is_err(), "the full manifest needs the password file");
     }
 
     #[test]

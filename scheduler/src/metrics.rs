@@ -3,10 +3,11 @@
 //! spent per party, Ballista job durations and live executors.
 //!
 //! Why this is safe to expose to the operator: every figure is a count of
-//! requests, a duration, or ε/δ spent — quantities the ledger and audit log
-//! already hold and that do not depend on protected rows. No query text,
-//! answer, row count or value is ever a label or a sample. The port belongs
-//! on the internal network all the same (it names the parties).
+//! requests, ε/δ spent (both already in the ledger and audit log), or a job
+//! duration, which grows with the size of the data read, like the upload
+//! and retention records the operator already sees. No query text, answer
+//! or value is ever a label or a sample. The port belongs on the internal
+//! network all the same (it names the parties).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,7 +68,7 @@ impl Metrics {
     pub fn new(manifest: Arc<Manifest>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>) -> anyhow::Result<Metrics> {
         let registry = Registry::new();
         let queries = IntCounterVec::new(
-            Opts::new("cleanroom_queries_total", "Statements executed, by outcome (answered, cached, free, refused, failed)"),
+            Opts::new("cleanroom_queries_total", "Statements executed, by outcome (answered, cached, free, refused, unavailable, failed)"),
             &["outcome"],
         )?;
         let refusals = IntCounterVec::new(

@@ -70,11 +70,18 @@ def test_only_the_flight_sql_port_is_open_to_parties():
     assert any(a.startswith("--tls-cert=") for a in args) and any(a.startswith("--tls-key=") for a in args)
     secrets = {v["secret"]["secretName"] for v in scheduler["volumes"] if "secret" in v}
     assert secrets == {"cleanroom-tls", "cleanroom-party-credentials"}
+    generated = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
     for name in ["cleanroom-scheduler", "cleanroom-executor"]:
         env = by(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-        assert env[0]["secretRef"]["name"].startswith("cleanroom-s3")
-    executor = by(docs, "Deployment", "cleanroom-executor")["spec"]["template"]["spec"]["containers"][0]
+        assert env[0]["secretRef"]["name"] in generated, (env, generated)
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == "cleanroom", d["metadata"]
+    executor_pod = by(docs, "Deployment", "cleanroom-executor")["spec"]["template"]["spec"]
+    executor = executor_pod["containers"][0]
     assert executor["resources"]["requests"]["cpu"] and executor["resources"]["requests"]["memory"]
+    assert not any("secret" in v for v in executor_pod["volumes"]), "executors hold no party credentials"
+    assert any(a.startswith("--external-host=") for a in executor["args"])
 
 
 def test_the_shipped_manifest_is_a_valid_collaboration(tmp_path):
