@@ -187,6 +187,37 @@ async fn refused_cut_and_crashed_uploads_leave_the_previous_version_answering() 
     columns[at] = Arc::new(StringArray::from_iter_values((0..10).map(|i| i.to_string())));
     let err = upload(&mut owner, "conversions", TableExistsOption::Append, vec![RecordBatch::try_new(Arc::new(schema), columns).unwrap()]).await.unwrap_err();
     assert!(err.message().contains("column `revenue` has type Utf8"), "{err}");
+    // A dataset name outside cleanroom's catalog.
+    let mut elsewhere = ingest_command("conversions", TableExistsOption::Append);
+    elsewhere.catalog = Some("warehouse".into());
+    let err = owner
+        .execute_ingest(elsewhere, futures::stream::iter([Ok(new_conversions(10, "x"))]))
+        .await
+        .map_err(|e| match e {
+            FlightError::Tonic(s) => *s,
+            e => tonic::Status::unknown(e.to_string()),
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("catalog `warehouse` does not exist: datasets are in catalog `cleanroom`"), "{err}");
+    // A stream that is not Arrow IPC.
+    {
+        use arrow_flight::sql::ProstMessageExt;
+        use prost::Message;
+        let descriptor = arrow_flight::FlightDescriptor::new_cmd(ingest_command("conversions", TableExistsOption::Append).as_any().encode_to_vec());
+        let garbage = arrow_flight::FlightData::new().with_descriptor(descriptor).with_data_header(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4]);
+        let err = match owner.do_put(futures::stream::iter([garbage])).await {
+            Ok(mut results) => loop {
+                match results.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(status)) => break status,
+                    None => panic!("an undecodable upload was accepted"),
+                }
+            },
+            Err(e) => tonic::Status::unknown(e.to_string()),
+        };
+        assert!(err.message().contains("cannot decode the upload"), "{err}");
+    }
 
     // The connection cut mid-upload: a client that sends two batches and dies.
     let mut cut = server.login("advertiser").await;
@@ -219,7 +250,7 @@ async fn refused_cut_and_crashed_uploads_leave_the_previous_version_answering() 
         .filter(|r| r.kind == "refusal" && r.detail.get("upload").is_some())
         .map(|r| r.detail["rule"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(refusals, ["upload_owner", "upload_mode", "upload_schema", "upload_schema", "upload_schema"]);
+    assert_eq!(refusals, ["upload_owner", "upload_mode", "upload_schema", "upload_schema", "upload_schema", "upload_target", "upload_format"]);
     let failures = ledger.audit_records(0).unwrap().iter().filter(|(_, b)| audit::parse(b).unwrap().kind == "upload_failure").count();
     assert_eq!(failures, 1, "the cut upload is on the audit log: {}", std::fs::read_to_string(state.with_extension("log")).unwrap());
     drop(ledger);

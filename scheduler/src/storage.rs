@@ -387,3 +387,44 @@ impl Upload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    /// An upload whose files reached disk but that was never committed (the
+    /// process died between) is deleted at the next start; committed files stay.
+    #[tokio::test]
+    async fn orphaned_upload_files_are_collected_and_committed_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DatasetStore::local(dir.path()).unwrap();
+        let base = store.current().await.unwrap();
+
+        let mut committed = store.begin_upload("kept", batch(1).schema());
+        committed.write(&batch(10)).await.unwrap();
+        committed.finish().await.unwrap();
+        let version = store.commit(&base, committed.summary(), Mode::Append, "owner").await.unwrap();
+
+        let mut orphan = store.begin_upload("lost", batch(1).schema());
+        orphan.write(&batch(20)).await.unwrap();
+        orphan.finish().await.unwrap();
+        let orphan_file = dir.path().join(&orphan.files[0].path);
+        assert!(orphan_file.exists(), "the uncommitted upload reached disk");
+
+        assert_eq!(store.collect_orphans().await.unwrap(), 1);
+        assert!(!orphan_file.exists());
+        for f in &version.files {
+            assert!(dir.path().join(&f.path).exists(), "{} was committed and stays", f.path);
+        }
+        assert_eq!(store.current().await.unwrap().files, version.files);
+        assert_eq!(store.collect_orphans().await.unwrap(), 0, "nothing left to collect");
+    }
+}
