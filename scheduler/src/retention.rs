@@ -1,6 +1,7 @@
 //! Retention: rows older than their dataset's retention period are deleted.
 //!
-//! A pass reads each file of the dataset's current version, keeps the rows
+//! A pass skips the files whose Parquet statistics show no expired row, and
+//! reads each other file of the dataset's current version, keeps the rows
 //! whose event time (the manifest's `retention.column`) is within the period
 //! or unknown (NULL), writes the kept rows of a file that lost some to a new
 //! file, and commits the result as the next data version (mode `retention`);
@@ -17,11 +18,13 @@ use arrow::array::{Array, BooleanArray, Scalar, TimestampMicrosecondArray};
 use arrow::compute::kernels::cmp::gt_eq;
 use arrow::datatypes::{DataType, TimeUnit};
 use object_store::ObjectStoreExt;
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::metadata::ParquetMetaDataReader;
 
 use crate::catalog::Catalog;
 use crate::manifest::Dataset;
-use crate::storage::{DataFile, Mode};
+use crate::storage::{DataFile, DatasetStore, Mode};
 
 /// What one pass over a dataset deleted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,29 @@ fn keep_mask(column: &dyn Array, cutoff: i64) -> anyhow::Result<BooleanArray> {
     Ok(keep.iter().map(|k| Some(k.unwrap_or(true))).collect())
 }
 
+/// Whether the footer of `file` shows every row within the period: each row
+/// group's smallest event time is at or after the cutoff (NULLs are kept
+/// anyway). Then the file is kept without reading its rows. Missing
+/// statistics, or an all-NULL row group, answer `false`: the file is read.
+async fn all_recent(store: &DatasetStore, file: &DataFile, column: &str, cutoff: i64) -> anyhow::Result<bool> {
+    // The footer only: its last 8 bytes give the metadata's length.
+    let object = store.object(file);
+    anyhow::ensure!(file.size >= 12, "{} is too short for Parquet", file.path);
+    let tail = store.store.get_ranges(&object, &[file.size - 8..file.size]).await?.remove(0);
+    let length = u64::from(u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")));
+    anyhow::ensure!(&tail[4..] == b"PAR1" && length + 8 <= file.size, "{} has no Parquet footer", file.path);
+    let footer = store.store.get_ranges(&object, &[file.size - 8 - length..file.size - 8]).await?.remove(0);
+    let metadata = ParquetMetaDataReader::decode_metadata(&footer)?;
+    let file_metadata = metadata.file_metadata();
+    let schema = parquet::arrow::parquet_to_arrow_schema(file_metadata.schema_descr(), file_metadata.key_value_metadata())?;
+    let converter = StatisticsConverter::try_new(column, &schema, file_metadata.schema_descr())?;
+    let mins = converter.row_group_mins(metadata.row_groups())?;
+    if mins.null_count() > 0 {
+        return Ok(false);
+    }
+    Ok(keep_mask(mins.as_ref(), cutoff)?.true_count() == mins.len())
+}
+
 /// One pass over `dataset` at `now`: `None` when nothing expired. The caller
 /// audits through `before_commit` (rows, files rewritten, files dropped,
 /// version); its error stops the pass before anything is committed.
@@ -72,6 +98,10 @@ where
     let mut uploads = Vec::new();
     let outcome: anyhow::Result<()> = async {
         for file in &table.version.files {
+            if all_recent(store, file, &retention.column, cutoff).await.unwrap_or(false) {
+                kept_files.push(file.clone());
+                continue;
+            }
             // One file in memory at a time (uploads write at most a million rows per file).
             let bytes = store.store.get(&store.object(file)).await?.bytes().await.with_context(|| format!("cannot read {}", file.path))?;
             let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(|| format!("cannot read {}", file.path))?;
@@ -197,5 +227,52 @@ mod tests {
         let secs = TimestampSecondArray::from(vec![90 * 86_400 - 1, 90 * 86_400]).with_timezone("UTC");
         assert_eq!(keep_mask(&secs, cutoff).unwrap(), BooleanArray::from(vec![false, true]));
         assert!(keep_mask(&arrow::array::Int64Array::from(vec![1]), cutoff).is_err());
+    }
+
+    mod statistics {
+        use std::sync::Arc;
+    
+        use arrow::array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
+        use arrow::datatypes::{Field, Schema};
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::properties::WriterProperties;
+    
+        use super::*;
+    
+        fn write(dir: &std::path::Path, name: &str, times: &[Option<i64>]) -> DataFile {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+                Field::new("n", DataType::Int64, false),
+            ]));
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(TimestampMicrosecondArray::from(times.to_vec())), Arc::new(Int64Array::from_iter_values(0..times.len() as i64))],
+            )
+            .unwrap();
+            let path = dir.join(name);
+            // Two rows per row group: the statistics are per row group.
+            let props = WriterProperties::builder().set_max_row_group_row_count(Some(2)).build();
+            let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, Some(props)).unwrap();
+            writer.write(&batch).unwrap();
+            writer.close().unwrap();
+            DataFile { path: name.into(), size: std::fs::metadata(&path).unwrap().len() }
+        }
+    
+        #[tokio::test]
+        async fn statistics_decide_which_files_need_reading() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = DatasetStore::local(dir.path()).unwrap();
+            let cutoff = 1_000;
+            let recent = write(dir.path(), "recent.parquet", &[Some(1_000), Some(5_000), Some(2_000)]);
+            let old = write(dir.path(), "old.parquet", &[Some(5_000), Some(6_000), Some(999)]);
+            let nulls = write(dir.path(), "nulls.parquet", &[Some(5_000), Some(6_000), None]);
+            let recent_with_null = write(dir.path(), "mixed.parquet", &[Some(5_000), None, Some(2_000)]);
+            assert!(all_recent(&store, &recent, "ts", cutoff).await.unwrap());
+            assert!(!all_recent(&store, &old, "ts", cutoff).await.unwrap(), "one old row in the last row group");
+            assert!(!all_recent(&store, &nulls, "ts", cutoff).await.unwrap(), "an all-NULL row group has no minimum: read");
+            assert!(all_recent(&store, &recent_with_null, "ts", cutoff).await.unwrap(), "NULLs beside recent rows are kept anyway");
+            assert!(all_recent(&store, &recent, "missing", cutoff).await.is_err());
+        }
+    
     }
 }
