@@ -154,6 +154,16 @@ async fn a_query_survives_an_executor_killed_mid_join_and_fails_cleanly_without_
     let sql = adbench("Q3_incrementality");
     let mut client = cluster.login("adnetwork").await;
 
+    // What a party is handed points back at the gateway only: no executor
+    // address, and a ticket that is the gateway's own statement handle.
+    let info = client.execute(sql.clone(), None).await.unwrap();
+    for endpoint in &info.endpoint {
+        assert!(endpoint.location.is_empty(), "an endpoint names a location: {:?}", endpoint.location);
+        let ticket = endpoint.ticket.as_ref().unwrap().ticket.to_vec();
+        let text = String::from_utf8_lossy(&ticket);
+        assert!(!text.contains("127.0.0.1") && !text.contains(&cluster.internal), "the ticket names an address: {text}");
+    }
+
     // Undisturbed: the reference time and answer shape.
     let started = Instant::now();
     let calm = query(&mut client, &sql).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.scheduler.log()));
