@@ -147,7 +147,8 @@ enum Command {
 /// endpoint's TLS and the operator's metrics port.
 #[derive(clap::Args, Clone)]
 struct ServerArgs {
-    /// Seconds between passes that delete rows past their dataset's retention period (one also runs at start).
+    /// Seconds between passes that delete rows past their dataset's retention
+    /// period and files of versions replaced over 10 minutes ago (one also runs at start).
     #[arg(long, default_value_t = 3600)]
     retention_interval: u64,
     #[command(flatten)]

@@ -20,7 +20,7 @@ use datafusion::execution::SessionState;
 use datafusion::prelude::SessionContext;
 
 use crate::manifest::{Location, Manifest};
-use crate::storage::{DatasetStore, Version};
+use crate::storage::{DatasetStore, Version, SUPERSEDED_GRACE};
 
 pub use cleanroom_executor::{CATALOG, SCHEMA};
 
@@ -174,6 +174,18 @@ impl Catalog {
     /// Where a dataset's files are.
     pub fn store(&self, dataset: &str) -> Option<&DatasetStore> {
         self.stores.get(dataset)
+    }
+
+    /// Delete the files `replace` uploads superseded more than
+    /// [`SUPERSEDED_GRACE`] ago, in every dataset.
+    pub async fn purge_superseded(&self) {
+        for (name, store) in &self.stores {
+            match store.purge_superseded(SUPERSEDED_GRACE).await {
+                Ok(0) => {}
+                Ok(files) => tracing::info!(dataset = %name, files, "files of replaced versions deleted"),
+                Err(e) => tracing::warn!(dataset = %name, error = %format!("{e:#}"), "cannot delete files of replaced versions; the next pass tries again"),
+            }
+        }
     }
 
     /// Held while a dataset's next version is written and committed.

@@ -920,6 +920,15 @@ impl FlightSqlService for FlightSqlGateway {
             match outcome {
                 Ok(ingested) => {
                     info!(party = %party, dataset = %name, mode = mode.as_str(), rows = ingested.rows, version = %ingested.version.id(), "upload committed");
+                    if !ingested.version.superseded.is_empty() {
+                        // The replaced rows leave storage once statements planned
+                        // on the previous version have had time to finish.
+                        let catalog = catalog.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(crate::storage::SUPERSEDED_GRACE + Duration::from_secs(1)).await;
+                            catalog.purge_superseded().await;
+                        });
+                    }
                     Ok(ingested.rows as i64)
                 }
                 Err(IngestError::Refused(refusal)) => Err(upload_refused(ledger.clone(), &metrics, &party, &name, refusal).await),

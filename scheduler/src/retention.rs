@@ -169,7 +169,7 @@ where
         }
         return Err(e);
     }
-    let version = match store.commit_files(&table.version, kept_files, 0, Mode::Retention, None, Some(pass)).await {
+    let version = match store.commit_files(&table.version, kept_files, 0, Mode::Retention, None, Some(pass), Vec::new()).await {
         Ok(v) => v,
         Err(e) => {
             for u in uploads {

@@ -145,9 +145,11 @@ pub async fn start(
         .max(1);
     let state = cleanroom_executor::session_state(partitions);
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
-    // Expired rows go before the first query, then on a schedule.
+    // Expired rows, and files of replaced versions past their grace period,
+    // go before the first query, then on a schedule.
     crate::retention::enforce_all(&catalog, &ledger).await;
-    if manifest.datasets.iter().any(|d| d.retention.is_some()) {
+    catalog.purge_superseded().await;
+    {
         let (catalog, ledger, every) = (catalog.clone(), ledger.clone(), options.retention_interval);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
@@ -155,6 +157,7 @@ pub async fn start(
             loop {
                 ticks.tick().await;
                 crate::retention::enforce_all(&catalog, &ledger).await;
+                catalog.purge_superseded().await;
             }
         });
     }

@@ -86,7 +86,15 @@ pub struct Version {
     /// Unix seconds.
     #[serde(default)]
     pub created: u64,
+    /// Files of the previous version this one no longer reads (a `replace`):
+    /// deleted from storage once statements planned on the previous version
+    /// have had [`SUPERSEDED_GRACE`] to finish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<DataFile>,
 }
+
+/// How long files replaced by a new version stay in storage.
+pub const SUPERSEDED_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Version {
     /// Names this version's content: its number and a hash of its file list.
@@ -225,7 +233,7 @@ impl DatasetStore {
             })
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Version { number: 0, files, rows_added: 0, mode: None, party: None, upload: None, created: 0 })
+        Ok(Version { number: 0, files, rows_added: 0, mode: None, party: None, upload: None, created: 0, superseded: Vec::new() })
     }
 
     /// Start an upload: its files go under `_uploads/<id>/`.
@@ -241,10 +249,13 @@ impl DatasetStore {
             Mode::Replace | Mode::Retention => Vec::new(),
         };
         files.extend(upload.files);
-        self.commit_files(base, files, upload.rows, mode, Some(party), Some(upload.id)).await
+        let superseded = if mode == Mode::Replace { base.files.clone() } else { Vec::new() };
+        self.commit_files(base, files, upload.rows, mode, Some(party), Some(upload.id), superseded).await
     }
 
-    /// Commit the version after `base` with exactly `files`.
+    /// Commit the version after `base` with exactly `files` (and the files
+    /// of earlier versions it `superseded`, to delete after the grace period).
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_files(
         &self,
         base: &Version,
@@ -253,8 +264,10 @@ impl DatasetStore {
         mode: Mode,
         party: Option<&str>,
         upload: Option<String>,
+        superseded: Vec<DataFile>,
     ) -> anyhow::Result<Version> {
         let version = Version {
+            superseded,
             number: base.number + 1,
             files,
             rows_added,
@@ -283,6 +296,31 @@ impl DatasetStore {
             self.store.delete(&self.child(&f.path)).await.with_context(|| format!("cannot delete {}", f.path))?;
         }
         Ok(())
+    }
+
+    /// Delete the files that versions committed at least `grace` ago
+    /// superseded, unless the current version reads them. Idempotent: files
+    /// already gone are skipped. Returns how many files were deleted.
+    pub async fn purge_superseded(&self, grace: std::time::Duration) -> anyhow::Result<usize> {
+        let numbers = self.version_numbers().await?;
+        let Some(&newest) = numbers.last() else { return Ok(0) };
+        let current: std::collections::HashSet<String> = self.read_version(newest).await?.files.into_iter().map(|f| f.path).collect();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut deleted = 0;
+        for n in numbers {
+            let version = self.read_version(n).await?;
+            if version.superseded.is_empty() || now.saturating_sub(version.created) < grace.as_secs() {
+                continue;
+            }
+            for f in version.superseded.iter().filter(|f| !current.contains(&f.path)) {
+                match self.store.delete(&self.child(&f.path)).await {
+                    Ok(()) => deleted += 1,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e).with_context(|| format!("cannot delete {}", f.path)),
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// Delete upload folders no version refers to: what an upload left
@@ -426,5 +464,41 @@ mod tests {
         }
         assert_eq!(store.current().await.unwrap().files, version.files);
         assert_eq!(store.collect_orphans().await.unwrap(), 0, "nothing left to collect");
+    }
+
+    /// After a `replace`, the previous version's files are deleted once the
+    /// grace period has passed, never before, and never a file still read.
+    #[tokio::test]
+    async fn replaced_files_are_deleted_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("original.parquet"), b"not read here").unwrap();
+        let store = DatasetStore::local(dir.path()).unwrap();
+        let base = store.current().await.unwrap();
+        assert_eq!(base.files.len(), 1);
+
+        let mut first = store.begin_upload("first", batch(1).schema());
+        first.write(&batch(10)).await.unwrap();
+        first.finish().await.unwrap();
+        let appended = store.commit(&base, first.summary(), Mode::Append, "owner").await.unwrap();
+        let mut second = store.begin_upload("second", batch(1).schema());
+        second.write(&batch(5)).await.unwrap();
+        second.finish().await.unwrap();
+        let replaced = store.commit(&appended, second.summary(), Mode::Replace, "owner").await.unwrap();
+        assert_eq!(replaced.superseded, appended.files);
+
+        assert_eq!(store.purge_superseded(std::time::Duration::from_secs(3600)).await.unwrap(), 0, "within the grace period");
+        for f in &appended.files {
+            assert!(dir.path().join(&f.path).exists());
+        }
+        assert_eq!(store.purge_superseded(std::time::Duration::ZERO).await.unwrap(), 2);
+        assert!(!dir.path().join("original.parquet").exists(), "the replaced rows are gone from storage");
+        for f in &appended.files {
+            assert!(!dir.path().join(&f.path).exists(), "{}", f.path);
+        }
+        for f in &replaced.files {
+            assert!(dir.path().join(&f.path).exists(), "the current version's {} stays", f.path);
+        }
+        assert_eq!(store.purge_superseded(std::time::Duration::ZERO).await.unwrap(), 0, "idempotent");
+        assert_eq!(store.current().await.unwrap().files, replaced.files);
     }
 }
