@@ -304,22 +304,23 @@ pub enum ManifestError {
     },
 }
 
+/// The manifest's text and the (canonicalized) directory its relative
+/// locations are resolved against.
+fn read_with_base_dir(path: &Path) -> Result<(String, PathBuf), ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let base_dir = parent.canonicalize().map_err(|source| ManifestError::Io { path: parent.to_path_buf(), source })?;
+    Ok((text, base_dir))
+}
+
 impl Manifest {
     /// Reads, parses and validates the manifest at `path`. Relative dataset
     /// locations are resolved against the (canonicalized) directory of `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let base_dir = parent.canonicalize().map_err(|source| ManifestError::Io {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+        let (text, base_dir) = read_with_base_dir(path)?;
         Manifest::from_str(&text, &base_dir)
     }
 
@@ -327,9 +328,7 @@ impl Manifest {
     /// dataset's location — for executors, which hold no party's password
     /// hash. The rest of the manifest is not checked here.
     pub fn load_storage(path: &Path) -> Result<(Option<S3Settings>, Vec<Location>), ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
-        let base_dir = std::path::absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-            .map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
+        let (text, base_dir) = read_with_base_dir(path)?;
         let root: Table = toml::from_str(&text).map_err(|e| ManifestError::Invalid(vec![syntax_problem(&text, &e)]))?;
         let mut c = Checker::default();
         let s3 = parse_s3(&mut c, &root);

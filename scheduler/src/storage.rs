@@ -298,21 +298,29 @@ impl DatasetStore {
         Ok(())
     }
 
+    /// Every committed version record, oldest first.
+    async fn committed_versions(&self) -> anyhow::Result<Vec<Version>> {
+        let mut versions = Vec::new();
+        for n in self.version_numbers().await? {
+            versions.push(self.read_version(n).await?);
+        }
+        Ok(versions)
+    }
+
     /// Delete the files that versions committed at least `grace` ago
     /// superseded, unless the current version reads them. Idempotent: files
     /// already gone are skipped. Returns how many files were deleted.
     pub async fn purge_superseded(&self, grace: std::time::Duration) -> anyhow::Result<usize> {
-        let numbers = self.version_numbers().await?;
-        let Some(&newest) = numbers.last() else { return Ok(0) };
-        let current: std::collections::HashSet<String> = self.read_version(newest).await?.files.into_iter().map(|f| f.path).collect();
+        let versions = self.committed_versions().await?;
+        let Some(newest) = versions.last() else { return Ok(0) };
+        let current: std::collections::HashSet<&str> = newest.files.iter().map(|f| f.path.as_str()).collect();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut deleted = 0;
-        for n in numbers {
-            let version = self.read_version(n).await?;
+        for version in &versions {
             if version.superseded.is_empty() || now.saturating_sub(version.created) < grace.as_secs() {
                 continue;
             }
-            for f in version.superseded.iter().filter(|f| !current.contains(&f.path)) {
+            for f in version.superseded.iter().filter(|f| !current.contains(f.path.as_str())) {
                 match self.store.delete(&self.child(&f.path)).await {
                     Ok(()) => deleted += 1,
                     Err(object_store::Error::NotFound { .. }) => {}
@@ -327,12 +335,8 @@ impl DatasetStore {
     /// behind when the server was killed before it committed or cleaned up.
     /// Returns how many files were deleted.
     pub async fn collect_orphans(&self) -> anyhow::Result<usize> {
-        let mut referenced = std::collections::HashSet::new();
-        for n in self.version_numbers().await? {
-            for f in self.read_version(n).await?.files {
-                referenced.insert(f.path);
-            }
-        }
+        let referenced: std::collections::HashSet<String> =
+            self.committed_versions().await?.into_iter().flat_map(|v| v.files).map(|f| f.path).collect();
         let uploads = self.child(UPLOADS);
         let orphans: Vec<StorePath> = self
             .store
