@@ -403,7 +403,10 @@ enum ManifestCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Planning and optimising recurse over a plan; statements are limited in
+    // depth (`cleanroom_dp::limits`), and each thread gets a stack with room
+    // to spare for what the limits allow (only the pages used are committed).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_stack_size(16 << 20).build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -20,6 +20,9 @@
 //! - [`release`] turns exact bounded aggregates into a [`release::Released`]
 //!   answer: the only type the gateway may send to a party, and it can only be
 //!   made with a [`ledger::Receipt`] for the query's charge.
+//! - [`total`] makes every function and operator below the DP aggregate
+//!   total (NULL where it would fail on a value), so no query fails because
+//!   of the data;
 //! - [`udf`] holds the scalar functions the rewritten plans call; executors must
 //!   register them.
 
@@ -27,12 +30,14 @@ pub mod accountant;
 pub mod error;
 pub mod audit;
 pub mod ledger;
+pub mod limits;
 pub mod mechanism;
 pub mod options;
 pub mod policy;
 pub mod release;
 pub mod rewrite;
 pub mod tracking;
+pub mod total;
 pub mod udf;
 
 pub use error::DpError;

@@ -32,7 +32,20 @@ pub struct Laplace {
     pub epsilon: f64,
     /// Integer-valued column: discrete Laplace on integers.
     pub integer: bool,
+    /// What one integer step is worth in the column's units (1 unless the
+    /// column is a fixed-point sum); `scale` and `sensitivity` are in steps.
+    pub unit: f64,
 }
+
+/// Largest sensitivity, in steps, an integer mechanism is calibrated for:
+/// OpenDP's integer maps take it as an i64, and above 2^62 the noisy values
+/// could leave i64.
+const MAX_STEPS_SENSITIVITY: f64 = (1u64 << 62) as f64;
+
+/// Exact values are clamped to ±2^62 steps before noise is added. A fixed
+/// clamp cannot widen the distance between neighbouring values
+/// (|clamp(a) − clamp(b)| ≤ |a − b|), so it keeps the sensitivity.
+const MAX_STEPS_VALUE: i128 = 1i128 << 62;
 
 /// ln(1 / 0.05): P(|Laplace(b)| > b·ln 20) = 0.05. For the discrete Laplace,
 /// P(|X| > m) = 2e^{-(m+1)/b} / (1 + e^{-1/b}) ≤ e^{-m/b}, so the same
@@ -54,18 +67,21 @@ impl Laplace {
             )));
         }
         let sensitivity = if integer { sensitivity.ceil() } else { sensitivity };
+        if integer && sensitivity > MAX_STEPS_SENSITIVITY {
+            return Err(DpError::Mechanism(format!("a sensitivity of {sensitivity} steps does not fit a 64-bit integer mechanism")));
+        }
         let (scale, spent) = fit_scale(sensitivity / epsilon, epsilon, 1.0, |scale| privacy_map(sensitivity, scale, integer))?;
-        Ok(Laplace { scale, sensitivity, epsilon: spent, integer })
+        Ok(Laplace { scale, sensitivity, epsilon: spent, integer, unit: 1.0 })
     }
 
-    /// Standard deviation of the noise.
+    /// Standard deviation of the noise, in the column's units.
     pub fn stddev(&self) -> f64 {
-        std::f64::consts::SQRT_2 * self.scale
+        std::f64::consts::SQRT_2 * self.scale * self.unit
     }
 
     /// Half-width of the 95 % interval around a released value.
     pub fn ci95_half_width(&self) -> f64 {
-        LN_20 * self.scale
+        LN_20 * self.scale * self.unit
     }
 
     /// Add noise to every value of the column. Integer columns are rounded
@@ -154,6 +170,8 @@ pub struct Gaussian {
     pub rho: f64,
     /// Integer-valued column: discrete Gaussian on integers.
     pub integer: bool,
+    /// What one integer step is worth in the column's units.
+    pub unit: f64,
 }
 
 /// z with P(|N(0, 1)| > z) = 0.05.
@@ -170,6 +188,9 @@ impl Gaussian {
         if !(sensitivity.is_finite() && sensitivity >= 0.0 && rho.is_finite() && rho > 0.0) {
             return Err(DpError::Mechanism(format!("cannot calibrate noise for sensitivity {sensitivity} and rho {rho}")));
         }
+        if integer && sensitivity > MAX_STEPS_SENSITIVITY {
+            return Err(DpError::Mechanism(format!("a sensitivity of {sensitivity} steps does not fit a 64-bit integer mechanism")));
+        }
         // ρ falls with the square of the scale.
         let (scale, spent) = fit_scale(sensitivity / (2.0 * rho).sqrt(), rho, 0.5, |scale| {
             if integer {
@@ -178,7 +199,7 @@ impl Gaussian {
                 float_gaussian(scale)?.map(&sensitivity).map_err(opendp_error)
             }
         })?;
-        Ok(Gaussian { scale, sensitivity, rho: spent, integer })
+        Ok(Gaussian { scale, sensitivity, rho: spent, integer, unit: 1.0 })
     }
 
     /// Half-width of the 95 % interval around a released value. Floats: the
@@ -187,11 +208,7 @@ impl Gaussian {
     /// sub-Gaussian with parameter σ (Canonne–Kamath–Steinke 2020), so
     /// P(|X| > t) ≤ 2·exp(−t²/2σ²) = 0.05 at t = σ·√(2 ln 40).
     pub fn ci95_half_width(&self) -> f64 {
-        if self.integer {
-            self.scale * (2.0 * 40f64.ln()).sqrt()
-        } else {
-            Z_975 * self.scale
-        }
+        self.unit * if self.integer { self.scale * (2.0 * 40f64.ln()).sqrt() } else { Z_975 * self.scale }
     }
 
     pub fn apply(&self, values: &[f64]) -> Result<Vec<f64>> {
@@ -222,10 +239,41 @@ impl Noise {
         }
     }
 
+    /// The integer mechanism of a column whose exact values are whole
+    /// numbers of steps worth `unit` each, with sensitivities `l1`, `l2` in
+    /// steps; what it reports (stddev, interval, scale, sensitivity) is in
+    /// the column's units.
+    pub fn calibrate_steps(share: Share, l1: f64, l2: f64, unit: f64) -> Result<Self> {
+        Ok(match Noise::calibrate(share, l1, l2, true)? {
+            Noise::Laplace(l) => Noise::Laplace(Laplace { unit, ..l }),
+            Noise::Gaussian(g) => Noise::Gaussian(Gaussian { unit, ..g }),
+        })
+    }
+
+    /// Add noise to exact values counted in steps (see
+    /// [`Noise::calibrate_steps`]); the noisy values are in steps too.
+    /// Values beyond ±2^62 steps are clamped there first.
+    pub fn apply_steps(&self, values: &[i128]) -> Result<Vec<i64>> {
+        let exact: Vec<i64> = values.iter().map(|v| (*v).clamp(-MAX_STEPS_VALUE, MAX_STEPS_VALUE) as i64).collect();
+        match self {
+            Noise::Laplace(l) if l.integer => integer_laplace(l.scale)?.invoke(&exact).map_err(opendp_error),
+            Noise::Gaussian(g) if g.integer => integer_gaussian(g.scale)?.invoke(&exact).map_err(opendp_error),
+            _ => Err(DpError::Mechanism("a float mechanism cannot noise whole steps".into())),
+        }
+    }
+
+    /// What one step is worth in the column's units.
+    pub fn unit(&self) -> f64 {
+        match self {
+            Noise::Laplace(l) => l.unit,
+            Noise::Gaussian(g) => g.unit,
+        }
+    }
+
     pub fn stddev(&self) -> f64 {
         match self {
             Noise::Laplace(l) => l.stddev(),
-            Noise::Gaussian(g) => g.scale,
+            Noise::Gaussian(g) => g.scale * g.unit,
         }
     }
 
@@ -271,15 +319,15 @@ impl Noise {
     /// The sensitivity the noise is calibrated to, and its norm.
     pub fn sensitivity(&self) -> (&'static str, f64) {
         match self {
-            Noise::Laplace(l) => ("L1", l.sensitivity),
-            Noise::Gaussian(g) => ("L2", g.sensitivity),
+            Noise::Laplace(l) => ("L1", l.sensitivity * l.unit),
+            Noise::Gaussian(g) => ("L2", g.sensitivity * g.unit),
         }
     }
 
     pub fn scale(&self) -> f64 {
         match self {
-            Noise::Laplace(l) => l.scale,
-            Noise::Gaussian(g) => g.scale,
+            Noise::Laplace(l) => l.scale * l.unit,
+            Noise::Gaussian(g) => g.scale * g.unit,
         }
     }
 }

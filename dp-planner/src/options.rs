@@ -151,6 +151,15 @@ impl QueryOptions {
                 detail: format!("must be a finite number above 0, got {epsilon}"),
             });
         }
+        if epsilon < defaults.min_epsilon_per_query {
+            return Err(DpError::InvalidOption {
+                option: "epsilon".into(),
+                detail: format!(
+                    "{epsilon} is below the collaboration's minimum of {} per query",
+                    defaults.min_epsilon_per_query
+                ),
+            });
+        }
         if epsilon > defaults.max_epsilon_per_query {
             return Err(DpError::InvalidOption {
                 option: "epsilon".into(),
@@ -340,7 +349,7 @@ mod tests {
     #[test]
     fn nan_zero_negative_and_capped_epsilon_are_refused() {
         let d = Defaults::default();
-        for bad in ["NaN", "0", "-1", "inf", "1000"] {
+        for bad in ["NaN", "0", "-1", "inf", "1000", "1e-300", "0.001"] {
             let mut o = QueryOptions::default();
             o.set("epsilon", bad).unwrap();
             assert!(o.resolve(&d).is_err(), "epsilon = {bad} was accepted");

@@ -103,6 +103,10 @@ pub struct Defaults {
     pub epsilon: f64,
     /// The largest ε a single query may ask for.
     pub max_epsilon_per_query: f64,
+    /// The smallest ε a query may ask for: no probe of the data is free, so
+    /// repeated probes (of timing, say, which the guarantee does not cover)
+    /// use up the budget.
+    pub min_epsilon_per_query: f64,
     /// δ a query may spend when it names none: what DP partition selection
     /// (group keys without a public domain) and Gaussian noise may use. 0
     /// keeps queries pure ε-DP; they then need a public domain for every key.
@@ -122,6 +126,7 @@ impl Default for Defaults {
         Defaults {
             epsilon: 1.0,
             max_epsilon_per_query: 10.0,
+            min_epsilon_per_query: 0.01,
             delta: 0.0,
             max_delta_per_query: 1e-5,
             max_groups_contributed: 1,

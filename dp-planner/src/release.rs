@@ -185,12 +185,13 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                 let (norm, sensitivity) = l.sensitivity();
                 let (what, spent) = l.cost();
                 cost.push_str(&format!(
-                    "{name}: {} noise, {norm} sensitivity {sensitivity}, {what} {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}\n",
+                    "{name}: {} noise, {norm} sensitivity {sensitivity}, {what} {}, scale {}, stddev {:.6}, 95% interval +/- {:.6}{}\n",
                     l.name().replace('_', " "),
                     round_for_display(spent),
                     l.scale(),
                     l.stddev(),
-                    l.ci95_half_width()
+                    l.ci95_half_width(),
+                    resolution(l.unit())
                 ));
             }
             for a in q.aggregates.iter() {
@@ -215,10 +216,13 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                     Share::Rho(r) => ("rho", r),
                 };
                 let text = match a.squares {
-                    None => format!("noisy sum (L1 sensitivity {}) / noisy count", a.sensitivity),
+                    None => format!("noisy sum (L1 sensitivity {}{}) / noisy count", a.sensitivity * a.unit, resolution(a.unit)),
                     Some((l1, _)) => format!(
-                        "from a noisy count, a noisy sum of values centred on the bounds' midpoint (L1 sensitivity {}) and a noisy sum of their squares (L1 sensitivity {l1})",
-                        a.sensitivity
+                        "from a noisy count, a noisy sum of values centred on the bounds' midpoint (L1 sensitivity {}{}) and a noisy sum of their squares (L1 sensitivity {}{})",
+                        a.sensitivity * a.unit,
+                        resolution(a.unit),
+                        l1 * a.squares_unit,
+                        resolution(a.squares_unit)
                     ),
                 };
                 cost.push_str(&format!(
@@ -249,6 +253,16 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
     )
     .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches: vec![batch] })
+}
+
+/// How an exact sum in steps of `unit` is described: nothing for whole
+/// numbers, else its fixed-point resolution.
+fn resolution(unit: f64) -> String {
+    if unit == 1.0 {
+        String::new()
+    } else {
+        format!(", summed exactly in fixed point with resolution 2^{}", unit.log2())
+    }
 }
 
 /// Answer a statement that reads no dataset (`SELECT 1`, a client's probe,
@@ -323,8 +337,10 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             names
         })
         .collect();
-    let mut exact_values: HashMap<&str, Vec<f64>> =
-        exact_columns.iter().map(|n| (n.as_str(), vec![0.0f64; cells.len()])).collect();
+    // Every exact column holds whole numbers (counts, or sums in steps of
+    // their grid): read exactly, as 128-bit integers.
+    let mut exact_values: HashMap<&str, Vec<i128>> =
+        exact_columns.iter().map(|n| (n.as_str(), vec![0i128; cells.len()])).collect();
     for batch in exact {
         let keys = row_keys(batch, groups)?;
         let aggs: Vec<(&str, ArrayRef)> = exact_columns
@@ -333,7 +349,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
                 let column = batch
                     .column_by_name(name)
                     .ok_or_else(|| DpError::Mechanism(format!("exact column {name} missing")))?;
-                let column = cast(column, &DataType::Float64).map_err(|e| DpError::Mechanism(e.to_string()))?;
+                let column = cast(column, &DataType::Decimal128(38, 0)).map_err(|e| DpError::Mechanism(e.to_string()))?;
                 Ok((name.as_str(), column))
             })
             .collect::<Result<_>>()?;
@@ -344,7 +360,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // releasing them would reveal that someone has that value.
             let Some(&cell) = index.get(key.as_slice()) else { continue };
             for (name, a) in &aggs {
-                let a = a.as_any().downcast_ref::<Float64Array>().expect("f64");
+                let a = a.as_any().downcast_ref::<arrow::array::Decimal128Array>().expect("decimal");
                 if !a.is_null(row) {
                     exact_values.get_mut(name).expect("known column")[cell] = a.value(row);
                 }
@@ -377,7 +393,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // so each group's selection gets ε / k (sequential composition).
             let selection = NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
             let counts = &exact_values[format!("__a{j}").as_str()];
-            let at_most: Vec<&Vec<f64>> =
+            let at_most: Vec<&Vec<i128>> =
                 (0..q.candidates.len()).map(|i| &exact_values[format!("__k{j}_{i}").as_str()]).collect();
             let scores = (0..cells.len()).map(|cell| {
                 let n = counts[cell] as i64;
@@ -388,8 +404,19 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
             continue;
         }
+        let steps = |share: Share, l1: f64, l2: f64, unit: f64, exact: &[i128]| -> Result<Vec<f64>> {
+            let noisy = Noise::calibrate_steps(share, l1, l2, unit)?.apply_steps(exact)?;
+            Ok(noisy.into_iter().map(|v| v as f64 * unit).collect())
+        };
+        if agg.average.is_none() && agg.integral {
+            // Whole numbers stay integers from the exact sum to the answer.
+            let noisy = Noise::calibrate_steps(agg.share, agg.sensitivity, agg.l2_sensitivity, 1.0)?.apply_steps(sums)?;
+            let array: ArrayRef = Arc::new(Int64Array::from(noisy));
+            columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+            continue;
+        }
         let noisy = match (agg.average, agg.squares) {
-            (None, _) => Noise::calibrate(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.integral)?.apply(sums)?,
+            (None, _) => steps(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?,
             // A variance: noisy count n, sum s and sum of squares q of the
             // values centred on the midpoint (a third of the budget each,
             // sequential composition); q/n − (s/n)² is post-processing,
@@ -399,9 +426,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
                 let third = agg.share.split(3.0);
                 let counts = &exact_values[format!("__b{j}").as_str()];
                 let squares = &exact_values[format!("__c{j}").as_str()];
-                let noisy_sums = Noise::calibrate(third, agg.sensitivity, agg.l2_sensitivity, false)?.apply(sums)?;
-                let noisy_counts = Noise::calibrate(third, count_l1, count_l2, true)?.apply(counts)?;
-                let noisy_squares = Noise::calibrate(third, squares_l1, squares_l2, false)?.apply(squares)?;
+                let noisy_sums = steps(third, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
+                let noisy_counts = steps(third, count_l1, count_l2, 1.0, counts)?;
+                let noisy_squares = steps(third, squares_l1, squares_l2, agg.squares_unit, squares)?;
                 let largest = ((high - low) / 2.0).powi(2);
                 let (sample, root) = match agg.kind {
                     AggregateKind::Variance { sample, root } => (sample, root),
@@ -424,9 +451,9 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // post-processing, clamped to the measure's bounds.
             (Some((count_l1, count_l2, (low, high))), None) => {
                 let half = agg.share.split(2.0);
-                let noisy_sums = Noise::calibrate(half, agg.sensitivity, agg.l2_sensitivity, false)?.apply(sums)?;
+                let noisy_sums = steps(half, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
                 let counts = &exact_values[format!("__b{j}").as_str()];
-                let noisy_counts = Noise::calibrate(half, count_l1, count_l2, true)?.apply(counts)?;
+                let noisy_counts = steps(half, count_l1, count_l2, 1.0, counts)?;
                 noisy_sums
                     .iter()
                     .zip(noisy_counts)
@@ -434,11 +461,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
                     .collect()
             }
         };
-        let array: ArrayRef = if agg.integral {
-            Arc::new(Int64Array::from_iter_values(noisy.iter().map(|v| *v as i64)))
-        } else {
-            Arc::new(Float64Array::from(noisy))
-        };
+        let array: ArrayRef = Arc::new(Float64Array::from(noisy));
         columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
     let batch = RecordBatch::try_new(schema, columns).map_err(|e| DpError::Mechanism(e.to_string()))?;
@@ -519,6 +542,29 @@ fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
     cells
 }
 
+/// Calibrate every mechanism [`release`] will run for `query` — each
+/// column's noise, AVG's and the variances' parts, each quantile's noisy
+/// max — so that a calibration failure (a function of the SQL and the
+/// policy only) refuses the query at planning, before anything is charged.
+pub(crate) fn check_calibrations(query: &DpQuery) -> Result<()> {
+    calibrations(query)?;
+    for agg in &query.aggregates {
+        if let (Some(q), Share::Epsilon(epsilon)) = (&agg.quantile, agg.share) {
+            NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
+        }
+        if let Some((count_l1, count_l2, _)) = agg.average {
+            let parts = if agg.squares.is_some() { 3.0 } else { 2.0 };
+            let part = agg.share.split(parts);
+            Noise::calibrate_steps(part, agg.sensitivity, agg.l2_sensitivity, agg.unit)?;
+            Noise::calibrate_steps(part, count_l1, count_l2, 1.0)?;
+            if let Some((l1, l2)) = agg.squares {
+                Noise::calibrate_steps(part, l1, l2, agg.squares_unit)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The noise each DP aggregate column of `query` will get. Calibration is
 /// deterministic (it depends on the sensitivity and ε only), so the answer's
 /// schema can announce it before anything runs.
@@ -527,7 +573,7 @@ fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
         .aggregates
         .iter()
         .filter(|a| a.average.is_none() && a.quantile.is_none())
-        .map(|a| Ok((a.output_name.clone(), Noise::calibrate(a.share, a.sensitivity, a.l2_sensitivity, a.integral)?)))
+        .map(|a| Ok((a.output_name.clone(), Noise::calibrate_steps(a.share, a.sensitivity, a.l2_sensitivity, a.unit)?)))
         .collect()
 }
 

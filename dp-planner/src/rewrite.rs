@@ -143,6 +143,12 @@ pub struct DpAggregate {
     /// For the variances: the L1 and L2 sensitivities of the sum of squared
     /// centred values (`__c<j>`); `__a<j>` is then the sum of centred values.
     pub squares: Option<(f64, f64)>,
+    /// The exact column `__a<j>` counts steps of this size (1 for counts and
+    /// sums of whole numbers; a power of two for other sums, see
+    /// [`FixedPoint`]); `sensitivity` and `l2_sensitivity` are in steps.
+    pub unit: f64,
+    /// The step of `__c<j>` (the sum of squares of a variance).
+    pub squares_unit: f64,
     /// For quantiles: the candidates; `__a<j>` is the count of values and
     /// `__k<j>_<i>` the count of values ≤ candidate i, and `sensitivity` the
     /// score vector's L∞ sensitivity.
@@ -256,6 +262,9 @@ pub fn plan_query(
     }
     // Only the party's own system tables, or nothing at all: no protected
     // data is read, so the answer is exact and free.
+    // Functions that could exhaust memory on a value are refused anywhere,
+    // also where no protected row reaches them.
+    crate::tracking::check_functions(plan)?;
     if system == all_scans.len() {
         return Ok(PlannedQuery::NoData(NoDataQuery { plan: plan.clone() }));
     }
@@ -283,7 +292,7 @@ pub fn plan_query(
     }
     let groups = check_group_keys(aggregate, &input, policy, options)?;
     let kinds = check_aggregates(aggregate, &input)?;
-    rewrite(&plan, aggregate, &input, datasets, groups, kinds, options)
+    rewrite(&plan, aggregate, &input, datasets, groups, kinds, policy, options)
 }
 
 /// Type coercion (the casts DataFusion would add before running the plan),
@@ -607,6 +616,7 @@ fn rewrite(
     datasets: Vec<String>,
     groups: Vec<(Expr, GroupKey)>,
     requested: Vec<Requested>,
+    policy: &Policy,
     options: &ResolvedOptions,
 ) -> Result<PlannedQuery> {
     let input_schema = aggregate.input.schema();
@@ -700,21 +710,31 @@ fn rewrite(
         group_cols.push(col(format!("__g{i}")));
     }
 
-    // 1. Per person and group: partial aggregates. Integer measures with
-    // integer bounds are clamped and summed as Int64, so the sums are exact;
-    // other measures as Float64.
+    // 1. Per person and group: partial aggregates. Every sum is exact:
+    // each row's clamped value is put on a fixed grid (`FixedPoint`: whole
+    // numbers for an integer measure with small whole bounds, else steps of
+    // a power of two) as a 64-bit integer, and added up in 128-bit decimals,
+    // so no sum wraps, rounds or depends on the order of addition.
     let mut partials = Vec::new();
     let mut integral = Vec::new();
+    let mut grids: Vec<(FixedPoint, Option<FixedPoint>)> = Vec::new();
     for (j, r) in requested.iter().enumerate() {
         let name = format!("__p{j}");
         let field_type = aggregate.schema.field(groups.len() + j).data_type().clone();
-        let whole = match r.kind {
-            AggregateKind::Sum => field_type.is_integer() && r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0,
-            AggregateKind::Avg | AggregateKind::Variance { .. } | AggregateKind::Quantile { .. } => false,
-            _ => true,
+        let whole_bounds = r.bounds.0.fract() == 0.0 && r.bounds.1.fract() == 0.0;
+        let half_width = (r.bounds.1 - r.bounds.0) / 2.0;
+        let (grid, squares_grid) = match r.kind {
+            AggregateKind::Sum => (FixedPoint::new(r, r.bounds, field_type.is_integer() && whole_bounds)?, None),
+            AggregateKind::Avg => (FixedPoint::new(r, r.bounds, false)?, None),
+            AggregateKind::Variance { .. } => (
+                FixedPoint::new(r, (-half_width, half_width), false)?,
+                Some(FixedPoint::new(r, (0.0, half_width * half_width), false)?),
+            ),
+            _ => (FixedPoint::counts(), None),
         };
-        integral.push(whole);
+        integral.push(!matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. } | AggregateKind::Quantile { .. }) && grid.unit == 1.0);
         let arg = || r.arg.clone().expect("an aggregate with an argument");
+        let exact_sum = |e: Expr| sum(try_cast(e, DataType::Decimal128(38, 0)));
         match r.kind {
             AggregateKind::CountRows => partials.push(count(lit(1i64)).alias(name)),
             AggregateKind::CountValues => partials.push(count(arg()).alias(name)),
@@ -725,19 +745,22 @@ fn rewrite(
                 max(when(arg().is_not_null(), lit(1i64)).otherwise(lit(0i64))?).alias(name),
             ),
             AggregateKind::Sum => {
-                partials.push(sum(clamp(arg(), r.bounds.0, r.bounds.1, whole)).alias(name));
+                partials.push(exact_sum(grid.per_row(arg(), r.bounds)).alias(name));
             }
             AggregateKind::Avg => {
-                partials.push(sum(clamp(arg(), r.bounds.0, r.bounds.1, false)).alias(name));
+                partials.push(exact_sum(grid.per_row(arg(), r.bounds)).alias(name));
                 partials.push(count(arg()).alias(format!("__q{j}")));
             }
             AggregateKind::Variance { .. } => {
                 // Centred on the midpoint, each value is within ±half-width.
                 let mid = (r.bounds.0 + r.bounds.1) / 2.0;
                 let centred = clamp(arg(), r.bounds.0, r.bounds.1, false) - lit(mid);
-                partials.push(sum(centred.clone()).alias(name));
+                let squares = squares_grid.as_ref().expect("a variance has a grid for its squares");
+                partials.push(exact_sum(grid.per_row(centred.clone(), (-half_width, half_width))).alias(name));
                 partials.push(count(arg()).alias(format!("__q{j}")));
-                partials.push(sum(centred.clone() * centred).alias(format!("__r{j}")));
+                partials.push(
+                    exact_sum(squares.per_row(centred.clone() * centred, (0.0, half_width * half_width))).alias(format!("__r{j}")),
+                );
             }
             AggregateKind::Quantile { .. } => {
                 // Per person and group: values, and values ≤ each candidate.
@@ -748,8 +771,11 @@ fn rewrite(
                 }
             }
         }
+        grids.push((grid, squares_grid));
     }
-    let builder = LogicalPlanBuilder::from(aggregate.input.as_ref().clone())
+    // Per-person operators below see one person's rows, in a total order.
+    let input_plan = crate::tracking::guard_per_person(aggregate.input.as_ref().clone(), policy)?;
+    let builder = LogicalPlanBuilder::from(input_plan)
         .filter(keep)?
         .aggregate(group_by, partials)?;
 
@@ -767,6 +793,10 @@ fn rewrite(
     let split = accountant::split(options, requested.len(), select)?;
     for (j, r) in requested.iter().enumerate() {
         let p = col(format!("__p{j}"));
+        let (grid, squares_grid) = &grids[j];
+        let exact_total = |name: String| sum(try_cast(col(name), DataType::Decimal128(38, 0)));
+        // Sensitivities below are in steps of the column's grid (1 for
+        // counts): the partials are whole numbers of steps.
         let (partial, per_group, final_expr) = match r.kind {
             AggregateKind::CountRows | AggregateKind::CountValues => (
                 Some(clamp(p, 0.0, per_group_rows, true)),
@@ -775,14 +805,10 @@ fn rewrite(
             ),
             AggregateKind::CountPeople if r.of_unit => (None, 1.0, count(lit(1i64))),
             AggregateKind::CountPeople => (Some(p), 1.0, sum(col(format!("__p{j}")))),
-            AggregateKind::Sum | AggregateKind::Avg => {
-                let low = per_group_rows * r.bounds.0.min(0.0);
-                let high = per_group_rows * r.bounds.1.max(0.0);
-                (Some(clamp(p, low, high, integral[j])), low.abs().max(high.abs()), sum(col(format!("__p{j}"))))
-            }
-            AggregateKind::Variance { .. } => {
-                let half = per_group_rows * (r.bounds.1 - r.bounds.0) / 2.0;
-                (Some(clamp(p, -half, half, false)), half, sum(col(format!("__p{j}"))))
+            AggregateKind::Sum | AggregateKind::Avg | AggregateKind::Variance { .. } => {
+                let low = per_group_rows * grid.low.min(0.0);
+                let high = per_group_rows * grid.high.max(0.0);
+                (Some(clamp_exact(p, low, high)), low.abs().max(high.abs()), exact_total(format!("__p{j}")))
             }
             // Each person's values and values ≤ each candidate, at most m
             // each; the score |1000·C − permille·N| moves by at most 1000·m.
@@ -794,13 +820,12 @@ fn rewrite(
                 (Some(clamp(p, 0.0, per_group_rows, true)), 1000.0 * per_group_rows, sum(col(format!("__p{j}"))))
             }
         };
-        let half_width = (r.bounds.1 - r.bounds.0) / 2.0;
-        let squares = matches!(r.kind, AggregateKind::Variance { .. }).then(|| per_group_rows * half_width * half_width);
+        let squares = squares_grid.as_ref().map(|g| per_group_rows * g.high);
         if let Some(bound) = squares {
             // Squared centred values per person and group: at most
-            // `max_contributions_per_group` × half-width².
-            bounded.push(clamp(col(format!("__r{j}")), 0.0, bound, false).alias(format!("__r{j}")));
-            finals.push(sum(col(format!("__r{j}"))).alias(format!("__c{j}")));
+            // `max_contributions_per_group` × half-width² (in grid steps).
+            bounded.push(clamp_exact(col(format!("__r{j}")), 0.0, bound).alias(format!("__r{j}")));
+            finals.push(exact_total(format!("__r{j}")).alias(format!("__c{j}")));
         }
         if matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. }) {
             // The denominator: values counted per person and group, at most
@@ -826,6 +851,8 @@ fn rewrite(
             average: matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. })
                 .then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),
             squares: squares.map(|b| (k * b, k.sqrt() * b)),
+            unit: grid.unit,
+            squares_unit: squares_grid.as_ref().map(|g| g.unit).unwrap_or(1.0),
             quantile: match r.kind {
                 AggregateKind::Quantile { permille } => {
                     if let Share::Rho(_) = split.column {
@@ -865,6 +892,9 @@ fn rewrite(
         finals.push(count(lit(1i64)).alias("__n"));
     }
     let exact_plan = builder.aggregate(group_cols, finals)?.build()?;
+    // Every function and operator in it evaluated totally: NULL where it
+    // would fail on a value (see `crate::total`).
+    let exact_plan = crate::total::make_fallible_total(exact_plan)?;
     let selection = match split.selection {
         Some((epsilon, delta)) => Some(Threshold::calibrate(k as u32, epsilon, delta)?),
         None => None,
@@ -875,7 +905,7 @@ fn rewrite(
 
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);
-    Ok(PlannedQuery::Dp(Box::new(DpQuery {
+    let query = DpQuery {
         id: hex::encode(id),
         exact_plan,
         groups: groups.into_iter().map(|(_, g)| g).collect(),
@@ -887,13 +917,103 @@ fn rewrite(
         options: options.clone(),
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
-    })))
+    };
+    // Every mechanism calibrated now: a failure refuses the query before
+    // any charge.
+    crate::release::check_calibrations(&query).map_err(|e| match e {
+        DpError::Mechanism(detail) => DpError::refused_with(
+            "noise_calibration",
+            format!("no noise can be calibrated for this query: {detail}"),
+            "narrower bounds, fewer groups per person or a larger epsilon",
+        ),
+        other => other,
+    })?;
+    Ok(PlannedQuery::Dp(Box::new(query)))
 }
 
 /// The quantile candidates: evenly spaced over the bounds, ends included.
 fn quantile_candidates((low, high): (f64, f64)) -> Vec<f64> {
     let step = (high - low) / (QUANTILE_CANDIDATES - 1) as f64;
     (0..QUANTILE_CANDIDATES).map(|i| if i + 1 == QUANTILE_CANDIDATES { high } else { low + step * i as f64 }).collect()
+}
+
+/// Most steps of its grid one row's value may take: sums of up to
+/// `max_contributions_per_group` (10 000) rows per person stay below 2^44
+/// steps, sensitivities below 2^58 steps (they fit OpenDP's 64-bit integer
+/// maps), and totals fit 128 bits for any number of rows.
+const GRID_STEPS: f64 = (1u64 << 30) as f64;
+
+/// Largest magnitude a bound of a summed value may have: beyond it no
+/// answer could be told apart from its noise, and the released values
+/// (steps × step size) could overflow a double.
+const MAX_BOUND: f64 = 1e15;
+
+/// A fixed-point grid for the values of one sum.
+///
+/// Why it is exact: each row's clamped value v becomes the whole number
+/// round(v / unit), a function of that row alone; sums of whole numbers in
+/// 128 bits are exact and do not depend on the order of addition, so one
+/// person changes a group's sum by at most the person's clamped steps —
+/// the sensitivity, counted in steps (which accounts for the rounding: a
+/// rounded value lies within [round(low/unit), round(high/unit)]). The
+/// released value is the noisy number of steps × unit, post-processing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FixedPoint {
+    /// Size of one step: 1, or a power of two.
+    pub unit: f64,
+    /// The bounds in steps: round(low / unit), round(high / unit).
+    pub low: f64,
+    pub high: f64,
+}
+
+impl FixedPoint {
+    /// The grid of a count: whole numbers.
+    fn counts() -> Self {
+        FixedPoint { unit: 1.0, low: 0.0, high: 1.0 }
+    }
+
+    /// The grid of values within `(low, high)`: whole numbers when `whole`
+    /// and the bounds are at most `GRID_STEPS`, else the finest power of two
+    /// that keeps every value within `GRID_STEPS` steps.
+    fn new(r: &Requested, (low, high): (f64, f64), whole: bool) -> Result<Self> {
+        let magnitude = low.abs().max(high.abs());
+        if !(magnitude <= MAX_BOUND) {
+            return Err(DpError::refused_with(
+                "measure_bounds",
+                format!(
+                    "the bounds [{}, {}] of a summed value are above {MAX_BOUND:e} in magnitude, so the sum could overflow",
+                    r.bounds.0, r.bounds.1
+                ),
+                "clamp the value to narrower bounds: LEAST(GREATEST(x, <low>), <high>)",
+            ));
+        }
+        // The finest grid is 2^-60: below it a value's steps would not fit
+        // a double's range.
+        let exponent = if magnitude == 0.0 { 0 } else { ((magnitude / GRID_STEPS).log2().ceil() as i32).max(-60) };
+        let exponent = if whole { exponent.max(0) } else { exponent };
+        let unit = 2f64.powi(exponent);
+        Ok(FixedPoint { unit, low: (low / unit).round(), high: (high / unit).round() })
+    }
+
+    /// One row's value in steps of the grid, as Int64 (NULL stays NULL).
+    fn per_row(&self, value: Expr, (low, high): (f64, f64)) -> Expr {
+        if self.unit == 1.0 && low.fract() == 0.0 && high.fract() == 0.0 {
+            return clamp(value, low, high, true);
+        }
+        // Scaling by a power of two is exact; `round` is a function of the row.
+        let scaled = clamp(value, low, high, false) * lit(1.0 / self.unit);
+        try_cast(datafusion::functions::math::expr_fn::round(vec![scaled]), DataType::Int64)
+    }
+}
+
+/// `value` (a 128-bit decimal of whole steps) clamped to `[low, high]`.
+fn clamp_exact(value: Expr, low: f64, high: f64) -> Expr {
+    let decimal = |v: f64| lit(ScalarValue::Decimal128(Some(v as i128), 38, 0));
+    let value = try_cast(value, DataType::Decimal128(38, 0));
+    when(value.clone().lt(decimal(low)), decimal(low))
+        .when(value.clone().gt(decimal(high)), decimal(high))
+        .otherwise(value)
+        .expect("a CASE with WHEN branches")
 }
 
 /// `value` clamped to `[low, high]` as Int64 (`integral`, bounds are whole

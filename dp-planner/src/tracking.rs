@@ -333,12 +333,21 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                 if let Some(filter) = &params.filter {
                     lineage(filter, schema, &input.columns)?;
                 }
+                check_window_frame(w, &params.window_frame)?;
+                let name = fun.name().to_ascii_lowercase();
+                check_aggregate_arguments(w, &name, &params.args, schema)?;
                 let args = params
                     .args
                     .iter()
                     .map(|a| lineage(a, schema, &input.columns))
                     .collect::<Result<Vec<_>>>()?;
-                columns.push(function_lineage(&fun.name().to_ascii_lowercase(), &args, "window")?);
+                // A window function of the unit can be NULL (a frame that
+                // holds no row, LAG on the first row): never a key that may
+                // group or partition.
+                columns.push(match function_lineage(&name, &args, "window")? {
+                    Lineage::Unit => Lineage::UnitOrNull,
+                    other => other,
+                });
             }
             Ok(Tracked { columns, ..input })
         }
@@ -379,6 +388,30 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             format!("`{}` is not supported below the DP aggregate", node_name(other)),
         )),
     }
+}
+
+/// A `RANGE` frame with an offset (`RANGE BETWEEN INTERVAL '1 day'
+/// PRECEDING …`) adds the offset to each row's ORDER BY value, which fails
+/// near the ends of the value's range: only `UNBOUNDED` and `CURRENT ROW`
+/// bounds are allowed in `RANGE` frames (`ROWS` and `GROUPS` frames count
+/// rows and cannot fail).
+fn check_window_frame(w: &Expr, frame: &datafusion::logical_expr::WindowFrame) -> Result<()> {
+    use datafusion::logical_expr::{WindowFrameBound, WindowFrameUnits};
+    if frame.units != WindowFrameUnits::Range {
+        return Ok(());
+    }
+    let plain = |b: &WindowFrameBound| match b {
+        WindowFrameBound::CurrentRow => true,
+        WindowFrameBound::Preceding(v) | WindowFrameBound::Following(v) => v.is_null(),
+    };
+    if plain(&frame.start_bound) && plain(&frame.end_bound) {
+        return Ok(());
+    }
+    Err(refuse(
+        "window_frame",
+        format!("`{w}`: a RANGE frame with an offset is not supported"),
+        "ROWS BETWEEN n PRECEDING AND CURRENT ROW, or RANGE with UNBOUNDED / CURRENT ROW bounds",
+    ))
 }
 
 pub(crate) fn node_name(plan: &LogicalPlan) -> String {
@@ -559,18 +592,57 @@ fn identifier_use(e: &Expr) -> DpError {
     )
 }
 
-/// Scalar functions that never fail on any value of their arguments. An
-/// error that a literal argument causes would still show whether any row
-/// reached the function (an empty input raises nothing), so functions whose
-/// literal arguments can be invalid are either left out (`substr` with a
-/// negative length) or have those literals checked at planning
-/// ([`check_function_literals`]).
+/// Scalar functions a query may call below the DP aggregate. None of them can
+/// fail the query: the plan that runs calls their total forms
+/// ([`crate::total`]: NULL where a function fails on a value). The list is
+/// about resources: each function's output is at most a fixed multiple of
+/// its inputs' size (no `repeat` or `lpad` whose length comes from the
+/// data), so no value can make a function allocate without bound; and it is
+/// deterministic. Literal arguments that could be invalid are checked at
+/// planning ([`check_function_literals`]).
 const TOTAL_FUNCTIONS: &[&str] = &[
     "abs", "ceil", "floor", "round", "trunc", "signum", "least", "greatest", "coalesce", "nullif", "nvl", "ifnull",
     "lower", "upper", "trim", "btrim", "ltrim", "rtrim", "length", "character_length", "char_length", "octet_length",
     "concat", "concat_ws", "starts_with", "ends_with", "strpos", "replace", "date_trunc", "date_part", "datepart",
     "isnan", "iszero", "ln", "log10", "log2", "exp", "sqrt",
 ];
+
+/// Functions a statement may call where no protected row reaches them
+/// (statements that read no dataset, post-processing of released values),
+/// besides [`TOTAL_FUNCTIONS`]. Every other function is refused there too:
+/// some allocate without bound on a value (`repeat`, `lpad`, `range`), and a
+/// failed allocation ends the process, which no error handling can catch.
+const NO_DATA_FUNCTIONS: &[&str] = &[
+    "version", "now", "current_date", "current_time", "pi", "random", "power", "pow", "cbrt", "arrow_typeof",
+];
+
+/// Refuse a call of any function outside [`TOTAL_FUNCTIONS`] and
+/// [`NO_DATA_FUNCTIONS`] anywhere in `plan`, subqueries included.
+pub fn check_functions(plan: &LogicalPlan) -> Result<()> {
+    let mut refused: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e {
+                    let name = f.name().to_ascii_lowercase();
+                    if !TOTAL_FUNCTIONS.contains(&name.as_str()) && !NO_DATA_FUNCTIONS.contains(&name.as_str()) {
+                        refused = Some(name);
+                        return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    match refused {
+        None => Ok(()),
+        Some(name) => Err(refuse(
+            "function_not_allowed",
+            format!("`{name}` is not supported"),
+            format!("one of {}", TOTAL_FUNCTIONS.iter().chain(NO_DATA_FUNCTIONS).copied().collect::<Vec<_>>().join(", ")),
+        )),
+    }
+}
 
 /// The units `date_trunc` and `date_part` accept (an unknown one fails at run time).
 const DATE_UNITS: &[&str] = &[
@@ -664,10 +736,22 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             of(inner)?;
             Lineage::Other
         }
-        Expr::Negative(inner) => match plain(inner)? {
-            Lineage::Number { lo, hi } => Lineage::Number { lo: -hi, hi: -lo },
-            _ => Lineage::Other,
-        },
+        Expr::Negative(inner) => {
+            // Integers negate wrapping and floats exactly; other types
+            // (intervals, durations) could fail on a value.
+            let numeric = inner.get_type(schema).map(|t| t.is_integer() || t.is_floating()).unwrap_or(false);
+            if !numeric {
+                return Err(refuse(
+                    "unsupported_expression",
+                    format!("`{e}`: only numbers can be negated"),
+                    "0 - x, or negate a number",
+                ));
+            }
+            match plain(inner)? {
+                Lineage::Number { lo, hi } => Lineage::Number { lo: -hi, hi: -lo },
+                _ => Lineage::Other,
+            }
+        }
         Expr::Between(b) => {
             plain(&b.expr)?;
             plain(&b.low)?;
@@ -679,10 +763,18 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             list.list.iter().try_for_each(|e| plain(e).map(|_| ()))?;
             Lineage::Other
         }
-        Expr::Like(like) | Expr::SimilarTo(like) => {
+        Expr::Like(like) => {
             plain(&like.expr)?;
             plain(&like.pattern)?;
+            check_like_pattern(e, like)?;
             Lineage::Other
+        }
+        Expr::SimilarTo(_) => {
+            return Err(refuse(
+                "function_not_allowed",
+                format!("`{e}`: SIMILAR TO is not supported"),
+                "LIKE with a literal pattern",
+            ))
         }
         Expr::Case(case) => {
             if let Some(operand) = &case.expr {
@@ -841,8 +933,82 @@ fn aggregate_lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage], context: 
     for s in &params.order_by {
         lineage(&s.expr, schema, columns)?;
     }
+    let name = func.name().to_ascii_lowercase();
+    check_aggregate_arguments(e, &name, &params.args, schema)?;
     let args = params.args.iter().map(|a| lineage(a, schema, columns)).collect::<Result<Vec<_>>>()?;
-    function_lineage(&func.name().to_ascii_lowercase(), &args, context)
+    let l = function_lineage(&name, &args, context)?;
+    // With a FILTER, MIN/MAX/FIRST_VALUE/LAST_VALUE of the unit are NULL for
+    // a person none of whose rows passes it: not a key that may group or
+    // partition (all NULLs would fall into one group of many people).
+    Ok(match l {
+        Lineage::Unit if params.filter.is_some() => Lineage::UnitOrNull,
+        other => other,
+    })
+}
+
+/// Aggregates whose accumulator could fail on a value, or on a literal only
+/// once a group exists, are refused here, at planning: SUM/AVG of decimals
+/// (the decimal average raises on overflow) and `NTH_VALUE` whose position
+/// is not a positive whole-number literal.
+fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSchema) -> Result<()> {
+    if matches!(name, "sum" | "avg" | "mean") {
+        if let Some(t) = args.first().and_then(|a| a.get_type(schema).ok()) {
+            if matches!(t, arrow::datatypes::DataType::Decimal128(..) | arrow::datatypes::DataType::Decimal256(..)) {
+                return Err(refuse(
+                    "supported_aggregates",
+                    format!("`{e}`: a per-person {name} of a DECIMAL may overflow"),
+                    format!("{name}(CAST(x AS DOUBLE))"),
+                ));
+            }
+        }
+    }
+    if name == "nth_value" {
+        let position = args.get(1).map(strip_casts);
+        let valid = matches!(position, Some(Expr::Literal(ScalarValue::Int64(Some(n)), _)) if *n > 0);
+        if !valid || args.len() != 2 {
+            return Err(refuse(
+                "function_literal",
+                format!("`{e}`: NTH_VALUE needs its position as a whole number above 0"),
+                "NTH_VALUE(x, 2)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A `LIKE` pattern must be a literal the pattern matcher accepts: it is
+/// compiled once per batch, so a pattern it rejects would fail only when a
+/// row reaches it. Checked here on one row, which fails exactly when any
+/// input would.
+fn check_like_pattern(e: &Expr, like: &datafusion::logical_expr::expr::Like) -> Result<()> {
+    use arrow::array::{Scalar, StringArray};
+    let pattern = match strip_casts(&like.pattern) {
+        Expr::Literal(ScalarValue::Utf8(Some(p)) | ScalarValue::Utf8View(Some(p)) | ScalarValue::LargeUtf8(Some(p)), _) => p.clone(),
+        Expr::Literal(v, _) if v.is_null() => return Ok(()),
+        _ => {
+            return Err(refuse(
+                "function_literal",
+                format!("`{e}`: the LIKE pattern must be a literal"),
+                "x LIKE 'prefix%'",
+            ))
+        }
+    };
+    let escape_ok = like.escape_char.is_none_or(|c| c == '\\');
+    let probe = StringArray::from(vec!["x"]);
+    let pattern = Scalar::new(StringArray::from(vec![pattern]));
+    let compiled = if like.case_insensitive {
+        arrow::compute::kernels::comparison::ilike(&probe, &pattern)
+    } else {
+        arrow::compute::kernels::comparison::like(&probe, &pattern)
+    };
+    if compiled.is_err() || !escape_ok {
+        return Err(refuse(
+            "function_literal",
+            format!("`{e}`: the LIKE pattern is not valid"),
+            "a pattern of characters, % and _ (escape with a backslash)",
+        ));
+    }
+    Ok(())
 }
 
 /// Per-person aggregate and window functions, and what their value is.
@@ -884,4 +1050,158 @@ fn function_lineage(name: &str, args: &[Lineage], context: &str) -> Result<Linea
         }
         Ok(l)
     })
+}
+
+/// Window functions whose value for a row depends on the order of the rows
+/// in its window, beyond the values the window orders by.
+const ORDER_SENSITIVE_WINDOWS: &[&str] = &["row_number", "ntile", "first_value", "last_value", "nth_value", "lag", "lead"];
+
+/// Aggregates whose value depends on which row comes first.
+const ORDER_SENSITIVE_AGGREGATES: &[&str] = &["first_value", "last_value", "nth_value"];
+
+/// Make every per-person operator below the DP aggregate see one person's
+/// rows only, in an order that does not depend on anyone else's data.
+///
+/// - Rows whose privacy unit is NULL belong to no one; SQL puts all NULL
+///   keys into one group or window, which would mix many people's rows.
+///   So a `Filter(unit IS NOT NULL)` goes below every aggregate grouped by
+///   the unit and every window partitioned by it (those rows could never
+///   reach the DP aggregate anyway: it drops rows without a person).
+/// - Order-sensitive functions (`ROW_NUMBER`, `FIRST_VALUE`, `LAG`, …, and
+///   any `ROWS` frame) pick rows by position; among rows that tie on the
+///   ORDER BY, the position would be the arrival order, which depends on
+///   other people's rows (files, partitions). Every input column the party
+///   may read is appended to their ORDER BY as a tie-breaker, so the order
+///   is total up to rows that are identical in every readable column.
+///
+/// Why it is private: both are per-row or per-person decisions, so a
+/// person's rows after this step are a function of that person's own rows,
+/// which is what the DP aggregate's contribution bound relies on. The
+/// output schema is unchanged (changed expressions keep their names).
+pub fn guard_per_person(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_up(|node| match node {
+            LogicalPlan::Aggregate(aggregate) => {
+                let input = track(&aggregate.input, policy).map_err(to_df)?;
+                let schema = aggregate.input.schema().clone();
+                let units: Vec<Expr> = aggregate
+                    .group_expr
+                    .iter()
+                    .filter(|g| {
+                        matches!(g, Expr::Column(c) if schema.index_of_column(c).is_ok_and(|i| input.columns[i] == Lineage::Unit))
+                    })
+                    .cloned()
+                    .collect();
+                let ties = tie_breakers(&schema, &input.columns);
+                let aggr_expr = aggregate
+                    .aggr_expr
+                    .iter()
+                    .map(|a| with_total_order(a, &ties, |name, _| ORDER_SENSITIVE_AGGREGATES.contains(&name)))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let input = not_null(Arc::unwrap_or_clone(aggregate.input), &units)?;
+                Ok(Transformed::yes(LogicalPlan::Aggregate(datafusion::logical_expr::Aggregate::try_new(
+                    Arc::new(input),
+                    aggregate.group_expr,
+                    aggr_expr,
+                )?)))
+            }
+            LogicalPlan::Window(window) => {
+                let input = track(&window.input, policy).map_err(to_df)?;
+                let schema = window.input.schema().clone();
+                let mut units: Vec<Expr> = Vec::new();
+                for w in &window.window_expr {
+                    if let Expr::WindowFunction(f) = strip_alias(w) {
+                        for p in &f.params.partition_by {
+                            let is_unit = matches!(p, Expr::Column(c) if schema.index_of_column(c).is_ok_and(|i| input.columns[i] == Lineage::Unit));
+                            if is_unit && !units.contains(p) {
+                                units.push(p.clone());
+                            }
+                        }
+                    }
+                }
+                let ties = tie_breakers(&schema, &input.columns);
+                let window_expr = window
+                    .window_expr
+                    .iter()
+                    .map(|w| {
+                        with_total_order(w, &ties, |name, rows_frame| rows_frame || ORDER_SENSITIVE_WINDOWS.contains(&name))
+                    })
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let input = not_null(Arc::unwrap_or_clone(window.input), &units)?;
+                Ok(Transformed::yes(LogicalPlan::Window(datafusion::logical_expr::Window::try_new(
+                    window_expr,
+                    Arc::new(input),
+                )?)))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data)
+}
+
+fn to_df(e: DpError) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Plan(e.to_string())
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
+    }
+}
+
+/// `input` without the rows where any of `units` is NULL.
+fn not_null(input: LogicalPlan, units: &[Expr]) -> datafusion::error::Result<LogicalPlan> {
+    let Some(predicate) = units.iter().map(|u| u.clone().is_not_null()).reduce(Expr::and) else {
+        return Ok(input);
+    };
+    Ok(LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(predicate, Arc::new(input))?))
+}
+
+/// Sort keys on every input column a party may read (not hidden) and that
+/// has an order (no nested types), in schema order.
+fn tie_breakers(schema: &DFSchema, columns: &[Lineage]) -> Vec<datafusion::logical_expr::SortExpr> {
+    schema
+        .iter()
+        .zip(columns)
+        .filter(|((_, f), l)| !matches!(l, Lineage::Hidden { .. }) && !f.data_type().is_nested())
+        .map(|((q, f), _)| Expr::Column(Column::new(q.cloned(), f.name())).sort(true, true))
+        .collect()
+}
+
+/// `e` (an aggregate or window function, possibly aliased) with `ties`
+/// appended to its ORDER BY when `sensitive(name, rows_frame)` says its value
+/// depends on row order; under its original name.
+fn with_total_order(
+    e: &Expr,
+    ties: &[datafusion::logical_expr::SortExpr],
+    sensitive: impl Fn(&str, bool) -> bool,
+) -> datafusion::error::Result<Expr> {
+    let name = e.schema_name().to_string();
+    let (alias, inner) = match e {
+        Expr::Alias(a) => (Some(a.name.clone()), strip_alias(&a.expr).clone()),
+        other => (None, other.clone()),
+    };
+    let extend = |order_by: &mut Vec<datafusion::logical_expr::SortExpr>| {
+        for t in ties {
+            if !order_by.iter().any(|s| s.expr == t.expr) {
+                order_by.push(t.clone());
+            }
+        }
+    };
+    let changed = match inner {
+        Expr::AggregateFunction(mut f) if sensitive(&f.func.name().to_ascii_lowercase(), false) => {
+            extend(&mut f.params.order_by);
+            Expr::AggregateFunction(f)
+        }
+        Expr::WindowFunction(mut f) => {
+            let rows = f.params.window_frame.units == datafusion::logical_expr::WindowFrameUnits::Rows;
+            if !sensitive(&f.fun.name().to_ascii_lowercase(), rows) {
+                return Ok(e.clone());
+            }
+            extend(&mut f.params.order_by);
+            Expr::WindowFunction(f)
+        }
+        _ => return Ok(e.clone()),
+    };
+    Ok(changed.alias(alias.unwrap_or(name)))
 }

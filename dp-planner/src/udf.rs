@@ -15,9 +15,12 @@ use datafusion::logical_expr::{
 };
 use siphasher::sip::SipHasher13;
 
-/// Every function a rewritten plan may call.
+/// Every function a rewritten plan may call, besides the total forms of the
+/// session's own functions ([`crate::total::total_versions`]).
 pub fn all() -> Vec<Arc<ScalarUDF>> {
-    vec![Arc::new(ScalarUDF::new_from_impl(ContributionKey::new()))]
+    let mut functions = vec![Arc::new(ScalarUDF::new_from_impl(ContributionKey::new()))];
+    functions.extend(crate::total::all_operators());
+    functions
 }
 
 /// `cleanroom_contribution_key(salt, uid, g1, …)`: a keyed hash of a person and

@@ -490,9 +490,11 @@ async fn variance_and_stddev_come_from_noisy_centred_moments_within_the_bounds()
     let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, epsilon = 3) channel, VAR_POP(cost) AS v, STDDEV(cost) AS s FROM events GROUP BY channel").await.unwrap());
     let a = &q.aggregates[0];
     assert_eq!(a.kind, cleanroom_dp::rewrite::AggregateKind::Variance { sample: false, root: false });
-    // Bounds [0, 100]: centred values within ±50; 3 groups × 10 rows.
-    assert_eq!(a.sensitivity, 1500.0);
-    assert_eq!(a.squares, Some((75_000.0, 3f64.sqrt() * 25_000.0)));
+    // Bounds [0, 100]: centred values within ±50; 3 groups × 10 rows. The
+    // sums are exact in steps of a power of two (`unit`): sensitivities in steps.
+    assert_eq!(a.sensitivity * a.unit, 1500.0);
+    let squares = a.squares.unwrap();
+    assert_eq!((squares.0 * a.squares_unit, squares.1 * a.squares_unit), (75_000.0, 3f64.sqrt() * 25_000.0));
     assert_eq!(a.average, Some((30.0, 3f64.sqrt() * 10.0, (0.0, 100.0))));
     // Channel a: costs 10, 5, 5, 5, 7 (people p1, p2 ×3, p5); centred on 50:
     // −40, −45 ×3, −43, so the sum is −218 and the sum of squares 9524.
@@ -504,9 +506,9 @@ async fn variance_and_stddev_come_from_noisy_centred_moments_within_the_bounds()
         let (sums, counts, squares) = (column("__a0"), column("__b0"), column("__c0"));
         for i in 0..b.num_rows() {
             if keys.value(i) == "a" {
-                assert_eq!(sums.as_primitive::<arrow::datatypes::Float64Type>().value(i), -218.0);
+                assert_eq!(sums.as_primitive::<arrow::datatypes::Float64Type>().value(i) * a.unit, -218.0);
                 assert_eq!(counts.as_primitive::<arrow::datatypes::Float64Type>().value(i), 5.0);
-                assert_eq!(squares.as_primitive::<arrow::datatypes::Float64Type>().value(i), 9524.0);
+                assert_eq!(squares.as_primitive::<arrow::datatypes::Float64Type>().value(i) * a.squares_unit, 9524.0);
                 checked = true;
             }
         }
@@ -573,8 +575,8 @@ async fn quantiles_are_chosen_among_candidates_over_the_bounds() {
 async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
     let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, epsilon = 2) channel, AVG(cost) AS avg_cost FROM events GROUP BY channel").await.unwrap());
     let a = &q.aggregates[0];
-    // 3 groups x 10 rows x bound 100 for the sum, 3 x 10 for the count.
-    assert_eq!(a.sensitivity, 3000.0);
+    // 3 groups x 10 rows x bound 100 for the sum (in steps of `unit`), 3 x 10 for the count.
+    assert_eq!(a.sensitivity * a.unit, 3000.0);
     assert_eq!(a.average, Some((30.0, 3f64.sqrt() * 10.0, (0.0, 100.0))));
     let b = &exact(&q).await[0];
     assert!(b.column_by_name("__a0").is_some() && b.column_by_name("__b0").is_some());

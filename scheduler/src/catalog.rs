@@ -75,6 +75,11 @@ fn visible_schema(dataset: &crate::manifest::Dataset, schema: &Schema) -> Schema
 pub struct Table {
     pub name: String,
     pub provider: Arc<ListingTable>,
+    /// The same files with only the columns a party may use: what a party's
+    /// statements are planned against, so no planning error (an unknown
+    /// column, a type mismatch) can name or describe a hidden or undeclared
+    /// column.
+    pub party_provider: Arc<ListingTable>,
     /// Every column of the data, as uploads must match it.
     pub schema: SchemaRef,
     /// Columns a party may see in metadata (hidden ones left out).
@@ -152,7 +157,9 @@ impl Catalog {
                     .with_context(|| format!("dataset `{}`", dataset.name))?;
                 check_columns(dataset, &schema)?;
                 tracing::info!(dataset = %dataset.name, version = %version.id(), files = version.files.len(), "dataset opened");
-                let table = Table { name: dataset.name.clone(), provider, visible_schema: visible_schema(dataset, &schema), schema, version };
+                let visible = visible_schema(dataset, &schema);
+                let (party_provider, _) = listing_table(&store, &version, Some(visible.clone()), state).await?;
+                let table = Table { name: dataset.name.clone(), provider, party_provider, visible_schema: visible, schema, version };
                 tables.insert(dataset.name.clone(), Arc::new(table));
             }
             stores.insert(dataset.name.clone(), store);
@@ -204,7 +211,9 @@ impl Catalog {
         let store = self.store(dataset).with_context(|| format!("no dataset `{dataset}`"))?;
         let schema = self.table(dataset).map(|t| t.schema.clone());
         let (provider, schema) = listing_table(store, &version, schema, &self.state).await?;
-        let table = Table { name: dataset.to_string(), provider, visible_schema: visible_schema(declared, &schema), schema, version };
+        let visible = visible_schema(declared, &schema);
+        let (party_provider, _) = listing_table(store, &version, Some(visible.clone()), &self.state).await?;
+        let table = Table { name: dataset.to_string(), provider, party_provider, visible_schema: visible, schema, version };
         self.tables.write().expect("catalog lock").insert(dataset.to_string(), Arc::new(table));
         Ok(())
     }
@@ -247,7 +256,7 @@ impl SchemaProvider for PartyTables {
 
     async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
         let readable = self.catalog.manifest.dataset(name).is_some_and(|d| d.readable_by(&self.party));
-        Ok(readable.then(|| self.catalog.table(name)).flatten().map(|t| t.provider.clone() as Arc<dyn TableProvider>))
+        Ok(readable.then(|| self.catalog.table(name)).flatten().map(|t| t.party_provider.clone() as Arc<dyn TableProvider>))
     }
 
     fn table_exist(&self, name: &str) -> bool {

@@ -397,18 +397,19 @@ impl FlightSqlGateway {
             session.with_option(&name, &value)?;
             return Ok(Statement::Set { name, value });
         }
+        cleanroom_dp::limits::check_text(sql).map_err(dp_status)?;
         let (sql, query_options) = split_dp_clause(sql).map_err(dp_status)?;
         let session_options = session.options.lock().expect("options lock").clone();
         let options = query_options
             .over(&session_options)
             .resolve(&session.policy.defaults)
             .map_err(dp_status)?;
-        let plan = session
-            .ctx
-            .state()
-            .create_logical_plan(&sql)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let state = session.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(&sql, &dialect).map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        // Nesting that would overflow the planner's stack is refused first.
+        cleanroom_dp::limits::check_statement(&statement).map_err(dp_status)?;
+        let plan = state.statement_to_plan(statement).await.map_err(|e| Status::invalid_argument(format!("{e}")))?;
         let planned = plan_query(&plan, &session.policy, &options).map_err(dp_status)?;
         Ok(Statement::Query(planned))
     }

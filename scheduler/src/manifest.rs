@@ -931,6 +931,7 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
         &[
             "epsilon",
             "max_epsilon_per_query",
+            "min_epsilon_per_query",
             "delta",
             "max_delta_per_query",
             "max_groups_contributed",
@@ -964,8 +965,23 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
             );
         }
     }
+    let min_epsilon = epsilon_value(c, "min_epsilon_per_query", defaults.min_epsilon_per_query);
+    if let (Some(e), Some(m)) = (epsilon, min_epsilon) {
+        if e < m {
+            c.report(&join(AT, "epsilon"), format!("epsilon {e} is below min_epsilon_per_query {m}"));
+        }
+    }
+    if let (Some(low), Some(high)) = (min_epsilon, max_epsilon) {
+        if low > high {
+            c.report(
+                &join(AT, "min_epsilon_per_query"),
+                format!("min_epsilon_per_query {low} is above max_epsilon_per_query {high}"),
+            );
+        }
+    }
     defaults.epsilon = epsilon.unwrap_or(defaults.epsilon);
     defaults.max_epsilon_per_query = max_epsilon.unwrap_or(defaults.max_epsilon_per_query);
+    defaults.min_epsilon_per_query = min_epsilon.unwrap_or(defaults.min_epsilon_per_query);
     let delta = table.get("delta").map(|v| delta_value(c, v, "defaults.delta"));
     let max_delta = table.get("max_delta_per_query").map(|v| delta_value(c, v, "defaults.max_delta_per_query"));
     if let Some(Some(m)) = max_delta {

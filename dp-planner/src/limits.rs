@@ -1,0 +1,170 @@
+//! Limits on the shape of a statement, checked on its syntax tree before it
+//! is planned.
+//!
+//! Planning and optimising walk a plan recursively, so a statement nested
+//! deeply enough (`SELECT 1 + 1 + … ` with thousands of terms, a long `OR`
+//! chain, thousands of `UNION ALL` or joins) would overflow a thread's stack
+//! and abort the whole server, for every party. These limits are far above
+//! what people and BI tools write, and they are a function of the SQL text
+//! only, so a refusal says nothing about any data.
+
+use std::ops::ControlFlow;
+
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{Expr, Query, SetExpr, Visit, Visitor};
+
+use crate::error::{DpError, Result};
+
+/// Longest statement text accepted, in bytes.
+pub const MAX_STATEMENT_BYTES: usize = 1 << 20;
+/// Deepest nesting of expressions (each operator, function call, CASE or
+/// parenthesis is one level).
+pub const MAX_EXPRESSION_DEPTH: usize = 128;
+/// Deepest nesting of queries (subqueries, CTEs, derived tables).
+pub const MAX_QUERY_DEPTH: usize = 32;
+/// Most `UNION`/`INTERSECT`/`EXCEPT` terms in one query, and most joined
+/// tables in one `FROM`.
+pub const MAX_SET_TERMS: usize = 64;
+pub const MAX_JOINS: usize = 64;
+
+/// Refuse a statement text longer than [`MAX_STATEMENT_BYTES`].
+pub fn check_text(sql: &str) -> Result<()> {
+    if sql.len() > MAX_STATEMENT_BYTES {
+        return Err(DpError::refused_with(
+            "statement_size",
+            format!("the statement is {} bytes long, above the limit of {MAX_STATEMENT_BYTES}", sql.len()),
+            "a shorter statement (a CTE instead of repeated subqueries)",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a parsed statement nested beyond the limits above. The walk stops
+/// at the first limit passed, so it never recurses deeper than they allow.
+pub fn check_statement(statement: &DfStatement) -> Result<()> {
+    match statement {
+        DfStatement::Statement(s) => {
+            let mut shape = Shape::default();
+            match s.visit(&mut shape) {
+                ControlFlow::Break(e) => Err(e),
+                ControlFlow::Continue(()) => Ok(()),
+            }
+        }
+        DfStatement::Explain(explain) => check_statement(&explain.statement),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Default)]
+struct Shape {
+    expressions: usize,
+    queries: usize,
+}
+
+fn too_deep(what: &str, limit: usize, instead: &str) -> DpError {
+    DpError::refused_with("statement_shape", format!("the statement nests {what} deeper than {limit} levels"), instead)
+}
+
+/// Terms of a chain of set operations (`a UNION ALL b UNION ALL c` is one
+/// left-deep chain), counted up to just past `limit`.
+fn set_terms(body: &SetExpr, limit: usize) -> usize {
+    let mut count = 0;
+    let mut stack = vec![body];
+    while let Some(node) = stack.pop() {
+        if count > limit {
+            break;
+        }
+        match node {
+            SetExpr::SetOperation { left, right, .. } => {
+                stack.push(left);
+                stack.push(right);
+            }
+            _ => count += 1,
+        }
+    }
+    count
+}
+
+impl Visitor for Shape {
+    type Break = DpError;
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<DpError> {
+        self.queries += 1;
+        if self.queries > MAX_QUERY_DEPTH {
+            return ControlFlow::Break(too_deep("subqueries", MAX_QUERY_DEPTH, "CTEs (WITH …) side by side"));
+        }
+        if set_terms(&query.body, MAX_SET_TERMS) > MAX_SET_TERMS {
+            return ControlFlow::Break(DpError::refused_with(
+                "statement_shape",
+                format!("a query combines more than {MAX_SET_TERMS} UNION/INTERSECT/EXCEPT terms"),
+                "fewer terms, or a dataset that holds the rows together",
+            ));
+        }
+        if let SetExpr::Select(select) = query.body.as_ref() {
+            if select.from.iter().map(|f| f.joins.len() + 1).sum::<usize>() > MAX_JOINS {
+                return ControlFlow::Break(DpError::refused_with(
+                    "statement_shape",
+                    format!("a query joins more than {MAX_JOINS} tables"),
+                    "fewer joins",
+                ));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &Query) -> ControlFlow<DpError> {
+        self.queries -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<DpError> {
+        self.expressions += 1;
+        if self.expressions > MAX_EXPRESSION_DEPTH {
+            return ControlFlow::Break(too_deep(
+                "expressions",
+                MAX_EXPRESSION_DEPTH,
+                "a shorter expression (x IN (a, b, …) instead of a chain of ORs)",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<DpError> {
+        self.expressions -= 1;
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::sql::parser::DFParser;
+
+    fn check(sql: &str) -> Result<()> {
+        check_text(sql)?;
+        let mut statements = DFParser::parse_sql(sql).map_err(DpError::Plan)?;
+        check_statement(&statements.pop_front().unwrap())
+    }
+
+    #[test]
+    fn long_operator_chains_are_refused_without_overflowing_the_stack() {
+        let sum = format!("SELECT {}", vec!["1"; 2000].join(" + "));
+        assert!(matches!(check(&sum), Err(DpError::Refused { rule: "statement_shape", .. })));
+        let or = format!("SELECT 1 WHERE {}", vec!["a = 1"; 20_000].join(" OR "));
+        assert!(matches!(check(&or), Err(DpError::Refused { rule: "statement_shape", .. })));
+    }
+
+    #[test]
+    fn long_unions_and_joins_are_refused() {
+        let union = vec!["SELECT 1"; 500].join(" UNION ALL ");
+        assert!(matches!(check(&union), Err(DpError::Refused { rule: "statement_shape", .. })));
+        let joins = format!("SELECT 1 FROM t0 {}", (1..200).map(|i| format!("JOIN t{i} USING (uid)")).collect::<Vec<_>>().join(" "));
+        assert!(matches!(check(&joins), Err(DpError::Refused { rule: "statement_shape", .. })));
+    }
+
+    #[test]
+    fn ordinary_statements_pass() {
+        check("SELECT channel, COUNT(*) FROM t WHERE a IN (1, 2, 3) AND (b > 1 OR c < 2) GROUP BY channel").unwrap();
+        assert!(matches!(check(&"x".repeat(MAX_STATEMENT_BYTES + 1)), Err(DpError::Refused { rule: "statement_size", .. })));
+    }
+}
