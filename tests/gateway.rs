@@ -154,7 +154,6 @@ async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule()
     let cases = [
         ("SELECT * FROM impressions", "dp_aggregate_required"),
         ("SELECT uid FROM impressions", "dp_aggregate_required"),
-        ("SELECT affiliate_id, COUNT(*) FROM conversions WHERE order_id > 5 GROUP BY affiliate_id", "hidden_column"),
         ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "partition_selection_delta"),
         ("SELECT uid, COUNT(*) FROM impressions GROUP BY uid", "privacy_unit_in_output"),
         ("SELECT channel, COUNT(*) FROM impressions i JOIN conversions c ON i.campaign_id = c.affiliate_id GROUP BY channel", "join_on_privacy_unit"),
@@ -166,10 +165,36 @@ async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule()
         let err = client.execute(sql.into(), None).await.expect_err(sql);
         assert!(err.to_string().contains(&format!("`{rule}`")), "{sql}: expected rule {rule}, got {err}");
     }
+    // A hidden column is not in the party's view of the dataset: naming it
+    // fails exactly as naming a column that does not exist, and no error
+    // lists a hidden column.
+    let error = |column: &str| format!("SELECT affiliate_id, COUNT(*) FROM conversions WHERE {column} > 5 GROUP BY affiliate_id");
+    let hidden = client.execute(error("order_id"), None).await.expect_err("a hidden column").to_string();
+    let absent = client.execute(error("no_such_column"), None).await.expect_err("an absent column").to_string();
+    assert_eq!(hidden.replace("order_id", "no_such_column"), absent);
+    assert!(!absent.contains("order_id"), "{absent}");
     // Planning refusals cost nothing: a full-budget query still fits.
     query(&mut client, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 5) channel, COUNT(*) FROM impressions GROUP BY channel")
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_answers_alike_whether_or_not_any_row_passes_its_filter() {
+    let server = Server::start(&state_dir("empty"));
+    let mut client = server.login("adnetwork").await;
+    // Each person's groups are ranked (max_groups_contributed 1 < 5 channels);
+    // the second filter keeps no row at all.
+    for filter in ["cost_micros > 1000", "cost_micros < 0"] {
+        let sql = format!("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) channel, COUNT(*) FROM impressions WHERE {filter} GROUP BY channel");
+        let started = std::time::Instant::now();
+        let batches = tokio::time::timeout(std::time::Duration::from_secs(60), query(&mut client, &sql))
+            .await
+            .unwrap_or_else(|_| panic!("{filter}: no answer within 60 s"))
+            .unwrap();
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 5, "{filter}");
+        println!("{filter}: answered in {:.2} s", started.elapsed().as_secs_f64());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -72,26 +72,56 @@ impl Released {
 }
 
 /// The key under which `party`'s released answer to `query` is kept: the
-/// party, the analyst's plan (not the rewrite, whose keyed-hash salt is fresh
-/// each time), the privacy options and the version of the data read.
+/// party, the analysed plan (not the rewrite, whose keyed-hash salt is fresh
+/// each time), the privacy options, the policy it was checked against, the
+/// files of every table the plan resolved, and the data versions the
+/// gateway read.
+///
+/// The plan enters through its structural (`Debug`) form, which holds every
+/// field of every node and quotes and escapes literals, so two different
+/// plans never share a key; the parts are length-prefixed. The files come
+/// from the plan's own table scans, so an answer is never filed under a
+/// version other than the one it was computed on.
 ///
 /// Why the released-answer cache is private: an answer, once released to a
 /// party, is public to that party; handing the same bytes back to the same
 /// party for the same question on the same data reveals nothing new, so it
-/// costs nothing. Any change of party, plan, option or data is a new key.
-pub fn answer_key(query: &DpQuery, party: &str, data_version: &str) -> String {
+/// costs nothing. Any change of party, plan, option, policy or data is a
+/// new key.
+pub fn answer_key(query: &DpQuery, party: &str, policy: &crate::policy::Policy, data_version: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for part in [
         party.to_string(),
-        query.original.display_indent().to_string(),
+        format!("{:?}", query.original),
         format!("{:?}", query.options),
+        format!("{policy:?}"),
+        resolved_files(&query.original).join("\n"),
         data_version.to_string(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// The files each table scan of `plan` reads (listing tables), in plan order.
+fn resolved_files(plan: &LogicalPlan) -> Vec<String> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::datasource::listing::ListingTable;
+    let mut files = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            files.push(format!("table {}", scan.table_name));
+            if let Ok(provider) = datafusion::datasource::source_as_provider(&scan.source) {
+                if let Some(listing) = provider.downcast_ref::<ListingTable>() {
+                    files.extend(listing.table_paths().iter().map(|p| p.to_string()));
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    files
 }
 
 /// The answer kept under `key`, if `party` was already given one.

@@ -173,6 +173,13 @@ impl EmbeddedCluster {
         }
     }
 
+    /// Stop a job: its tasks are cancelled on the executors.
+    pub async fn cancel(&self, job_id: &str) {
+        if let Err(e) = self.scheduler.cancel_job(job_id.to_string().into()).await {
+            tracing::warn!(job = %job_id, error = %e, "could not cancel the job");
+        }
+    }
+
     /// Every job the scheduler has seen.
     pub async fn jobs(&self) -> anyhow::Result<Vec<JobSummary>> {
         let jobs = self

@@ -175,6 +175,20 @@ fn decode_handle(bytes: &[u8], kind: Kind) -> Result<String, Status> {
 }
 
 /// Map a planner error to a gRPC status a party may see.
+/// Why a job gave no result.
+enum RunError {
+    /// It was still running at the collaboration's deadline (and was cancelled).
+    Deadline,
+    /// It failed (the error's text may quote data: never sent to a party).
+    Failed(datafusion::error::DataFusionError),
+}
+
+impl From<datafusion::error::DataFusionError> for RunError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        RunError::Failed(e)
+    }
+}
+
 fn dp_status(e: DpError) -> Status {
     match e {
         DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
@@ -485,7 +499,7 @@ impl FlightSqlGateway {
 
         // The same question on the same data gets the answer already
         // released to this party, at no new cost.
-        let key = release::answer_key(query, &session.party, version);
+        let key = release::answer_key(query, &session.party, &session.policy, version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
         let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
@@ -540,10 +554,21 @@ impl FlightSqlGateway {
 
         let receipt_id = receipt.id().to_string();
         let epsilon = receipt.epsilon();
+        let started = Instant::now();
+        let (deadline, min_response) = (collaboration.query_deadline, collaboration.min_response);
         let outcome: Result<Released, Status> = async {
-            let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone()).await {
+            let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone(), deadline).await {
                 Ok(batches) => batches,
-                Err(e) => {
+                Err(RunError::Deadline) => {
+                    warn!(party = %session.party, query = %query.id, "query stopped at its deadline");
+                    // The same message whatever the data: the run time is
+                    // the only thing that differs, and it is not reported.
+                    return Err(Status::deadline_exceeded(format!(
+                        "the query did not finish within the collaboration's deadline of {} s and was stopped; its charge of epsilon = {epsilon} is kept",
+                        deadline.as_secs_f64()
+                    )));
+                }
+                Err(RunError::Failed(e)) => {
                     // Only the kind of error: its text may quote the data.
                     warn!(party = %session.party, query = %query.id, kind = error_kind(&e), "execution failed");
                     // The cause may depend on the data and is not passed on; whether
@@ -575,6 +600,11 @@ impl FlightSqlGateway {
             Ok(released)
         }
         .await;
+        // Answers and failures alike leave no sooner than the collaboration's
+        // minimum response time after the run started.
+        if let Some(rest) = min_response.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
         let released = match outcome {
             Ok(released) => released,
             Err(status) => {
@@ -599,23 +629,31 @@ impl FlightSqlGateway {
 
     /// Run a rewritten plan as a Ballista job and collect its (exact, small)
     /// result here, on the trusted side.
-    async fn run_on_cluster(&self, session: &Session, query_id: &str, plan: LogicalPlan) -> datafusion::error::Result<Vec<RecordBatch>> {
+    async fn run_on_cluster(&self, session: &Session, query_id: &str, plan: LogicalPlan, deadline: Duration) -> Result<Vec<RecordBatch>, RunError> {
         let started = Instant::now();
         let df = session.ctx.execute_logical_plan(plan).await?;
         let physical = df.create_physical_plan().await?;
+        let job_of = |physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
+            physical.downcast_ref::<DistributedQueryExec<LogicalPlanNode>>().and_then(|d| d.job_id())
+        };
         // Ballista fails a job whose executors are all lost, but not one
         // submitted just after the last was lost: the job is also given up
-        // once no executor has been live for the executor timeout.
+        // once no executor has been live for the executor timeout. A job
+        // still running at the deadline is cancelled.
         let batches = tokio::select! {
             batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()) => batches?,
             () = self.cluster.until_no_executor_for_timeout() => {
-                return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()));
+                return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()).into());
+            }
+            () = tokio::time::sleep(deadline.saturating_sub(started.elapsed())) => {
+                if let Some(job) = job_of(&physical) {
+                    self.cluster.cancel(&job.to_string()).await;
+                }
+                return Err(RunError::Deadline);
             }
         };
         self.metrics.job(started.elapsed());
-        let job = physical
-            .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()
-            .and_then(|d| d.job_id());
+        let job = job_of(&physical);
         match job {
             Some(job) => info!(query = %query_id, job = %job, "query ran as Ballista job {job}"),
             None => warn!(query = %query_id, "query did not run as a Ballista job"),

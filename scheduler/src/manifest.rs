@@ -101,7 +101,16 @@ pub struct Collaboration {
     pub epsilon_cap: Option<f64>,
     /// The same for δ.
     pub delta_cap: Option<f64>,
+    /// A query still running this long after its charge is stopped and
+    /// fails with the same message whatever the data (its charge is kept).
+    pub query_deadline: std::time::Duration,
+    /// No answer to a DP query leaves sooner than this after the query
+    /// starts: run times shorter than it cannot be told apart.
+    pub min_response: std::time::Duration,
 }
+
+/// Default of `collaboration.query_deadline_seconds`.
+pub const DEFAULT_QUERY_DEADLINE_SECONDS: f64 = 600.0;
 
 /// One `[[parties]]` entry.
 #[derive(Clone, PartialEq)]
@@ -878,6 +887,8 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
         name: String::new(),
         epsilon_cap: None,
         delta_cap: None,
+        query_deadline: std::time::Duration::from_secs_f64(DEFAULT_QUERY_DEADLINE_SECONDS),
+        min_response: std::time::Duration::ZERO,
     };
     let Some(value) = c.field(root, "", "collaboration", true) else {
         return collaboration;
@@ -885,7 +896,7 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     let Some(table) = c.table(value, "collaboration") else {
         return collaboration;
     };
-    c.unknown_keys(table, "collaboration", &["name", "epsilon_cap", "delta_cap"]);
+    c.unknown_keys(table, "collaboration", &["name", "epsilon_cap", "delta_cap", "query_deadline_seconds", "min_response_seconds"]);
     if let Some(name) = c.required_string(table, "collaboration", "name") {
         if name.trim().is_empty() {
             c.report("collaboration.name", "must not be empty");
@@ -902,6 +913,25 @@ fn parse_collaboration(c: &mut Checker, root: &Table) -> Collaboration {
     }
     if let Some(v) = c.field(table, "collaboration", "delta_cap", false) {
         collaboration.delta_cap = delta_value(c, v, "collaboration.delta_cap");
+    }
+    let mut seconds = |key: &str, least: f64| -> Option<std::time::Duration> {
+        let path = format!("collaboration.{key}");
+        let value = c.field(table, "collaboration", key, false)?;
+        let x = c.number(value, &path)?;
+        if !(x.is_finite() && x >= least && x <= 86_400.0) {
+            c.report(&path, format!("must be a number of seconds from {least} to 86400, found {x}"));
+            return None;
+        }
+        Some(std::time::Duration::from_secs_f64(x))
+    };
+    if let Some(d) = seconds("query_deadline_seconds", 1.0) {
+        collaboration.query_deadline = d;
+    }
+    if let Some(d) = seconds("min_response_seconds", 0.0) {
+        collaboration.min_response = d;
+    }
+    if collaboration.min_response > collaboration.query_deadline {
+        c.report("collaboration.min_response_seconds", "must not be above query_deadline_seconds");
     }
     collaboration
 }

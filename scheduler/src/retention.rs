@@ -6,9 +6,11 @@
 //! or unknown (NULL), writes the kept rows of a file that lost some to a new
 //! file, and commits the result as the next data version (mode `retention`);
 //! then the files that held expired rows are deleted from storage, so the
-//! expired rows are gone, not only hidden. Each pass that deletes something
-//! is on the audit log before it commits. Passes run at start and then on a
-//! schedule, one at a time with uploads to the same dataset.
+//! expired rows are gone, not only hidden. Every pass, whether or not it
+//! deletes something, is on the audit log before it commits its version, so
+//! neither the data versions nor the audit sequence show whether old rows
+//! existed. Passes run at start and then on a schedule, one at a time with
+//! uploads to the same dataset.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,7 +80,8 @@ async fn all_recent(store: &DatasetStore, file: &DataFile, column: &str, cutoff:
     Ok(keep_mask(mins.as_ref(), cutoff)?.true_count() == mins.len())
 }
 
-/// One pass over `dataset` at `now`: `None` when nothing expired. The caller
+/// One pass over `dataset` at `now`: `None` when the dataset has no
+/// retention period or no data. The caller
 /// audits through `before_commit` (rows, files rewritten, files dropped,
 /// version); its error stops the pass before anything is committed.
 pub async fn enforce<F, Fut>(catalog: &Catalog, dataset: &Dataset, now: SystemTime, before_commit: F) -> anyhow::Result<Option<Deleted>>
@@ -159,9 +162,10 @@ where
         }
         return Err(e);
     }
-    if rows_deleted == 0 {
-        return Ok(None);
-    }
+    // Every pass commits a version and an audit record, whether or not a
+    // row expired: a new version is a new question for the released-answer
+    // cache, and each record moves the audit sequence that answers carry, so
+    // neither may tell a party whether old rows existed.
     let next = table.version.number + 1;
     if let Err(e) = before_commit(rows_deleted, rewritten, dropped, next).await {
         for u in uploads {
@@ -206,7 +210,7 @@ pub async fn enforce_all(catalog: &Arc<Catalog>, ledger: &Arc<dyn cleanroom_dp::
             }
         };
         match enforce(catalog, dataset, SystemTime::now(), record).await {
-            Ok(Some(d)) => tracing::info!(dataset = %dataset.name, rows = d.rows, files_rewritten = d.files_rewritten, files_dropped = d.files_dropped, version = d.version, "expired rows deleted"),
+            Ok(Some(d)) => tracing::info!(dataset = %dataset.name, rows = d.rows, files_rewritten = d.files_rewritten, files_dropped = d.files_dropped, version = d.version, "retention pass committed"),
             Ok(None) => tracing::debug!(dataset = %dataset.name, "nothing expired"),
             Err(e) => tracing::warn!(dataset = %dataset.name, error = %format!("{e:#}"), "retention pass failed; the next pass tries again"),
         }
