@@ -421,3 +421,46 @@ fn strings(batches: &[RecordBatch], column: usize) -> Vec<String> {
     }
     out
 }
+
+/// The demo manifest with `settings` added to its `[collaboration]` table,
+/// beside it (its dataset locations are relative to its directory).
+fn demo_manifest_with(name: &str, settings: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let text = text.replacen("[collaboration]\n", &format!("[collaboration]\n{settings}\n"), 1);
+    let path = demo().join(format!("manifest-{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_held_back_to_the_minimum_response_time() {
+    let manifest = demo_manifest_with("padded", "min_response_seconds = 2");
+    let server = Server::start_with(&manifest, &state_dir("padded"));
+    let mut client = server.login("adnetwork").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) channel, COUNT(*) FROM impressions GROUP BY channel";
+    let started = std::time::Instant::now();
+    query(&mut client, sql).await.unwrap();
+    let padded = started.elapsed();
+    assert!(padded >= std::time::Duration::from_secs(2), "answered after {padded:?}");
+    // Bad SQL is refused at planning, which reads no data: not held back.
+    let started = std::time::Instant::now();
+    query(&mut client, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) COUNT(*) FROM impressions WHERE sqrt(cost_micros) = repeat('x', 3)").await.unwrap_err();
+    println!("answered after {:.2} s (minimum 2 s); a refusal after {:.2} s", padded.as_secs_f64(), started.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_past_the_deadline_is_stopped_with_a_fixed_message_and_its_charge_kept() {
+    let manifest = demo_manifest_with("deadline", "query_deadline_seconds = 1");
+    let server = Server::start_with(&manifest, &state_dir("deadline"));
+    let mut client = server.login("adnetwork").await;
+    // Each person's impressions joined with themselves four times over.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) COUNT(*) FROM impressions a \
+               JOIN impressions b ON a.uid = b.uid JOIN impressions c ON a.uid = c.uid JOIN impressions d ON a.uid = d.uid";
+    let started = std::time::Instant::now();
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert!(err.to_string().contains("did not finish within the collaboration's deadline of 1 s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped after {:?}", started.elapsed());
+    let spent = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    let spent = arrow::compute::cast(spent[0].column(0), &arrow::datatypes::DataType::Float64).unwrap();
+    assert_eq!(spent.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().value(0), 0.5);
+}
