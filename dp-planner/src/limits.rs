@@ -26,6 +26,9 @@ pub const MAX_QUERY_DEPTH: usize = 32;
 /// tables in one `FROM`.
 pub const MAX_SET_TERMS: usize = 64;
 pub const MAX_JOINS: usize = 64;
+/// Most tables a CTE reads once the CTEs it reads are expanded (a chain of
+/// CTEs that each read the previous one twice doubles at every step).
+pub const MAX_EXPANDED_TABLES: usize = 256;
 
 /// Refuse a statement text longer than [`MAX_STATEMENT_BYTES`].
 pub fn check_text(sql: &str) -> Result<()> {
@@ -51,7 +54,46 @@ pub fn check_statement(statement: &DfStatement) -> Result<()> {
             }
         }
         DfStatement::Explain(explain) => check_statement(&explain.statement),
-        _ => Ok(()),
+        // COPY, CREATE EXTERNAL TABLE and the like: refused before planning.
+        _ => Err(DpError::refused_with(
+            "read_only",
+            "parties can only run queries; data changes go through the dataset owner's upload",
+            "SELECT … GROUP BY …",
+        )),
+    }
+}
+
+/// The tables a query's CTEs read, each CTE counted with the tables of the
+/// CTEs it reads (in definition order: a CTE reads only earlier ones).
+fn expanded_tables(query: &Query) -> usize {
+    let Some(with) = &query.with else { return 0 };
+    let mut sizes: Vec<(String, usize)> = Vec::new();
+    let mut largest = 0;
+    for cte in &with.cte_tables {
+        let mut names = Relations::default();
+        let _ = cte.query.visit(&mut names);
+        let size = names.0.iter().fold(0usize, |n, r| {
+            let expanded = sizes.iter().rev().find(|(name, _)| name == r).map(|(_, s)| *s).unwrap_or(1);
+            n.saturating_add(expanded)
+        });
+        largest = largest.max(size);
+        sizes.push((cte.alias.name.value.to_ascii_lowercase(), size));
+    }
+    largest
+}
+
+/// Names of the relations a query reads (last part, lower case).
+#[derive(Default)]
+struct Relations(Vec<String>);
+
+impl Visitor for Relations {
+    type Break = ();
+
+    fn pre_visit_relation(&mut self, relation: &datafusion::sql::sqlparser::ast::ObjectName) -> ControlFlow<()> {
+        if let Some(last) = relation.0.last() {
+            self.0.push(last.to_string().trim_matches('"').to_ascii_lowercase());
+        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -92,6 +134,13 @@ impl Visitor for Shape {
         self.queries += 1;
         if self.queries > MAX_QUERY_DEPTH {
             return ControlFlow::Break(too_deep("subqueries", MAX_QUERY_DEPTH, "CTEs (WITH …) side by side"));
+        }
+        if query.with.as_ref().is_some_and(|w| w.cte_tables.len() > MAX_JOINS) || expanded_tables(query) > MAX_EXPANDED_TABLES {
+            return ControlFlow::Break(DpError::refused_with(
+                "statement_shape",
+                format!("the statement's CTEs read more than {MAX_EXPANDED_TABLES} tables once expanded, or there are more than {MAX_JOINS} of them"),
+                "fewer CTEs, each read fewer times",
+            ));
         }
         if set_terms(&query.body, MAX_SET_TERMS) > MAX_SET_TERMS {
             return ControlFlow::Break(DpError::refused_with(
@@ -160,6 +209,17 @@ mod tests {
         assert!(matches!(check(&union), Err(DpError::Refused { rule: "statement_shape", .. })));
         let joins = format!("SELECT 1 FROM t0 {}", (1..200).map(|i| format!("JOIN t{i} USING (uid)")).collect::<Vec<_>>().join(" "));
         assert!(matches!(check(&joins), Err(DpError::Refused { rule: "statement_shape", .. })));
+    }
+
+    #[test]
+    fn ctes_that_double_at_each_step_are_refused() {
+        let mut sql = String::from("WITH c0 AS (SELECT uid FROM t)");
+        for i in 1..20 {
+            sql.push_str(&format!(", c{i} AS (SELECT uid FROM c{} UNION ALL SELECT uid FROM c{})", i - 1, i - 1));
+        }
+        sql.push_str(" SELECT COUNT(*) FROM c19");
+        assert!(matches!(check(&sql), Err(DpError::Refused { rule: "statement_shape", .. })));
+        assert!(matches!(check("COPY (SELECT 1) TO '/tmp/x.csv'"), Err(DpError::Refused { rule: "read_only", .. })));
     }
 
     #[test]

@@ -301,9 +301,25 @@ fn resolution(unit: f64) -> String {
 /// anywhere in the plan (subqueries included), so it reveals nothing about
 /// anyone else; it runs on a fresh context (the system tables it may read
 /// travel inside the plan, built for this party only).
+///
+/// Such a statement can still ask for much work (`VALUES` lists joined with
+/// each other): it runs under its own memory limit, and an answer of more
+/// than [`MAX_NO_DATA_ROWS`] rows is refused, so no statement can exhaust
+/// the server's memory.
 pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
-    let ctx = SessionContext::new();
-    let batches = ctx.execute_logical_plan(query.plan.clone()).await?.collect().await?;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use datafusion::logical_expr::LogicalPlanBuilder;
+    let runtime = RuntimeEnvBuilder::new().with_memory_limit(NO_DATA_MEMORY, 1.0).build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+    let bounded = LogicalPlanBuilder::from(query.plan.clone()).limit(0, Some(MAX_NO_DATA_ROWS + 1))?.build()?;
+    let batches = ctx.execute_logical_plan(bounded).await?.collect().await?;
+    if batches.iter().map(RecordBatch::num_rows).sum::<usize>() > MAX_NO_DATA_ROWS {
+        return Err(DpError::refused_with(
+            "answer_size",
+            format!("the statement's answer has more than {MAX_NO_DATA_ROWS} rows"),
+            "an aggregate or a LIMIT",
+        ));
+    }
     let schema = Arc::new(announced_schema(&query.output_schema()));
     let batches = batches
         .into_iter()
@@ -312,6 +328,11 @@ pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
         .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches })
 }
+
+/// Most rows a statement that reads no dataset may answer with.
+pub const MAX_NO_DATA_ROWS: usize = 1_000_000;
+/// Memory the operators of such a statement may hold.
+const NO_DATA_MEMORY: usize = 256 << 20;
 
 /// The schema announced for an answer before it runs: every column nullable,
 /// as in the released batches (clients compare the two).

@@ -132,12 +132,9 @@ pub fn make_fallible_total(plan: LogicalPlan) -> DfResult<LogicalPlan> {
                     Ok(total)
                 }
             })?;
-            // Names are unchanged, nullability may widen: recompute schemas.
-            if node.transformed {
-                Ok(Transformed::yes(node.data.recompute_schema()?))
-            } else {
-                Ok(node)
-            }
+            // Names are unchanged, nullability may widen, also of nodes
+            // that only pass their input's columns on: recompute every schema.
+            Ok(Transformed::yes(node.data.recompute_schema()?))
         })?
         .data)
 }
@@ -171,6 +168,13 @@ fn type_literal(t: &DataType) -> Expr {
 fn total_expr(e: Expr, schema: &DFSchema) -> DfResult<Transformed<Expr>> {
     let declared = |e: &Expr| e.get_type(schema);
     match e {
+        // COALESCE only runs once the optimizer has made it a CASE (its own
+        // evaluation always fails); made one here, it needs no total form.
+        Expr::ScalarFunction(ScalarFunction { ref func, .. }) if func.name() == "coalesce" => {
+            let Expr::ScalarFunction(ScalarFunction { args, .. }) = e else { unreachable!() };
+            let when_then = args.into_iter().map(|a| (Box::new(a.clone().is_not_null()), Box::new(a))).collect();
+            Ok(Transformed::yes(Expr::Case(datafusion::logical_expr::Case::new(None, when_then, None))))
+        }
         Expr::ScalarFunction(ScalarFunction { ref func, ref args }) if !is_total(func) && !args.is_empty() => {
             let t = declared(&e)?;
             let Expr::ScalarFunction(ScalarFunction { func, mut args }) = e else { unreachable!() };
@@ -424,8 +428,62 @@ impl ScalarUDFImpl for TotalCast {
     }
 }
 
+/// Longest string or binary value a total form takes: a row with a longer
+/// argument gives NULL. Together with the functions allowed (none grows its
+/// output by more than a fixed factor of its input), no value can make a
+/// function allocate without bound, however deeply calls are nested.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// For each row, whether a string or binary argument is longer than
+/// [`MAX_VALUE_BYTES`]; `None` when no row is (checked from the buffers'
+/// total size first, so ordinary batches cost nothing).
+fn oversized_rows(args: &[ColumnarValue], rows: usize) -> Option<Vec<bool>> {
+    use arrow::array::AsArray;
+    let mut oversized: Option<Vec<bool>> = None;
+    let mut mark = |lengths: &mut dyn Iterator<Item = usize>| {
+        let marks = oversized.get_or_insert_with(|| vec![false; rows]);
+        for (row, len) in lengths.enumerate() {
+            if row < rows && len > MAX_VALUE_BYTES {
+                marks[row] = true;
+            }
+        }
+    };
+    for arg in args {
+        let ColumnarValue::Array(a) = arg else { continue };
+        match a.data_type() {
+            DataType::Utf8 if a.as_string::<i32>().value_data().len() > MAX_VALUE_BYTES => {
+                let s = a.as_string::<i32>();
+                mark(&mut (0..s.len()).map(|i| s.value_length(i) as usize));
+            }
+            DataType::LargeUtf8 if a.as_string::<i64>().value_data().len() > MAX_VALUE_BYTES => {
+                let s = a.as_string::<i64>();
+                mark(&mut (0..s.len()).map(|i| s.value_length(i) as usize));
+            }
+            DataType::Binary if a.as_binary::<i32>().value_data().len() > MAX_VALUE_BYTES => {
+                let b = a.as_binary::<i32>();
+                mark(&mut (0..b.len()).map(|i| b.value_length(i) as usize));
+            }
+            DataType::LargeBinary if a.as_binary::<i64>().value_data().len() > MAX_VALUE_BYTES => {
+                let b = a.as_binary::<i64>();
+                mark(&mut (0..b.len()).map(|i| b.value_length(i) as usize));
+            }
+            DataType::Utf8View => {
+                let s = a.as_string_view();
+                mark(&mut s.views().iter().map(|v| *v as u32 as usize));
+            }
+            DataType::BinaryView => {
+                let b = a.as_binary_view();
+                mark(&mut b.views().iter().map(|v| *v as u32 as usize));
+            }
+            _ => {}
+        }
+    }
+    oversized.filter(|marks| marks.iter().any(|m| *m))
+}
+
 /// Evaluate `f` on the batch; if it fails, on each row alone, with NULL for
-/// the rows that fail. Panics count as failures.
+/// the rows that fail. Panics count as failures; a row with an argument
+/// longer than [`MAX_VALUE_BYTES`] is NULL without being evaluated.
 fn evaluate_totally(
     args: ScalarFunctionArgs,
     return_type: &DataType,
@@ -438,8 +496,11 @@ fn evaluate_totally(
             _ => None,
         }
     };
-    if let Some(v) = attempt(args.clone()) {
-        return Ok(v);
+    let oversized = oversized_rows(&args.args, args.number_rows);
+    if oversized.is_none() {
+        if let Some(v) = attempt(args.clone()) {
+            return Ok(v);
+        }
     }
     let all_scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
     if all_scalar {
@@ -460,7 +521,8 @@ fn evaluate_totally(
             number_rows: 1,
             ..args.clone()
         };
-        let value = attempt(one).and_then(|v| v.into_array(1).ok()).filter(|a| a.len() == 1);
+        let too_long = oversized.as_ref().is_some_and(|marks| marks[row]);
+        let value = if too_long { None } else { attempt(one).and_then(|v| v.into_array(1).ok()).filter(|a| a.len() == 1) };
         pieces.push(value.unwrap_or_else(|| new_null_array(&return_type, 1)));
     }
     let refs: Vec<&dyn Array> = pieces.iter().map(|a| a.as_ref()).collect();

@@ -650,8 +650,24 @@ const DATE_UNITS: &[&str] = &[
     "microseconds", "milliseconds", "nanosecond", "dow", "doy", "epoch", "isodow",
 ];
 
-/// `date_trunc`/`date_part` take their unit as a literal from a fixed list.
+/// `date_trunc`/`date_part` take their unit as a literal from a fixed list;
+/// `replace` takes literal patterns and never lengthens its input (an empty
+/// pattern, or a longer replacement, could multiply a value's size).
 fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
+    if name == "replace" {
+        let text = |e: Option<&Expr>| match e.map(strip_casts) {
+            Some(Expr::Literal(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)), _)) => Some(t.len()),
+            _ => None,
+        };
+        return match (text(args.get(1)), text(args.get(2))) {
+            (Some(from), Some(to)) if from > 0 && to <= from => Ok(()),
+            _ => Err(refuse(
+                "function_literal",
+                "`replace` needs a non-empty literal pattern and a literal replacement no longer than it",
+                "replace(s, 'ab', 'c')",
+            )),
+        };
+    }
     if !matches!(name, "date_trunc" | "date_part" | "datepart") {
         return Ok(());
     }
@@ -962,6 +978,35 @@ fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSch
             }
         }
     }
+    let literal = |e: Option<&Expr>| match e.map(strip_casts) {
+        Some(Expr::Literal(v, _)) => Some(v.clone()),
+        _ => None,
+    };
+    if name == "ntile" {
+        let valid = matches!(literal(args.first()), Some(v) if v.data_type().is_integer() && !v.is_null() && v.cast_to(&arrow::datatypes::DataType::Int64).is_ok_and(|n| n > ScalarValue::Int64(Some(0))));
+        if !valid || args.len() != 1 {
+            return Err(refuse("function_literal", format!("`{e}`: NTILE needs its number of buckets as a whole number above 0"), "NTILE(4)"));
+        }
+    }
+    if matches!(name, "lag" | "lead") {
+        // The offset and the default are read once a window has rows.
+        if args.len() > 1 && !matches!(literal(args.get(1)), Some(v) if v.data_type().is_integer() && !v.is_null()) {
+            return Err(refuse("function_literal", format!("`{e}`: the offset of {name} must be a whole-number literal"), format!("{name}(x, 1)")));
+        }
+        if let (Some(value), Some(default)) = (args.first(), args.get(2)) {
+            let fits = match (literal(Some(default)), value.get_type(schema)) {
+                (Some(d), Ok(t)) => d.is_null() || d.cast_to(&t).is_ok(),
+                _ => false,
+            };
+            if !fits {
+                return Err(refuse(
+                    "function_literal",
+                    format!("`{e}`: the default of {name} must be a literal of the value's type"),
+                    format!("{name}(x, 1, 0) for a number x"),
+                ));
+            }
+        }
+    }
     if name == "nth_value" {
         let position = args.get(1).map(strip_casts);
         let valid = matches!(position, Some(Expr::Literal(ScalarValue::Int64(Some(n)), _)) if *n > 0);
@@ -1127,11 +1172,14 @@ pub fn guard_per_person(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPla
                         with_total_order(w, &ties, |name, rows_frame| rows_frame || ORDER_SENSITIVE_WINDOWS.contains(&name))
                     })
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
-                let input = not_null(Arc::unwrap_or_clone(window.input), &units)?;
-                Ok(Transformed::yes(LogicalPlan::Window(datafusion::logical_expr::Window::try_new(
-                    window_expr,
-                    Arc::new(input),
-                )?)))
+                // One window node per expression: a node sorts its input by
+                // its first expression's keys only, so expressions given
+                // different tie-breakers may not share one.
+                let mut plan = not_null(Arc::unwrap_or_clone(window.input), &units)?;
+                for w in window_expr {
+                    plan = LogicalPlan::Window(datafusion::logical_expr::Window::try_new(vec![w], Arc::new(plan))?);
+                }
+                Ok(Transformed::yes(plan))
             }
             other => Ok(Transformed::no(other)),
         })?

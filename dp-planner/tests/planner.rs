@@ -712,3 +712,12 @@ async fn empirical_privacy_loss_of_gaussian_noise_stays_within_the_claimed_epsil
     assert_eq!(released.schema().metadata()["cleanroom.charge.delta"], "0.00001");
     assert_eq!(refused_rule("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (noise = 'gaussian') COUNT(*) FROM events").await, "gaussian_delta");
 }
+
+#[tokio::test]
+async fn coalesce_below_the_dp_aggregate_keeps_its_meaning() {
+    // Total forms must not change what a function computes: COALESCE is made
+    // a CASE (DataFusion only ever runs it as one).
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_contributions_per_group = 5) COUNT(*) FROM events WHERE coalesce(NULLIF(cost, 5), 0) >= 0").await.unwrap());
+    // Every row with a person: p1 3, p2 3, p3 1, p4 1, p5 1.
+    assert_eq!(exact_value(&q, 0).await, 9.0);
+}

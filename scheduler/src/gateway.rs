@@ -174,7 +174,6 @@ fn decode_handle(bytes: &[u8], kind: Kind) -> Result<String, Status> {
     Ok(handle.id)
 }
 
-/// Map a planner error to a gRPC status a party may see.
 /// Why a job gave no result.
 enum RunError {
     /// It was still running at the collaboration's deadline (and was cancelled).
@@ -189,6 +188,7 @@ impl From<datafusion::error::DataFusionError> for RunError {
     }
 }
 
+/// Map a planner error to a gRPC status a party may see.
 fn dp_status(e: DpError) -> Status {
     match e {
         DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
