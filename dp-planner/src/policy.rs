@@ -119,6 +119,11 @@ pub struct Defaults {
     pub max_contributions_per_group: u32,
     /// Largest number of groups a public-domain GROUP BY may enumerate.
     pub max_output_groups: usize,
+    /// When set, a query that joins protected data reads at most this many
+    /// rows of each person from each protected dataset (chosen by a keyed
+    /// hash of the row), so a self-join cannot make a person with r rows
+    /// cost r³ of time or memory.
+    pub max_rows_per_person: Option<u32>,
 }
 
 impl Default for Defaults {
@@ -132,6 +137,7 @@ impl Default for Defaults {
             max_groups_contributed: 1,
             max_contributions_per_group: 10,
             max_output_groups: 100_000,
+            max_rows_per_person: None,
         }
     }
 }

@@ -773,8 +773,16 @@ fn rewrite(
         }
         grids.push((grid, squares_grid));
     }
-    // Per-person operators below see one person's rows, in a total order.
+    // Per-person operators below see one person's rows, in a total order;
+    // with joins, each person's rows per scan are capped when the
+    // collaboration sets `max_rows_per_person`.
     let input_plan = crate::tracking::guard_per_person(aggregate.input.as_ref().clone(), policy)?;
+    let input_plan = crate::tracking::cap_rows_per_person(
+        input_plan,
+        policy,
+        policy.defaults.max_rows_per_person,
+        rand::rngs::OsRng.next_u64() as i64,
+    )?;
     let builder = LogicalPlanBuilder::from(input_plan)
         .filter(keep)?
         .aggregate(group_by, partials)?;

@@ -1253,3 +1253,60 @@ fn with_total_order(
     };
     Ok(changed.alias(alias.unwrap_or(name)))
 }
+
+/// When `cap` is set and `plan` joins, keep at most `cap` rows of each
+/// person from each scan of a protected dataset: the rows with the smallest
+/// keyed hash of their whole content (`salt`).
+///
+/// Why it is private: which of a person's rows are kept depends only on that
+/// person's own rows (and the salt), so each person's rows after the cap are
+/// still a function of that person's data, and the DP aggregate's bound
+/// applies as before (the cap only lowers what a person can contribute). It
+/// also bounds the work one person causes: a self-join of a person's r rows
+/// becomes at most cap² rows, whatever r is.
+pub fn cap_rows_per_person(plan: LogicalPlan, policy: &Policy, cap: Option<u32>, salt: i64) -> Result<LogicalPlan> {
+    use datafusion::logical_expr::ExprFunctionExt;
+    let Some(cap) = cap else { return Ok(plan) };
+    if !plan.exists(|node| Ok(matches!(node, LogicalPlan::Join(_))))? {
+        return Ok(plan);
+    }
+    let key_fn = Arc::new(datafusion::logical_expr::ScalarUDF::new_from_impl(crate::udf::ContributionKey::new()));
+    Ok(plan
+        .transform_up(|node| {
+            let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
+            let Some(unit) = policy.dataset(scan.table_name.table()).and_then(|d| d.privacy_unit.clone()) else {
+                return Ok(Transformed::no(node));
+            };
+            let columns: Vec<Column> = scan.projected_schema.columns();
+            let Some(unit) = columns.iter().find(|c| c.name == unit).cloned() else {
+                return Ok(Transformed::no(node));
+            };
+            let mut key_args = vec![datafusion::logical_expr::lit(salt), Expr::Column(unit.clone())];
+            key_args.extend(columns.iter().cloned().map(Expr::Column));
+            // The hash orders a person's rows; ties (equal hashes) are broken
+            // on every orderable column, so the kept rows never depend on
+            // arrival order.
+            let mut order_by = vec![key_fn.call(key_args).sort(true, true)];
+            order_by.extend(
+                scan.projected_schema
+                    .iter()
+                    .filter(|(_, f)| !f.data_type().is_nested())
+                    .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())).sort(true, true)),
+            );
+            let rank = datafusion::functions_window::expr_fn::row_number()
+                .partition_by(vec![Expr::Column(unit.clone())])
+                .order_by(order_by)
+                .build()?
+                .alias("__row_rank");
+            // Rows without a person belong to no one and are dropped (as the
+            // DP aggregate drops them), so they are never ranked together.
+            let capped = datafusion::logical_expr::LogicalPlanBuilder::from(node)
+                .filter(Expr::Column(unit).is_not_null())?
+                .window(vec![rank])?
+                .filter(datafusion::logical_expr::col("__row_rank").lt_eq(datafusion::logical_expr::lit(cap as u64)))?
+                .project(columns.into_iter().map(Expr::Column))?
+                .build()?;
+            Ok(Transformed::yes(capped))
+        })?
+        .data)
+}

@@ -142,7 +142,9 @@ fn policy() -> Policy {
     let mut datasets = BTreeMap::new();
     datasets.insert("t1".into(), DatasetPolicy { name: "t1".into(), privacy_unit: Some("uid".into()), columns: t1 });
     datasets.insert("t2".into(), DatasetPolicy { name: "t2".into(), privacy_unit: Some("uid".into()), columns: t2 });
-    Policy { datasets, defaults: Defaults { max_delta_per_query: 1e-3, ..Defaults::default() } }
+    // Joined datasets are read with at most 8 rows per person and scan (the
+    // victim has 40 in t1).
+    Policy { datasets, defaults: Defaults { max_delta_per_query: 1e-3, max_rows_per_person: Some(8), ..Defaults::default() } }
 }
 
 /// One row of `t1`.

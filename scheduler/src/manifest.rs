@@ -967,6 +967,7 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
             "max_groups_contributed",
             "max_contributions_per_group",
             "max_output_groups",
+            "max_rows_per_person",
         ],
     );
 
@@ -1037,6 +1038,11 @@ fn parse_defaults(c: &mut Checker, root: &Table) -> Defaults {
     if let Some(v) = table.get("max_output_groups") {
         if let Some(n) = c.count(v, "defaults.max_output_groups") {
             defaults.max_output_groups = n;
+        }
+    }
+    if let Some(v) = table.get("max_rows_per_person") {
+        if let Some(n) = c.count(v, "defaults.max_rows_per_person") {
+            defaults.max_rows_per_person = Some(n);
         }
     }
     defaults
