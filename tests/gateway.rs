@@ -198,6 +198,28 @@ async fn a_query_answers_alike_whether_or_not_any_row_passes_its_filter() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn per_person_float_sums_run_in_their_exact_form_on_ballista() {
+    let server = Server::start(&state_dir("exact"));
+    let mut client = server.login("advertiser").await;
+    // A per-person SUM of revenue (a double), and a sliding window AVG over
+    // each person's rows (its frame retracts rows): both run in their exact,
+    // order-independent forms, which the executors resolve by name.
+    for sql in [
+        "WITH p AS (SELECT uid, SUM(revenue) AS r FROM conversions GROUP BY uid) \
+         SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) COUNT(*) AS people, SUM(LEAST(GREATEST(r, 0), 1000)) AS revenue FROM p",
+        "WITH w AS (SELECT uid, AVG(revenue) OVER (PARTITION BY uid ORDER BY revenue ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS a FROM conversions) \
+         SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, max_contributions_per_group = 5) SUM(LEAST(GREATEST(a, 0), 1000)) AS revenue FROM w",
+    ] {
+        let batches = query(&mut client, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "{sql}");
+        let revenue = batches[0].column(batches[0].num_columns() - 1);
+        let revenue = arrow::compute::cast(revenue, &arrow::datatypes::DataType::Float64).unwrap();
+        assert!(revenue.as_primitive::<arrow::datatypes::Float64Type>().value(0).is_finite(), "{sql}");
+    }
+    assert!(server.log().contains("ran as Ballista job"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn spent_budget_is_refused_with_the_remainder_and_survives_a_crash() {
     let state = state_dir("budget");
     let server = Server::start(&state);

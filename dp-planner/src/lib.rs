@@ -28,6 +28,7 @@
 
 pub mod accountant;
 pub mod error;
+pub mod exact;
 pub mod audit;
 pub mod ledger;
 pub mod limits;

@@ -1104,6 +1104,49 @@ const ORDER_SENSITIVE_WINDOWS: &[&str] = &["row_number", "ntile", "first_value",
 /// Aggregates whose value depends on which row comes first.
 const ORDER_SENSITIVE_AGGREGATES: &[&str] = &["first_value", "last_value", "nth_value"];
 
+/// `e` (an aggregate or window function, possibly aliased) with a SUM or
+/// AVG that DataFusion would add in floating point replaced by its exact
+/// form ([`crate::exact`]), under its original name: SUM of a float, AVG of
+/// anything (DataFusion averages integers as doubles too). SUM of integers
+/// wraps in 64 bits, which does not depend on the order, and stays.
+///
+/// Why it is private: a float sum in arrival order depends in its last bits
+/// on where other people's rows fall; the exact sum is a function of the
+/// person's own values, so what the person contributes after clamping and
+/// rounding to the DP aggregate's grid is too.
+fn exact_float_sum(e: &Expr, schema: &DFSchema) -> datafusion::error::Result<Expr> {
+    use arrow::datatypes::DataType;
+    let name = e.schema_name().to_string();
+    let inner = strip_alias(e);
+    let (function, args) = match inner {
+        Expr::AggregateFunction(f) => (f.func.name().to_ascii_lowercase(), &f.params.args),
+        Expr::WindowFunction(f) => (f.fun.name().to_ascii_lowercase(), &f.params.args),
+        _ => return Ok(e.clone()),
+    };
+    let Some(argument) = args.first() else { return Ok(e.clone()) };
+    let float = matches!(argument.get_type(schema)?, DataType::Float16 | DataType::Float32 | DataType::Float64);
+    let exact = match function.as_str() {
+        "sum" if float => Arc::new(datafusion::logical_expr::AggregateUDF::new_from_impl(crate::exact::ExactSum::sum())),
+        "avg" | "mean" => Arc::new(datafusion::logical_expr::AggregateUDF::new_from_impl(crate::exact::ExactSum::avg())),
+        _ => return Ok(e.clone()),
+    };
+    let args = vec![Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(argument.clone()), DataType::Float64))];
+    let changed = match inner.clone() {
+        Expr::AggregateFunction(mut f) => {
+            f.func = exact;
+            f.params.args = args;
+            Expr::AggregateFunction(f)
+        }
+        Expr::WindowFunction(mut f) => {
+            f.fun = datafusion::logical_expr::expr::WindowFunctionDefinition::AggregateUDF(exact);
+            f.params.args = args;
+            Expr::WindowFunction(f)
+        }
+        other => other,
+    };
+    Ok(changed.alias(name))
+}
+
 /// Make every per-person operator below the DP aggregate see one person's
 /// rows only, in an order that does not depend on anyone else's data.
 ///
@@ -1142,6 +1185,7 @@ pub fn guard_per_person(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPla
                     .aggr_expr
                     .iter()
                     .map(|a| with_total_order(a, &ties, |name, _| ORDER_SENSITIVE_AGGREGATES.contains(&name)))
+                    .map(|a| a.and_then(|a| exact_float_sum(&a, &schema)))
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
                 let input = not_null(Arc::unwrap_or_clone(aggregate.input), &units)?;
                 Ok(Transformed::yes(LogicalPlan::Aggregate(datafusion::logical_expr::Aggregate::try_new(
@@ -1170,6 +1214,7 @@ pub fn guard_per_person(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPla
                     .iter()
                     .map(|w| {
                         with_total_order(w, &ties, |name, rows_frame| rows_frame || ORDER_SENSITIVE_WINDOWS.contains(&name))
+                            .and_then(|w| exact_float_sum(&w, &schema))
                     })
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
                 // One window node per expression: a node sorts its input by

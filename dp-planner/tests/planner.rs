@@ -741,3 +741,26 @@ async fn a_cap_on_rows_per_person_bounds_a_self_join() {
     // (a, b, c), its row in a or not; p5 one pair.
     assert!(value == 5.0 || value == 6.0, "{value}");
 }
+
+#[tokio::test]
+async fn per_person_float_sums_and_averages_are_exact_and_keep_their_names() {
+    // Per person: p1 avg 10, p2 avg 5, p3 avg 1000 (the outer SUM clamps it
+    // to 100), p4 avg 1, p5 avg 7; rows without a person are dropped.
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY SUM(a) FROM (SELECT uid, AVG(cost) AS a FROM events GROUP BY uid) t").await.unwrap());
+    let text = q.exact_plan.display_indent().to_string();
+    assert!(text.contains("cleanroom_exact_avg"), "{text}");
+    // Exact values are in steps of the aggregate's fixed-point grid.
+    assert_eq!(exact_value(&q, 0).await * q.aggregates[0].unit, 123.0);
+    // A window sum of a double over each person's rows: p2's three rows each
+    // see 15.0 (one row per person is bounded by max_contributions_per_group).
+    let q = dp(plan(
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_contributions_per_group = 3) SUM(LEAST(GREATEST(s, 0), 10)) FROM (SELECT uid, SUM(CAST(cost AS DOUBLE) / 10) OVER (PARTITION BY uid) AS s FROM events WHERE channel = 'a') t",
+    )
+    .await
+    .unwrap());
+    let text = q.exact_plan.display_indent().to_string();
+    assert!(text.contains("cleanroom_exact_sum"), "{text}");
+    // Channel a: p1 one row (1.0), p2 three rows (1.5 each), p5 one row (0.7).
+    let value = exact_value(&q, 0).await * q.aggregates[0].unit;
+    assert!((value - 6.2).abs() < 1e-6, "{value}");
+}

@@ -40,6 +40,8 @@ pub fn session_state(target_partitions: usize) -> SessionState {
     // (NULL where the function fails on a value); they travel by name.
     let totals = cleanroom_dp::total::total_versions(functions);
     functions.extend(totals);
+    // Per-person float sums and averages run in their exact form.
+    builder.aggregate_functions().get_or_insert_with(Vec::new).extend(cleanroom_dp::exact::all());
     builder.build()
 }
 
