@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use cleanroom_dp::audit;
-use cleanroom_dp::ledger::{EtcdLedger, Ledger, RedbLedger};
+use cleanroom_ledger::audit;
+use cleanroom_ledger::{EtcdLedger, Ledger, RedbLedger};
 use futures::TryStreamExt;
 use rand::Rng;
 use server::*;

@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
 
         // The DP rewrite alone, on the same in-process DataFusion: separates the
         // cost of contribution bounding from the cost of Ballista and Flight.
-        let manifest = cleanroom_scheduler::manifest::Manifest::load(&dir.join("manifest.toml"))?;
+        let manifest = cleanroom_manifest::Manifest::load(&dir.join("manifest.toml"))?;
         let policy = manifest.policy_for("adnetwork");
         let mut inproc = Vec::new();
         for run in 0..=args.runs {

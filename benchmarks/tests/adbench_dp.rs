@@ -23,7 +23,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
 use cleanroom_bench::generate::{generate, GenerateOptions};
 use cleanroom_bench::queries::{adbench_dp_queries, register_adbench_tables};
-use cleanroom_dp::ledger::{Charge, Ledger, Limits, RedbLedger};
+use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::release::{finish, release, META_CI95};
 use cleanroom_dp::rewrite::{plan_query, PlannedQuery};
@@ -74,7 +74,7 @@ async fn dp_adbench_answers_lie_within_their_intervals() {
         .unwrap();
     let truth: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("truth.json")).unwrap()).unwrap();
-    let manifest = cleanroom_scheduler::manifest::Manifest::load(&dir.path().join("manifest.toml")).unwrap();
+    let manifest = cleanroom_manifest::Manifest::load(&dir.path().join("manifest.toml")).unwrap();
     let policy = manifest.policy_for("advertiser");
     let ctx = SessionContext::new();
     register_adbench_tables(&ctx, dir.path()).await.unwrap();

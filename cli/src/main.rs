@@ -455,7 +455,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Executor { scheduler, bind, port, external_host, slots, work_dir, memory_limit, manifest, heartbeat_interval } => {
-            let options = cleanroom_scheduler::executor_process::ExecutorOptions {
+            let options = cleanroom_executor::process::ExecutorOptions {
                 scheduler,
                 bind,
                 port,
@@ -467,7 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 heartbeat_interval,
             };
             println!("cleanroom executor: shuffle service on {bind}:{port}, joining the scheduler at {}", options.scheduler);
-            cleanroom_scheduler::executor_process::run(&options).await?;
+            cleanroom_executor::process::run(&options).await?;
             eprintln!("cleanroom executor stopped");
             Ok(ExitCode::SUCCESS)
         }
@@ -499,7 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Budget { command } => tokio::task::spawn_blocking(move || operator::budget(command)).await?,
         Command::Audit { command } => tokio::task::spawn_blocking(move || operator::audit(command)).await?,
         Command::Manifest { command: ManifestCommand::Check { file } } => {
-            let problems = cleanroom_scheduler::manifest::Manifest::check(&file);
+            let problems = cleanroom_manifest::Manifest::check(&file);
             if problems.is_empty() {
                 println!("{}: ok", file.display());
                 Ok(ExitCode::SUCCESS)
@@ -523,7 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if password.is_empty() {
                 anyhow::bail!("no password: set CLEANROOM_PASSWORD or write it on standard input");
             }
-            println!("{}", cleanroom_scheduler::manifest::hash_password(&password));
+            println!("{}", cleanroom_manifest::hash_password(&password));
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cleanroom_dp::audit::{self, kind};
-use cleanroom_dp::ledger::{round_for_display, Grant, Ledger, Totals};
-use cleanroom_scheduler::manifest::Manifest;
+use cleanroom_ledger::audit::{self, kind};
+use cleanroom_ledger::{round_for_display, Grant, Ledger, Totals};
+use cleanroom_manifest::Manifest;
 use cleanroom_scheduler::serve::LedgerLocation;
 use serde_json::json;
 

@@ -25,7 +25,11 @@
 //!   (ε_s + ε_g, δ_s + δ_g)-DP by sequential composition.
 //!
 //! Either way the query is charged its (ε, δ) — ε as asked, δ as used — and
-//! [`crate::ledger`] composes the charges of all queries.
+//! the ledger (the `cleanroom-ledger` crate) composes the charges of all
+//! queries and makes each charge durable before it hands back a [`Receipt`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::{DpError, Result};
 use crate::mechanism::{rho_for, Share};
@@ -40,6 +44,35 @@ pub struct Split {
     pub selection: Option<(f64, f64)>,
     /// δ the Gaussian columns spend (0 for Laplace).
     pub gaussian_delta: f64,
+}
+
+/// Why a charge was refused: which limit it would pass, and what is left.
+/// Decided by the ledger, which holds the totals.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BudgetRefusal {
+    /// The party's remaining budget does not cover the charge.
+    #[error("privacy budget exceeded: the query needs {what} = {needed}, but party `{party}` has only {what} = {remaining} left of its budget of {budget}")]
+    Party {
+        party: String,
+        /// `epsilon` or `delta`.
+        what: &'static str,
+        needed: f64,
+        remaining: f64,
+        budget: f64,
+    },
+    /// The whole collaboration's cap does not cover the charge.
+    #[error("collaboration privacy cap reached: the query needs {what} = {needed}, but the collaboration has only {what} = {remaining} left of its cap of {cap} (shared by all parties)")]
+    Collaboration { what: &'static str, needed: f64, remaining: f64, cap: f64 },
+}
+
+impl BudgetRefusal {
+    /// The rule the refusal names in the audit log.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            BudgetRefusal::Party { .. } => "budget",
+            BudgetRefusal::Collaboration { .. } => "collaboration_cap",
+        }
+    }
 }
 
 /// Split `options`' ε and δ over `columns` noisy columns and, if `select`, a
@@ -74,4 +107,142 @@ pub fn split(options: &ResolvedOptions, columns: usize, select: bool) -> Result<
             })
         }
     }
+}
+
+/// What a query asks to spend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    pub party: String,
+    /// The [`crate::rewrite::DpQuery::id`] this charge pays for.
+    pub query_id: String,
+    pub epsilon: f64,
+    /// δ the query spends (0 for pure ε-DP queries).
+    #[serde(default)]
+    pub delta: f64,
+    /// The statement as the party sent it, for its query history.
+    pub sql: String,
+    /// More facts for the query's audit record (options, result columns); a
+    /// JSON object or null. Never values.
+    #[serde(default)]
+    pub audit: Value,
+}
+
+/// One entry of a party's history: what it ran and what it paid.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ChargeRecord {
+    pub receipt_id: String,
+    pub query_id: String,
+    pub sql: String,
+    pub epsilon: f64,
+    #[serde(default)]
+    pub delta: f64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The party's totals and budgets right after this charge.
+    #[serde(default)]
+    pub spent: f64,
+    #[serde(default)]
+    pub spent_delta: f64,
+    #[serde(default)]
+    pub budget: f64,
+    #[serde(default)]
+    pub delta_budget: f64,
+    /// The charge's record in the audit log.
+    #[serde(default)]
+    pub audit_seq: u64,
+    #[serde(default)]
+    pub audit_hash: String,
+}
+
+/// Proof that a charge is durably recorded. Only a ledger makes one (its
+/// fields are private, it cannot be deserialised, and its one constructor
+/// takes the ledger's charge record), and the release path requires one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Receipt {
+    id: String,
+    party: String,
+    query_id: String,
+    epsilon: f64,
+    delta: f64,
+    /// The party's totals after this charge.
+    spent: f64,
+    spent_delta: f64,
+    budget: f64,
+    delta_budget: f64,
+    /// Seconds since the Unix epoch.
+    at: u64,
+    /// The charge's record in the audit log.
+    audit_seq: u64,
+    audit_hash: String,
+}
+
+impl Receipt {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn party(&self) -> &str {
+        &self.party
+    }
+
+    pub fn query_id(&self) -> &str {
+        &self.query_id
+    }
+
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    /// The party's total spent ε after this charge.
+    pub fn spent(&self) -> f64 {
+        self.spent
+    }
+
+    pub fn budget(&self) -> f64 {
+        self.budget
+    }
+
+    pub fn remaining(&self) -> f64 {
+        (self.budget - self.spent).max(0.0)
+    }
+
+    pub fn delta(&self) -> f64 {
+        self.delta
+    }
+
+    /// δ the party has left after this charge.
+    pub fn remaining_delta(&self) -> f64 {
+        (self.delta_budget - self.spent_delta).max(0.0)
+    }
+
+    /// `SEQ:HASH` of the charge's record in the audit log.
+    pub fn audit_record(&self) -> String {
+        format!("{}:{}", self.audit_seq, self.audit_hash)
+    }
+
+    /// The receipt of a charge record a ledger has made durable. A ledger
+    /// calls this once the record has been committed; the release path
+    /// trusts it, so nothing else should.
+    pub fn from_record(party: &str, r: &ChargeRecord) -> Receipt {
+        Receipt {
+            id: r.receipt_id.clone(),
+            party: party.to_string(),
+            query_id: r.query_id.clone(),
+            epsilon: r.epsilon,
+            delta: r.delta,
+            spent: r.spent,
+            spent_delta: r.spent_delta,
+            budget: r.budget,
+            delta_budget: r.delta_budget,
+            at: r.at,
+            audit_seq: r.audit_seq,
+            audit_hash: r.audit_hash.clone(),
+        }
+    }
+}
+
+/// Budget figures shown to people are rounded to 9 decimals so binary
+/// rounding noise (0.30000000000000004) does not leak into messages.
+pub fn round_for_display(x: f64) -> f64 {
+    (x * 1e9).round() / 1e9
 }

@@ -16,19 +16,9 @@ pub enum DpError {
     /// A DP option is missing, malformed or out of its allowed range.
     #[error("invalid differential-privacy option `{option}`: {detail}")]
     InvalidOption { option: String, detail: String },
-    /// The party's remaining budget does not cover the query.
-    #[error("privacy budget exceeded: the query needs {what} = {needed}, but party `{party}` has only {what} = {remaining} left of its budget of {budget}")]
-    BudgetExceeded {
-        party: String,
-        /// `epsilon` or `delta`.
-        what: &'static str,
-        needed: f64,
-        remaining: f64,
-        budget: f64,
-    },
-    /// The whole collaboration's cap does not cover the query.
-    #[error("collaboration privacy cap reached: the query needs {what} = {needed}, but the collaboration has only {what} = {remaining} left of its cap of {cap} (shared by all parties)")]
-    CollaborationCapExceeded { what: &'static str, needed: f64, remaining: f64, cap: f64 },
+    /// The party's budget or the collaboration's cap does not cover the query.
+    #[error(transparent)]
+    Budget(#[from] crate::accountant::BudgetRefusal),
     #[error("planning error: {0}")]
     Plan(#[from] datafusion::error::DataFusionError),
     #[error("noise mechanism error: {0}")]

@@ -15,11 +15,10 @@
 //! - [`mechanism`] holds the OpenDP noise mechanisms and their privacy maps;
 //! - [`accountant`] splits a query's (ε, δ) over its noisy columns and its
 //!   partition selection (composing Gaussian columns in zCDP);
-//! - [`ledger`] is the durable per-party budget and the accountant that composes
-//!   charges;
 //! - [`release`] turns exact bounded aggregates into a [`release::Released`]
 //!   answer: the only type the gateway may send to a party, and it can only be
-//!   made with a [`ledger::Receipt`] for the query's charge.
+//!   made with a [`accountant::Receipt`] for the query's charge (the
+//!   `cleanroom-ledger` crate makes receipts once a charge is durable).
 //! - [`total`] makes every function and operator below the DP aggregate
 //!   total (NULL where it would fail on a value), so no query fails because
 //!   of the data;
@@ -29,8 +28,6 @@
 pub mod accountant;
 pub mod error;
 pub mod exact;
-pub mod audit;
-pub mod ledger;
 pub mod limits;
 pub mod mechanism;
 pub mod options;

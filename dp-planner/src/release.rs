@@ -23,7 +23,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result};
-use crate::ledger::{round_for_display, Ledger, Receipt};
+use crate::accountant::{round_for_display, Receipt};
 use crate::mechanism::{Noise, NoisyMin, Share, Threshold};
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
@@ -69,6 +69,28 @@ impl Released {
         self.batches.iter().map(|b| b.num_rows()).sum()
     }
 
+    /// The answer as stored in the released-answer store (Arrow IPC).
+    pub fn to_stored(&self) -> Result<Vec<u8>> {
+        let stored = |e: arrow::error::ArrowError| DpError::Ledger(format!("cannot store the released answer: {e}"));
+        let mut bytes = Vec::new();
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &self.schema).map_err(stored)?;
+        for batch in &self.batches {
+            writer.write(batch).map_err(stored)?;
+        }
+        writer.finish().map_err(stored)?;
+        drop(writer);
+        Ok(bytes)
+    }
+
+    /// An answer [`Released::to_stored`] wrote, read back from the store
+    /// (which only ever holds answers that were released).
+    pub fn from_stored(bytes: &[u8]) -> Result<Released> {
+        let unreadable = |e: arrow::error::ArrowError| DpError::Ledger(format!("unreadable released answer: {e}"));
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(unreadable)?;
+        let schema = reader.schema();
+        let batches = reader.collect::<std::result::Result<Vec<_>, _>>().map_err(unreadable)?;
+        Ok(Released { schema, batches })
+    }
 }
 
 /// The key under which `party`'s released answer to `query` is kept: the
@@ -122,32 +144,6 @@ fn resolved_files(plan: &LogicalPlan) -> Vec<String> {
         Ok(TreeNodeRecursion::Continue)
     });
     files
-}
-
-/// The answer kept under `key`, if `party` was already given one.
-pub fn recall(ledger: &dyn Ledger, key: &str) -> Result<Option<Released>> {
-    let Some(bytes) = ledger.released_answer(key)? else { return Ok(None) };
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .map_err(|e| DpError::Ledger(format!("unreadable released answer: {e}")))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| DpError::Ledger(format!("unreadable released answer: {e}")))?;
-    Ok(Some(Released { schema, batches }))
-}
-
-/// Keep `answer` under `key`, so the same question is answered the same way.
-pub fn remember(ledger: &dyn Ledger, key: &str, answer: &Released) -> Result<()> {
-    let mut bytes = Vec::new();
-    {
-        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &answer.schema)
-            .map_err(|e| DpError::Ledger(e.to_string()))?;
-        for batch in &answer.batches {
-            writer.write(batch).map_err(|e| DpError::Ledger(e.to_string()))?;
-        }
-        writer.finish().map_err(|e| DpError::Ledger(e.to_string()))?;
-    }
-    ledger.keep_released_answer(key, &bytes)
 }
 
 /// The schema of an `EXPLAIN` answer: one row per part of the explanation.

@@ -32,7 +32,7 @@ use arrow::array::{
     Int8Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use cleanroom_dp::ledger::{Charge, Ledger, Limits, RedbLedger};
+use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{announced_dp_schema, finish, release};

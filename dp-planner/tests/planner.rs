@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
-use cleanroom_dp::ledger::{Charge, Ledger, Limits, RedbLedger};
+use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions};
 use cleanroom_dp::release::{finish, release};
 use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
@@ -595,7 +595,7 @@ async fn release_refuses_a_receipt_for_another_query() {
 }
 
 /// A durable charge of `epsilon` for `query_id` on a fresh ledger in `dir`.
-fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64, delta: f64) -> cleanroom_dp::ledger::Receipt {
+fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64, delta: f64) -> cleanroom_ledger::Receipt {
     let ledger = RedbLedger::open(dir.path()).unwrap();
     ledger
         .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, delta, sql: String::new(), audit: serde_json::Value::Null }, &Limits { delta_budget: 1e-3, ..Limits::epsilon(10.0) })

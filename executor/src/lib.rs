@@ -5,7 +5,7 @@
 //! by name on arrival, so the scheduler and every executor must be built from
 //! a session state that registers [`cleanroom_dp::udf::all`]. [`session_state`]
 //! is that state; the standalone cluster and the `cleanroom executor` process
-//! both start from it.
+//! both start from it; [`process`] is the `cleanroom executor` process.
 
 use std::net::SocketAddr;
 
@@ -14,9 +14,10 @@ use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::prelude::SessionConfig;
 
+pub mod process;
+
 /// Catalog and schema under which every party sees its datasets.
-pub const CATALOG: &str = "cleanroom";
-pub const SCHEMA: &str = "public";
+pub use cleanroom_storage::{CATALOG, SCHEMA};
 
 /// The session every cleanroom process plans and executes with: DataFusion's
 /// defaults, Ballista's settings, and cleanroom's functions.

@@ -42,8 +42,8 @@ use arrow_flight::{
 };
 use base64::Engine;
 use ballista_core::execution_plans::DistributedQueryExec;
-use cleanroom_dp::audit::{self, AuditEvent};
-use cleanroom_dp::ledger::{Charge, Ledger, Limits};
+use cleanroom_ledger::audit::{self, AuditEvent};
+use cleanroom_ledger::{Charge, Ledger, Limits};
 use cleanroom_dp::options::{split_dp_clause, QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
@@ -61,7 +61,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, CATALOG, SCHEMA};
+use cleanroom_storage::catalog::{Catalog, CATALOG, SCHEMA};
 use crate::cluster::EmbeddedCluster;
 use crate::ingest::{self, IngestError};
 use crate::metrics::{Metrics, Outcome};
@@ -188,13 +188,14 @@ impl From<datafusion::error::DataFusionError> for RunError {
     }
 }
 
-/// Map a planner error to a gRPC status a party may see.
-fn dp_status(e: DpError) -> Status {
+/// Map a planner or ledger error to a gRPC status a party may see.
+fn dp_status(e: impl Into<DpError>) -> Status {
+    let e = e.into();
     match e {
         DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
             Status::invalid_argument(e.to_string())
         }
-        DpError::BudgetExceeded { .. } | DpError::CollaborationCapExceeded { .. } => {
+        DpError::Budget(_) => {
             Status::resource_exhausted(e.to_string())
         }
         DpError::LedgerUnavailable(_) => {
@@ -501,7 +502,7 @@ impl FlightSqlGateway {
         // released to this party, at no new cost.
         let key = release::answer_key(query, &session.party, &session.policy, version);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
-        let cached = blocking(move || release::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
+        let cached = blocking(move || cleanroom_ledger::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
         if let Some(answer) = cached {
             info!(party = %session.party, query = %query.id, "answered from the released-answer cache");
             let receipt = answer.schema().metadata().get(release::META_RECEIPT).cloned().unwrap_or_default();
@@ -541,14 +542,14 @@ impl FlightSqlGateway {
         // The charge is durable before any protected data is read, and a
         // failure after this point keeps it: errs on the side of privacy.
         let ledger = self.ledger.clone();
-        let receipt = match blocking(move || ledger.charge(&charge, &limits)).await?.map_err(dp_status) {
+        let receipt = match blocking(move || ledger.charge(&charge, &limits)).await? {
             Ok(receipt) => receipt,
-            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                let rule = if status.message().starts_with("collaboration") { "collaboration_cap" } else { "budget" };
+            Err(cleanroom_ledger::LedgerError::Budget(refusal)) => {
+                let rule = refusal.rule();
                 self.metrics.query(Outcome::Refused);
-                return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), status).await);
+                return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), dp_status(refusal)).await);
             }
-            Err(status) => return Err(status),
+            Err(e) => return Err(dp_status(e)),
         };
         info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), delta = receipt.delta(), "budget charged");
 
@@ -619,7 +620,7 @@ impl FlightSqlGateway {
         };
         self.metrics.query(Outcome::Answered);
         let (ledger, kept) = (self.ledger.clone(), released.clone());
-        let stored = blocking(move || release::remember(ledger.as_ref(), &key, &kept)).await;
+        let stored = blocking(move || cleanroom_ledger::remember(ledger.as_ref(), &key, &kept)).await;
         if !matches!(stored, Ok(Ok(()))) {
             // The answer is paid for; failing to cache it only means a re-run pays again.
             warn!(party = %session.party, query = %query.id, "could not keep the released answer");
@@ -964,7 +965,7 @@ impl FlightSqlService for FlightSqlGateway {
                         // on the previous version have had time to finish.
                         let catalog = catalog.clone();
                         tokio::spawn(async move {
-                            tokio::time::sleep(crate::storage::SUPERSEDED_GRACE + Duration::from_secs(1)).await;
+                            tokio::time::sleep(cleanroom_storage::storage::SUPERSEDED_GRACE + Duration::from_secs(1)).await;
                             catalog.purge_superseded().await;
                         });
                     }

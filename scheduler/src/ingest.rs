@@ -6,7 +6,7 @@
 //! or 32 bytes which are stored as such hex) and written to the upload's own
 //! files; the new data version is committed only after the last batch, so a
 //! refused, interrupted or failed upload leaves the previous version intact
-//! and nothing half-visible to queries ([`crate::storage`]).
+//! and nothing half-visible to queries ([`cleanroom_storage::storage`]).
 //!
 //! The uploader is the owner of the rows it sends, so its errors may name a
 //! row and a value: they describe its own data, never anyone else's.
@@ -22,9 +22,9 @@ use arrow_flight::sql::CommandStatementIngest;
 use futures::{Stream, TryStreamExt};
 use tonic::Status;
 
-use crate::catalog::{Catalog, CATALOG, SCHEMA};
-use crate::manifest::Dataset;
-use crate::storage::{Mode, Upload, Version};
+use cleanroom_storage::catalog::{Catalog, CATALOG, SCHEMA};
+use cleanroom_manifest::Dataset;
+use cleanroom_storage::storage::{Mode, Upload, Version};
 use crate::stream_end::BodyBroke;
 
 /// A refused upload: the rule it broke (for the audit log) and the status.
@@ -222,7 +222,7 @@ fn first_schema(sent: &SchemaRef, dataset: &Dataset) -> Result<SchemaRef, Refusa
             return Err(invalid(format!("the upload has no column `{unit}`, the dataset's privacy unit")));
         }
     }
-    crate::catalog::check_columns(dataset, &schema).map_err(|e| invalid(e.to_string()))?;
+    cleanroom_storage::catalog::check_columns(dataset, &schema).map_err(|e| invalid(e.to_string()))?;
     Ok(Arc::new(schema))
 }
 

@@ -1,16 +1,14 @@
-//! The cleanroom scheduler process: the collaboration manifest, the catalog
-//! built from it, the Flight SQL gateway parties talk to, and the embedded
-//! Ballista cluster that executes checked plans.
+//! The serving side of cleanroom: the Flight SQL gateway parties talk to
+//! (queries, uploads, metadata, system tables), operator metrics, and the
+//! Ballista cluster (embedded scheduler and executors, or a remote
+//! scheduler) that runs checked plans. The manifest, the data and the ledger
+//! it serves come from `cleanroom-manifest`, `cleanroom-storage` and
+//! `cleanroom-ledger`.
 
-pub mod catalog;
 pub mod cluster;
-pub mod executor_process;
 pub mod gateway;
 pub mod ingest;
-pub mod manifest;
 pub mod metrics;
-pub mod retention;
 pub mod serve;
-pub mod storage;
 pub mod stream_end;
 pub mod system_tables;

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cleanroom_dp::ledger::Ledger;
+use cleanroom_ledger::Ledger;
 use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::cluster::EmbeddedCluster;
-use crate::manifest::Manifest;
+use cleanroom_manifest::Manifest;
 
 /// The metrics of one gateway.
 pub struct Metrics {

@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arrow_flight::flight_service_server::FlightServiceServer;
-use cleanroom_dp::ledger::{EtcdLedger, Ledger, RedbLedger};
+use cleanroom_ledger::{EtcdLedger, Ledger, RedbLedger};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::catalog::Catalog;
+use cleanroom_storage::catalog::Catalog;
 use crate::cluster::{ClusterOptions, EmbeddedCluster};
 use crate::gateway::FlightSqlGateway;
-use crate::manifest::Manifest;
+use cleanroom_manifest::Manifest;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -147,7 +147,7 @@ pub async fn start(
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
     // Expired rows, and files of replaced versions past their grace period,
     // go before the first query, then on a schedule.
-    crate::retention::enforce_all(&catalog, &ledger).await;
+    cleanroom_storage::retention::enforce_all(&catalog, &ledger).await;
     catalog.purge_superseded().await;
     {
         let (catalog, ledger, every) = (catalog.clone(), ledger.clone(), options.retention_interval);
@@ -156,7 +156,7 @@ pub async fn start(
             ticks.tick().await;
             loop {
                 ticks.tick().await;
-                crate::retention::enforce_all(&catalog, &ledger).await;
+                cleanroom_storage::retention::enforce_all(&catalog, &ledger).await;
                 catalog.purge_superseded().await;
             }
         });

@@ -27,8 +27,19 @@ pub struct Etcd {
     dir: PathBuf,
 }
 
+/// A free loopback port never handed out before in this process (the
+/// system may give a just-released port again, and two members on one port
+/// would leave the cluster a member short).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `GET /health` on a client port: true if the member is up and has a leader.

@@ -1,4 +1,4 @@
-//! The durable privacy budget and audit log: one `Ledger` trait, two
+//! The durable privacy budget and audit log of cleanroom: one `Ledger` trait, two
 //! backends — embedded on redb ([`redb::RedbLedger`], an ACID, copy-on-write
 //! store whose commits are fsynced before they return) and etcd
 //! ([`etcd::EtcdLedger`], for a cluster: each charge one compare-and-swap
@@ -7,7 +7,7 @@
 //! ## Accountant: why (Σ ε, Σ δ) is the right total
 //!
 //! Every query's release is (ε_q, δ_q)-DP, as split by
-//! [`crate::accountant`] and checked by OpenDP's privacy maps: Laplace noise
+//! [`cleanroom_dp::accountant`] and checked by OpenDP's privacy maps: Laplace noise
 //! over public domains is pure (δ_q = 0); DP partition selection adds its own
 //! (ε, δ); Gaussian noise is accounted in zCDP inside the query (ρ adds up
 //! over its columns, which is where zCDP is tighter than adding ε) and
@@ -41,8 +41,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::audit::{self, AuditEvent, AuditHead};
-use crate::error::{DpError, Result};
+use crate::audit::{AuditEvent, AuditHead};
+pub use crate::error::{LedgerError, Result};
+pub use cleanroom_dp::accountant::{round_for_display, BudgetRefusal, Charge, ChargeRecord, Receipt};
+
+pub mod audit;
+mod error;
 
 pub mod etcd;
 pub mod redb;
@@ -55,24 +59,6 @@ pub use self::redb::RedbLedger;
 /// budgets are tiny).
 fn slack(budget: f64) -> f64 {
     budget.abs() * 1e-9
-}
-
-/// What a query asks to spend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Charge {
-    pub party: String,
-    /// The [`crate::rewrite::DpQuery::id`] this charge pays for.
-    pub query_id: String,
-    pub epsilon: f64,
-    /// δ the query spends (0 for pure ε-DP queries).
-    #[serde(default)]
-    pub delta: f64,
-    /// The statement as the party sent it, for its query history.
-    pub sql: String,
-    /// More facts for the query's audit record (options, result columns); a
-    /// JSON object or null. Never values.
-    #[serde(default)]
-    pub audit: Value,
 }
 
 /// What a party may spend in total, and what the whole collaboration may.
@@ -108,7 +94,7 @@ impl Totals {
     fn from_bytes(bytes: Option<&[u8]>) -> Result<Self> {
         match bytes {
             None => Ok(Totals::default()),
-            Some(b) => serde_json::from_slice(b).map_err(|e| DpError::Ledger(format!("unreadable budget totals: {e}"))),
+            Some(b) => serde_json::from_slice(b).map_err(|e| LedgerError::Storage(format!("unreadable budget totals: {e}"))),
         }
     }
 
@@ -133,13 +119,13 @@ impl Grant {
     fn check(&self) -> Result<()> {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
         if !(ok(self.epsilon) && ok(self.delta) && self.delta < 1.0 && (self.epsilon > 0.0 || self.delta > 0.0)) {
-            return Err(DpError::Ledger(format!(
+            return Err(LedgerError::Storage(format!(
                 "a grant adds a positive epsilon and/or a delta in [0, 1) (got epsilon = {}, delta = {})",
                 self.epsilon, self.delta
             )));
         }
         if self.reason.trim().is_empty() {
-            return Err(DpError::Ledger("a grant needs a reason, for the audit log".into()));
+            return Err(LedgerError::Storage("a grant needs a reason, for the audit log".into()));
         }
         Ok(())
     }
@@ -165,117 +151,6 @@ impl Grant {
                 "granted_delta_total": after.granted_delta,
             }),
         )
-    }
-}
-
-/// One entry of a party's history: what it ran and what it paid.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct ChargeRecord {
-    pub receipt_id: String,
-    pub query_id: String,
-    pub sql: String,
-    pub epsilon: f64,
-    #[serde(default)]
-    pub delta: f64,
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// The party's totals and budgets right after this charge.
-    #[serde(default)]
-    pub spent: f64,
-    #[serde(default)]
-    pub spent_delta: f64,
-    #[serde(default)]
-    pub budget: f64,
-    #[serde(default)]
-    pub delta_budget: f64,
-    /// The charge's record in the audit log.
-    #[serde(default)]
-    pub audit_seq: u64,
-    #[serde(default)]
-    pub audit_hash: String,
-}
-
-/// Proof that a charge is durably recorded. Only a ledger makes one (its
-/// fields are private and it cannot be deserialised), and the release path
-/// requires one.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Receipt {
-    id: String,
-    party: String,
-    query_id: String,
-    epsilon: f64,
-    delta: f64,
-    /// The party's totals after this charge.
-    spent: f64,
-    spent_delta: f64,
-    budget: f64,
-    delta_budget: f64,
-    /// Seconds since the Unix epoch.
-    at: u64,
-    /// The charge's record in the audit log.
-    audit_seq: u64,
-    audit_hash: String,
-}
-
-impl Receipt {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub fn party(&self) -> &str {
-        &self.party
-    }
-
-    pub fn query_id(&self) -> &str {
-        &self.query_id
-    }
-
-    pub fn epsilon(&self) -> f64 {
-        self.epsilon
-    }
-
-    /// The party's total spent ε after this charge.
-    pub fn spent(&self) -> f64 {
-        self.spent
-    }
-
-    pub fn budget(&self) -> f64 {
-        self.budget
-    }
-
-    pub fn remaining(&self) -> f64 {
-        (self.budget - self.spent).max(0.0)
-    }
-
-    pub fn delta(&self) -> f64 {
-        self.delta
-    }
-
-    /// δ the party has left after this charge.
-    pub fn remaining_delta(&self) -> f64 {
-        (self.delta_budget - self.spent_delta).max(0.0)
-    }
-
-    /// `SEQ:HASH` of the charge's record in the audit log.
-    pub fn audit_record(&self) -> String {
-        format!("{}:{}", self.audit_seq, self.audit_hash)
-    }
-
-    fn from_record(party: &str, r: &ChargeRecord) -> Receipt {
-        Receipt {
-            id: r.receipt_id.clone(),
-            party: party.to_string(),
-            query_id: r.query_id.clone(),
-            epsilon: r.epsilon,
-            delta: r.delta,
-            spent: r.spent,
-            spent_delta: r.spent_delta,
-            budget: r.budget,
-            delta_budget: r.delta_budget,
-            at: r.at,
-            audit_seq: r.audit_seq,
-            audit_hash: r.audit_hash.clone(),
-        }
     }
 }
 
@@ -326,10 +201,10 @@ pub trait Ledger: Send + Sync {
 
 fn check_charge(charge: &Charge) -> Result<()> {
     if !(charge.epsilon.is_finite() && charge.epsilon > 0.0) {
-        return Err(DpError::Ledger(format!("invalid charge of epsilon {}", charge.epsilon)));
+        return Err(LedgerError::Storage(format!("invalid charge of epsilon {}", charge.epsilon)));
     }
     if !(charge.delta.is_finite() && (0.0..1.0).contains(&charge.delta)) {
-        return Err(DpError::Ledger(format!("invalid charge of delta {}", charge.delta)));
+        return Err(LedgerError::Storage(format!("invalid charge of delta {}", charge.delta)));
     }
     Ok(())
 }
@@ -341,13 +216,13 @@ fn check_charge(charge: &Charge) -> Result<()> {
 fn admit(charge: &Charge, limits: &Limits, party: Totals, all: Totals) -> Result<(Totals, Totals)> {
     let budget_check = |what: &'static str, spent: f64, needed: f64, budget: f64| -> Result<()> {
         if needed > 0.0 && spent + needed > budget + slack(budget) {
-            return Err(DpError::BudgetExceeded {
+            return Err(LedgerError::Budget(BudgetRefusal::Party {
                 party: charge.party.clone(),
                 what,
                 needed,
                 remaining: round_for_display((budget - spent).max(0.0)),
                 budget: round_for_display(budget),
-            });
+            }));
         }
         Ok(())
     };
@@ -355,12 +230,12 @@ fn admit(charge: &Charge, limits: &Limits, party: Totals, all: Totals) -> Result
     budget_check("delta", party.delta, charge.delta, limits.delta_budget + party.granted_delta)?;
     let cap_check = |what: &'static str, all: f64, needed: f64, cap: Option<f64>| -> Result<()> {
         match cap {
-            Some(cap) if needed > 0.0 && all + needed > cap + slack(cap) => Err(DpError::CollaborationCapExceeded {
+            Some(cap) if needed > 0.0 && all + needed > cap + slack(cap) => Err(LedgerError::Budget(BudgetRefusal::Collaboration {
                 what,
                 needed,
                 remaining: round_for_display((cap - all).max(0.0)),
                 cap,
-            }),
+            })),
             _ => Ok(()),
         }
     };
@@ -425,8 +300,15 @@ fn now_secs() -> u64 {
     audit::now_ms() / 1000
 }
 
-/// Budget figures shown to people are rounded to 9 decimals so binary
-/// rounding noise (0.30000000000000004) does not leak into messages.
-pub fn round_for_display(x: f64) -> f64 {
-    (x * 1e9).round() / 1e9
+/// The answer kept under `key`, if the party was already given one.
+pub fn recall(ledger: &dyn Ledger, key: &str) -> cleanroom_dp::error::Result<Option<cleanroom_dp::release::Released>> {
+    match ledger.released_answer(key)? {
+        Some(bytes) => Ok(Some(cleanroom_dp::release::Released::from_stored(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Keep `answer` under `key`, so the same question is answered the same way.
+pub fn remember(ledger: &dyn Ledger, key: &str, answer: &cleanroom_dp::release::Released) -> cleanroom_dp::error::Result<()> {
+    Ok(ledger.keep_released_answer(key, &answer.to_stored()?)?)
 }

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleanroom_dp::audit::{self, AuditEvent};
-use cleanroom_dp::ledger::{Charge, EtcdLedger, Grant, Ledger, Limits, RedbLedger};
-use cleanroom_dp::DpError;
+use cleanroom_ledger::audit::{self, AuditEvent};
+use cleanroom_ledger::{Charge, EtcdLedger, Grant, Ledger, Limits, RedbLedger};
+use cleanroom_ledger::LedgerError;
 use redb::ReadableTable;
 use serde_json::json;
 
@@ -124,7 +124,7 @@ fn concurrent_charges(l: Arc<dyn Ledger>) {
                     Ok(_) => {
                         admitted.fetch_add(1, Ordering::SeqCst);
                     }
-                    Err(DpError::BudgetExceeded { .. }) => {}
+                    Err(LedgerError::Budget(cleanroom_ledger::BudgetRefusal::Party { .. })) => {}
                     Err(e) => panic!("unexpected error: {e}"),
                 }
             })
@@ -209,7 +209,7 @@ fn etcd_members_lost_and_back() {
     let started = Instant::now();
     for _ in 0..3 {
         match l.charge(&charge("a", 1.0), &limits) {
-            Err(DpError::LedgerUnavailable(m)) => assert!(m.contains("did not answer"), "{m}"),
+            Err(LedgerError::Unavailable(m)) => assert!(m.contains("did not answer"), "{m}"),
             other => panic!("expected the ledger to be unreachable, got {other:?}"),
         }
     }

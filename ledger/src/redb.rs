@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{admit, charge_event, charge_record, check_charge, new_receipt_id, now_secs, Charge, ChargeRecord, Grant, Ledger, Limits, Receipt, Totals};
 use crate::audit::{self, AuditEvent, AuditHead};
-use crate::error::{DpError, Result};
+use crate::error::{LedgerError, Result};
 
 const SPENT: TableDefinition<&str, f64> = TableDefinition::new("spent_epsilon");
 const SPENT_DELTA: TableDefinition<&str, f64> = TableDefinition::new("spent_delta");
@@ -30,7 +30,7 @@ const MANIFEST: &str = "manifest_sha256";
 const COLLABORATION: &str = "\0collaboration";
 
 /// Released answers (Arrow IPC streams) by answer key; see
-/// [`crate::release::answer_key`].
+/// [`cleanroom_dp::release::answer_key`].
 const RELEASED: TableDefinition<&str, &[u8]> = TableDefinition::new("released_answers");
 
 /// The embedded ledger.
@@ -39,8 +39,8 @@ pub struct RedbLedger {
     path: PathBuf,
 }
 
-fn ledger_err(e: impl std::fmt::Display) -> DpError {
-    DpError::Ledger(e.to_string())
+fn ledger_err(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
 }
 
 fn get(t: &impl ReadableTable<&'static str, f64>, key: &str) -> Result<f64> {
@@ -84,15 +84,15 @@ impl RedbLedger {
     /// Open (or create) `state_dir/ledger.redb`.
     pub fn open(state_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(state_dir).map_err(|e| {
-            DpError::Ledger(format!("cannot create state directory {}: {e}", state_dir.display()))
+            LedgerError::Storage(format!("cannot create state directory {}: {e}", state_dir.display()))
         })?;
         let path = state_dir.join("ledger.redb");
         let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => DpError::Ledger(format!(
+            redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::Storage(format!(
                 "the ledger {} is in use by another process (a running `cleanroom serve`?): stop it first, or run the clean room on etcd, whose ledger operator commands can use while it serves",
                 path.display()
             )),
-            e => DpError::Ledger(format!("cannot open ledger {}: {e}", path.display())),
+            e => LedgerError::Storage(format!("cannot open ledger {}: {e}", path.display())),
         })?;
         let txn = db.begin_write().map_err(ledger_err)?;
         txn.open_table(SPENT).map_err(ledger_err)?;

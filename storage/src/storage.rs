@@ -133,7 +133,7 @@ impl DatasetStore {
     }
 
     /// `s3://bucket/prefix/`, reached as `settings` and the environment say.
-    pub fn s3(bucket: &str, prefix: &str, settings: Option<&crate::manifest::S3Settings>) -> anyhow::Result<DatasetStore> {
+    pub fn s3(bucket: &str, prefix: &str, settings: Option<&cleanroom_manifest::S3Settings>) -> anyhow::Result<DatasetStore> {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             // Commits are puts that must not replace an existing version record.

@@ -25,7 +25,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::ParquetMetaDataReader;
 
 use crate::catalog::Catalog;
-use crate::manifest::Dataset;
+use cleanroom_manifest::Dataset;
 use crate::storage::{DataFile, DatasetStore, Mode};
 
 /// What one pass over a dataset deleted.
@@ -191,12 +191,12 @@ where
 
 /// Run a pass over every dataset with a retention period, auditing each
 /// deletion; errors are logged and the next pass tries again.
-pub async fn enforce_all(catalog: &Arc<Catalog>, ledger: &Arc<dyn cleanroom_dp::ledger::Ledger>) {
+pub async fn enforce_all(catalog: &Arc<Catalog>, ledger: &Arc<dyn cleanroom_ledger::Ledger>) {
     for dataset in catalog.manifest.datasets.iter().filter(|d| d.retention.is_some()) {
         let retention = dataset.retention.as_ref().expect("filtered");
         let record = |rows: u64, rewritten: usize, dropped: usize, version: u64| {
-            let event = cleanroom_dp::audit::AuditEvent::new(
-                cleanroom_dp::audit::kind::RETENTION,
+            let event = cleanroom_ledger::audit::AuditEvent::new(
+                cleanroom_ledger::audit::kind::RETENTION,
                 None,
                 serde_json::json!({
                     "dataset": dataset.name, "column": retention.column, "days": retention.days,

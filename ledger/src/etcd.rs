@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use super::{admit, charge_event, charge_record, check_charge, manifest_event, new_receipt_id, now_secs, Charge, ChargeRecord, Grant, Ledger, Limits, Receipt, Totals};
 use crate::audit::{self, AuditEvent, AuditHead};
-use crate::error::{DpError, Result};
+use crate::error::{LedgerError, Result};
 
 /// Each etcd request gives up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,7 +59,7 @@ enum Attempt {
     /// etcd did not answer: retry until the deadline.
     Etcd(etcd_client::Error),
     /// A final answer (a refusal, an unreadable value).
-    Final(DpError),
+    Final(LedgerError),
 }
 
 impl From<etcd_client::Error> for Attempt {
@@ -70,15 +70,15 @@ impl From<etcd_client::Error> for Attempt {
             etcd_client::Error::GRpcStatus(s)
                 if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) =>
             {
-                Attempt::Final(DpError::Ledger(format!("etcd refused the request: {}", s.message())))
+                Attempt::Final(LedgerError::Storage(format!("etcd refused the request: {}", s.message())))
             }
             _ => Attempt::Etcd(e),
         }
     }
 }
 
-impl From<DpError> for Attempt {
-    fn from(e: DpError) -> Self {
+impl From<LedgerError> for Attempt {
+    fn from(e: LedgerError) -> Self {
         Attempt::Final(e)
     }
 }
@@ -98,7 +98,7 @@ where
             Ok(None) => {
                 // Another gateway wrote first: try again shortly, within the deadline.
                 if Instant::now() > deadline {
-                    return Err(DpError::LedgerUnavailable(format!(
+                    return Err(LedgerError::Unavailable(format!(
                         "etcd at {endpoints}: other writers kept changing the ledger for {} s",
                         DEADLINE.as_secs()
                     )));
@@ -111,7 +111,7 @@ where
             Err(Attempt::Etcd(e)) => e,
         };
         if Instant::now() + pause > deadline {
-            return Err(DpError::LedgerUnavailable(format!(
+            return Err(LedgerError::Unavailable(format!(
                 "etcd at {endpoints} did not answer for {} s ({last})",
                 DEADLINE.as_secs()
             )));
@@ -211,7 +211,7 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// The sequence number of an audit record's key.
-fn seq_of(prefix: &str, key: &[u8]) -> std::result::Result<u64, DpError> {
+fn seq_of(prefix: &str, key: &[u8]) -> std::result::Result<u64, LedgerError> {
     key.get(prefix.len()..)
         .and_then(|k| std::str::from_utf8(k).ok())
         .and_then(|s| s.parse::<u64>().ok())
@@ -247,8 +247,8 @@ async fn scan_at(client: &mut Client, from: String, end: Vec<u8>, revision: i64)
     }
 }
 
-fn unreadable(what: &str, e: impl std::fmt::Display) -> DpError {
-    DpError::Ledger(format!("unreadable {what} in etcd: {e}"))
+fn unreadable(what: &str, e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(format!("unreadable {what} in etcd: {e}"))
 }
 
 impl EtcdLedger {
@@ -262,7 +262,7 @@ impl EtcdLedger {
             .filter(|e| !e.is_empty())
             .collect();
         if endpoints.is_empty() {
-            return Err(DpError::Ledger("no etcd endpoints given (expected --etcd http://host:2379,…)".into()));
+            return Err(LedgerError::Storage("no etcd endpoints given (expected --etcd http://host:2379,…)".into()));
         }
         let prefix = if prefix.ends_with('/') { prefix.to_string() } else { format!("{prefix}/") };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -270,7 +270,7 @@ impl EtcdLedger {
             .thread_name("etcd-ledger")
             .enable_all()
             .build()
-            .map_err(|e| DpError::Ledger(format!("cannot start the ledger's I/O thread: {e}")))?;
+            .map_err(|e| LedgerError::Storage(format!("cannot start the ledger's I/O thread: {e}")))?;
         let shown = endpoints.join(",");
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
@@ -289,8 +289,8 @@ impl EtcdLedger {
                 // Not dropped in place: that would panic when called from async code.
                 runtime.shutdown_background();
                 return Err(match failed {
-                    Ok(Err(e)) => DpError::LedgerUnavailable(format!("cannot connect to etcd at {shown}: {e}")),
-                    _ => DpError::Ledger("the ledger's I/O thread stopped".into()),
+                    Ok(Err(e)) => LedgerError::Unavailable(format!("cannot connect to etcd at {shown}: {e}")),
+                    _ => LedgerError::Storage("the ledger's I/O thread stopped".into()),
                 });
             }
         };
@@ -322,7 +322,7 @@ impl EtcdLedger {
                 let result = retry(&endpoints, || work(client.clone(), keys.clone())).await;
                 let _ = tx.send(result);
             });
-        rx.recv().map_err(|_| DpError::Ledger("the ledger's I/O thread stopped".into()))?
+        rx.recv().map_err(|_| LedgerError::Storage("the ledger's I/O thread stopped".into()))?
     }
 
     fn write<T, F, Fut>(&self, work: F) -> Result<T>
@@ -468,7 +468,7 @@ impl Ledger for EtcdLedger {
 
     fn keep_released_answer(&self, key: &str, answer: &[u8]) -> Result<()> {
         if answer.len() > MAX_KEPT_ANSWER {
-            return Err(DpError::Ledger(format!("a released answer of {} bytes is too large to keep in etcd", answer.len())));
+            return Err(LedgerError::Storage(format!("a released answer of {} bytes is too large to keep in etcd", answer.len())));
         }
         let (key, answer) = (key.to_string(), answer.to_vec());
         self.run(move |mut client, keys| {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::{DpError, Result};
+use crate::error::{LedgerError, Result};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -100,7 +100,7 @@ impl AuditHead {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| DpError::Ledger(format!("unreadable audit head: {e}")))
+        serde_json::from_slice(bytes).map_err(|e| LedgerError::Storage(format!("unreadable audit head: {e}")))
     }
 }
 
@@ -148,8 +148,8 @@ fn split(bytes: &[u8]) -> Option<(&str, &[u8])> {
 
 /// Parse a stored record (without checking it).
 pub fn parse(bytes: &[u8]) -> Result<AuditRecord> {
-    let (_, body) = split(bytes).ok_or_else(|| DpError::Ledger("malformed audit record".into()))?;
-    serde_json::from_slice(body).map_err(|e| DpError::Ledger(format!("malformed audit record: {e}")))
+    let (_, body) = split(bytes).ok_or_else(|| LedgerError::Storage("malformed audit record".into()))?;
+    serde_json::from_slice(body).map_err(|e| LedgerError::Storage(format!("malformed audit record: {e}")))
 }
 
 /// What `verify` found.

@@ -18,8 +18,8 @@ use ballista_executor::executor_process::{start_executor_process, ExecutorProces
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use object_store::ObjectStore;
 
-use crate::manifest::{Location, Manifest};
-use crate::storage::DatasetStore;
+use cleanroom_manifest::{Location, Manifest};
+use cleanroom_storage::storage::DatasetStore;
 
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
@@ -63,7 +63,7 @@ pub async fn run(options: &ExecutorOptions) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     // The same session (functions, Ballista settings) the scheduler plans with.
-    let state = cleanroom_executor::session_state(options.slots.max(1));
+    let state = crate::session_state(options.slots.max(1));
     let config = state.config().clone();
     let work_dir = options.work_dir.clone();
     let runtime_producer = Arc::new(move |_: &datafusion::prelude::SessionConfig| {

@@ -19,16 +19,16 @@ use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTable
 use datafusion::execution::SessionState;
 use datafusion::prelude::SessionContext;
 
-use crate::manifest::{Location, Manifest};
+use cleanroom_manifest::{Location, Manifest};
 use crate::storage::{DatasetStore, Version, SUPERSEDED_GRACE};
 
-pub use cleanroom_executor::{CATALOG, SCHEMA};
+pub use crate::{CATALOG, SCHEMA};
 
 /// The manifest's column roles must fit the data's types: a measure is
 /// numeric, an integer-range domain is on an integer column, a list of
 /// string keys on a string column, a date range on a date or timestamp column. Checked once at start-up so that no query
 /// can hit a value that does not convert.
-pub(crate) fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema) -> anyhow::Result<()> {
+pub fn check_columns(dataset: &cleanroom_manifest::Dataset, schema: &Schema) -> anyhow::Result<()> {
     use cleanroom_dp::policy::Domain;
     use datafusion::arrow::datatypes::DataType;
     let is_string = |t: &DataType| match t {
@@ -42,7 +42,7 @@ pub(crate) fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema)
         })?;
         let t = field.data_type();
         let fits = match (column.role, &column.domain) {
-            (crate::manifest::Role::Measure, _) => t.is_numeric(),
+            (cleanroom_manifest::Role::Measure, _) => t.is_numeric(),
             (_, Some(Domain::IntRange { .. })) => t.is_integer(),
             (_, Some(Domain::Strings(_))) => is_string(t),
             (_, Some(Domain::DateRange { .. })) => matches!(t, DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)),
@@ -61,11 +61,11 @@ pub(crate) fn check_columns(dataset: &crate::manifest::Dataset, schema: &Schema)
 
 /// The columns of `schema` a party may see in metadata: those the manifest
 /// declares and does not hide.
-fn visible_schema(dataset: &crate::manifest::Dataset, schema: &Schema) -> SchemaRef {
+fn visible_schema(dataset: &cleanroom_manifest::Dataset, schema: &Schema) -> SchemaRef {
     let visible = schema
         .fields()
         .iter()
-        .filter(|f| !matches!(dataset.columns.get(f.name()).map(|c| c.role), None | Some(crate::manifest::Role::Hidden)))
+        .filter(|f| !matches!(dataset.columns.get(f.name()).map(|c| c.role), None | Some(cleanroom_manifest::Role::Hidden)))
         .cloned()
         .collect::<Vec<_>>();
     Arc::new(Schema::new(visible))
@@ -248,7 +248,7 @@ impl std::fmt::Debug for PartyTables {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl SchemaProvider for PartyTables {
     fn table_names(&self) -> Vec<String> {
         self.catalog.readable(&self.party).iter().map(|t| t.name.clone()).collect()
