@@ -220,9 +220,12 @@ impl QueryOptions {
 /// options. SQL without the clause is returned unchanged. Words inside string
 /// literals, quoted identifiers and comments are never taken for the clause.
 pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
+    use datafusion::sql::sqlparser::tokenizer::Token as T;
     let mut options = QueryOptions::default();
-    let tokens = tokens(sql);
-    let is_word = |t: &Token, w: &str| t.word && sql[t.start..t.end].eq_ignore_ascii_case(w);
+    // SQL the tokenizer rejects (an unterminated string, say) goes on as it
+    // is: the SQL parser reports the error.
+    let Some(tokens) = tokens(sql) else { return Ok((sql.to_string(), options)) };
+    let is_word = |t: &Token, w: &str| matches!(&t.token, T::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w));
     let found: Vec<usize> = (0..tokens.len().saturating_sub(2))
         .filter(|&i| {
             is_word(&tokens[i], "SELECT") && is_word(&tokens[i + 1], "WITH") && is_word(&tokens[i + 2], "DIFFERENTIAL_PRIVACY")
@@ -240,88 +243,80 @@ pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
     let cut_from = tokens[at].end;
     let mut cut_to = tokens[at + 2].end;
     if tokens.get(at + 3).is_some_and(|t| is_word(t, "OPTIONS")) {
-        let open = tokens.get(at + 4).filter(|t| !t.word && &sql[t.start..t.end] == "(").ok_or_else(|| DpError::InvalidOption {
-            option: "OPTIONS".into(),
-            detail: "expected `(` after OPTIONS".into(),
-        })?;
-        let close = tokens[at + 5..]
-            .iter()
-            .find(|t| !t.word && &sql[t.start..t.end] == ")")
-            .ok_or_else(|| DpError::InvalidOption {
-                option: "OPTIONS".into(),
-                detail: "missing `)` closing the OPTIONS list".into(),
-            })?;
-        for pair in sql[open.end..close.start].split(',') {
-            if pair.trim().is_empty() {
-                continue;
-            }
-            let (name, value) = pair.split_once('=').ok_or_else(|| DpError::InvalidOption {
-                option: pair.trim().to_string(),
-                detail: "expected `name = value`".into(),
-            })?;
-            options.set(name, value)?;
+        if !tokens.get(at + 4).is_some_and(|t| t.token == T::LParen) {
+            return Err(DpError::InvalidOption { option: "OPTIONS".into(), detail: "expected `(` after OPTIONS".into() });
         }
-        cut_to = close.end;
+        let list = &tokens[at + 5..];
+        let close = list.iter().position(|t| t.token == T::RParen).ok_or_else(|| DpError::InvalidOption {
+            option: "OPTIONS".into(),
+            detail: "missing `)` closing the OPTIONS list".into(),
+        })?;
+        for pair in list[..close].split(|t| t.token == T::Comma) {
+            let Some(first) = pair.first() else { continue };
+            let text = |ts: &[Token]| match (ts.first(), ts.last()) {
+                (Some(a), Some(b)) => sql[a.start..b.end].to_string(),
+                _ => String::new(),
+            };
+            let Some(eq) = pair.iter().position(|t| t.token == T::Eq) else {
+                return Err(DpError::InvalidOption { option: text(pair), detail: "expected `name = value`".into() });
+            };
+            let value = &pair[eq + 1..];
+            if eq != 1 || value.is_empty() {
+                return Err(DpError::InvalidOption { option: text(pair), detail: "expected `name = value`".into() });
+            }
+            let name = match &first.token {
+                T::Word(w) => w.value.clone(),
+                _ => text(&pair[..1]),
+            };
+            // A quoted value is read without its quotes (and may hold a comma).
+            let value = match value {
+                [Token { token: T::SingleQuotedString(v) | T::DoubleQuotedString(v), .. }] => v.clone(),
+                _ => text(value),
+            };
+            options.set(&name, &value)?;
+        }
+        cut_to = list[close].end;
     }
     Ok((format!("{} {}", &sql[..cut_from], &sql[cut_to..]), options))
 }
 
-/// A word (keyword or identifier) or one punctuation character of SQL text,
-/// by byte offsets.
+/// A token of SQL text (not whitespace or a comment) and its byte offsets.
 struct Token {
     start: usize,
     end: usize,
-    word: bool,
+    token: datafusion::sql::sqlparser::tokenizer::Token,
 }
 
-/// The words and punctuation of `sql`, skipping whitespace, comments, string
-/// literals and quoted identifiers (which can never be the clause).
-fn tokens(sql: &str) -> Vec<Token> {
-    let bytes = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let is_word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b.is_ascii_whitespace() {
-            i += 1;
-        } else if b == b'-' && bytes.get(i + 1) == Some(&b'-') {
-            while i < bytes.len() && bytes[i] != b'\n' {
-                i += 1;
-            }
-        } else if b == b'/' && bytes.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
-                i += 1;
-            }
-            i = (i + 2).min(bytes.len());
-        } else if b == b'\'' || b == b'"' || b == b'`' {
-            // A quoted string or identifier; a doubled quote is an escaped one.
-            i += 1;
-            loop {
-                match bytes.get(i) {
-                    None => break,
-                    Some(&q) if q == b && bytes.get(i + 1) == Some(&b) => i += 2,
-                    Some(&q) if q == b => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => i += 1,
-                }
-            }
-            out.push(Token { start: i, end: i, word: false });
-        } else if is_word_byte(b) {
-            let start = i;
-            while i < bytes.len() && is_word_byte(bytes[i]) {
-                i += 1;
-            }
-            out.push(Token { start, end: i, word: true });
-        } else {
-            out.push(Token { start: i, end: i + 1, word: false });
-            i += 1;
+/// The tokens of `sql` as DataFusion's SQL tokenizer reads them (so string
+/// literals, quoted identifiers and comments are never taken for words),
+/// without whitespace and comments; None if it cannot tokenize `sql`.
+fn tokens(sql: &str) -> Option<Vec<Token>> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Location, Token as T, Tokenizer};
+    let spanned = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location().ok()?;
+    // The tokenizer gives (line, column) in characters, from 1: map them to
+    // byte offsets through each character's offset and each line's first
+    // character.
+    let mut char_offsets: Vec<usize> = Vec::with_capacity(sql.len() + 1);
+    let mut line_first_char = vec![0usize];
+    for (n, (i, c)) in sql.char_indices().enumerate() {
+        char_offsets.push(i);
+        if c == '\n' {
+            line_first_char.push(n + 1);
         }
     }
-    out
+    char_offsets.push(sql.len());
+    let offset = |l: Location| -> usize {
+        let first = line_first_char.get((l.line as usize).saturating_sub(1)).copied().unwrap_or(0);
+        char_offsets.get(first + (l.column as usize).saturating_sub(1)).copied().unwrap_or(sql.len())
+    };
+    Some(
+        spanned
+            .into_iter()
+            .filter(|t| !matches!(t.token, T::Whitespace(_) | T::EOF))
+            .map(|t| Token { start: offset(t.span.start), end: offset(t.span.end), token: t.token })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -374,6 +369,22 @@ mod tests {
         let quoted = "SELECT 'SELECT WITH DIFFERENTIAL_PRIVACY' -- SELECT WITH DIFFERENTIAL_PRIVACY\n FROM t";
         assert_eq!(split_dp_clause(quoted).unwrap().0, quoted);
         assert!(split_dp_clause("SELECT WITH DIFFERENTIAL_PRIVACY 1 UNION ALL SELECT WITH DIFFERENTIAL_PRIVACY 2").is_err());
+    }
+
+    #[test]
+    fn a_quoted_value_may_hold_a_comma_and_an_equals_sign() {
+        let (sql, o) = split_dp_clause(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (privacy_unit_column = 'a,b=c', epsilon = 1)\n  COUNT(*) FROM t -- é",
+        )
+        .unwrap();
+        assert_eq!(o.privacy_unit_column.as_deref(), Some("a,b=c"));
+        assert_eq!(o.epsilon, Some(1.0));
+        assert_eq!(sql, "SELECT \n  COUNT(*) FROM t -- é");
+        // Offsets survive characters of several bytes before the clause.
+        let (sql, o) = split_dp_clause("SELECT 'é' AS x; SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 3) 1").unwrap();
+        assert_eq!(o.epsilon, Some(3.0));
+        assert_eq!(sql, "SELECT 'é' AS x; SELECT  1");
+        assert!(split_dp_clause("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon 1) 1").is_err());
     }
 
     #[test]

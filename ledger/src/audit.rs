@@ -260,58 +260,32 @@ pub fn verify(records: &[(u64, Vec<u8>)], head: Option<&AuditHead>, expect: &[(u
     }
 }
 
-/// Civil date (y, m, d) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// `2026-11-23T09:14:03.120Z`.
 pub fn format_time(at_ms: u64) -> String {
-    let secs = (at_ms / 1000) as i64;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let s = secs.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", s / 3600, s / 60 % 60, s % 60, at_ms % 1000)
+    match chrono::DateTime::from_timestamp_millis(at_ms as i64) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => format!("{at_ms} ms after 1970-01-01"),
+    }
 }
 
 /// Parse `--since`: `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC), or Unix seconds.
 pub fn parse_time(text: &str) -> std::result::Result<u64, String> {
+    use chrono::{NaiveDate, NaiveDateTime};
     let bad = || format!("cannot read the time {text:?}: write 2026-11-23, 2026-11-23T09:30:00Z or Unix seconds");
     let t = text.trim();
     if let Ok(secs) = t.parse::<u64>() {
         return secs.checked_mul(1000).ok_or_else(bad);
     }
-    let t = t.trim_end_matches('Z');
-    let (date, time) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
-    let mut date_parts = date.splitn(3, '-').map(|p| p.parse::<i64>().map_err(|_| bad()));
-    let (y, m, d) = (date_parts.next().ok_or_else(bad)??, date_parts.next().ok_or_else(bad)??, date_parts.next().ok_or_else(bad)??);
-    let mut time_parts = time.splitn(3, ':').map(|p| p.parse::<u32>().map_err(|_| bad()));
-    let (hh, mm) = (time_parts.next().ok_or_else(bad)??, time_parts.next().ok_or_else(bad)??);
-    let ss = time_parts.next().transpose()?.unwrap_or(0);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&m) || d < 1 || d > month_days[(m - 1) as usize] || hh > 23 || mm > 59 || ss > 59 || !(1970..=9999).contains(&y) {
+    let t = t.strip_suffix('Z').unwrap_or(t);
+    let at = ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(t, f).ok())
+        .or_else(|| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)))
+        .ok_or_else(bad)?;
+    if !(1970..=9999).contains(&chrono::Datelike::year(&at)) {
         return Err(bad());
     }
-    let days = days_from_civil(y, m as u32, d as u32);
-    Ok(((days * 86_400) as u64 + u64::from(hh) * 3600 + u64::from(mm) * 60 + u64::from(ss)) * 1000)
+    u64::try_from(at.and_utc().timestamp_millis()).map_err(|_| bad())
 }
 
 #[cfg(test)]

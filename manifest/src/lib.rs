@@ -562,7 +562,7 @@ fn parse_location(location: &str) -> Result<Location, String> {
     if let Some((scheme, rest)) = split_scheme(location) {
         let scheme = scheme.to_ascii_lowercase();
         return match scheme.as_str() {
-            "file" => file_url_path(rest).map(Location::Local),
+            "file" => file_url_path(location, rest).map(Location::Local),
             "s3" => s3_location(rest),
             s if OBJECT_STORE_SCHEMES.contains(&s) => Err(format!(
                 "{s}:// locations are not supported yet (use a local path, a file:// URL or s3://bucket/prefix/)"
@@ -635,67 +635,24 @@ fn split_scheme(location: &str) -> Option<(&str, &str)> {
     is_scheme.then_some((scheme, rest))
 }
 
-/// The path of a `file://` URL, given what follows `file://`.
-fn file_url_path(rest: &str) -> Result<PathBuf, String> {
-    let (host, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    if !(host.is_empty() || host.eq_ignore_ascii_case("localhost")) {
-        return Err(format!(
-            "file URLs with a host (\"{host}\") are not supported; use file:///absolute/path"
-        ));
+/// The path of a `file://` URL (`location`, whose scheme is `file`, and
+/// `after_scheme` what follows its `file://`): an
+/// absolute path on this machine, percent-decoded.
+fn file_url_path(location: &str, after_scheme: &str) -> Result<PathBuf, String> {
+    let url = url::Url::parse(location).map_err(|e| format!("not a file URL ({e}); use file:///absolute/path"))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a file URL may not have a query or fragment (write '?' as %3F and '#' as %23)".to_string());
     }
-    if path.is_empty() {
+    if let Some(host) = url.host_str().filter(|h| !h.is_empty() && !h.eq_ignore_ascii_case("localhost")) {
+        return Err(format!("file URLs with a host (\"{host}\") are not supported; use file:///absolute/path"));
+    }
+    if !after_scheme.contains('/') {
         return Err("the file URL has no path; use file:///absolute/path".to_string());
     }
-    if path.contains(['?', '#']) {
-        return Err(
-            "a file URL may not have a query or fragment (write '?' as %3F and '#' as %23)"
-                .to_string(),
-        );
-    }
-    let bytes = percent_decode(path)?;
-    if bytes.contains(&0) {
+    if url.path().split('/').any(|segment| segment.contains("%00")) {
         return Err("the file URL decodes to a path containing a NUL byte".to_string());
     }
-    bytes_to_path(bytes)
-}
-
-fn percent_decode(s: &str) -> Result<Vec<u8>, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    format!("invalid percent-encoding at byte {i} of the file URL path")
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
-#[cfg(unix)]
-fn bytes_to_path(bytes: Vec<u8>) -> Result<PathBuf, String> {
-    use std::os::unix::ffi::OsStringExt;
-    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
-}
-
-#[cfg(not(unix))]
-fn bytes_to_path(bytes: Vec<u8>) -> Result<PathBuf, String> {
-    String::from_utf8(bytes)
-        .map(PathBuf::from)
-        .map_err(|_| "the file URL does not decode to UTF-8".to_string())
+    url.to_file_path().map_err(|()| "the file URL is not a path on this machine; use file:///absolute/path".to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -1716,6 +1673,21 @@ campaign_id = {{ role = "dimension" }}
             PathBuf::from("/srv/cleanroom/conversions")
         );
         assert!(Manifest::check(&path).is_empty());
+    }
+
+    #[test]
+    fn file_urls_without_a_path_or_with_a_query_or_nul_are_refused() {
+        for (location, message) in [
+            ("file://", "no path"),
+            ("file:///srv/x?y=1", "query or fragment"),
+            ("file:///srv/x#y", "query or fragment"),
+            ("file:///srv/a%00b", "NUL byte"),
+            ("file://host/srv", "with a host"),
+        ] {
+            let err = parse_location(location).unwrap_err();
+            assert!(err.contains(message), "{location}: {err}");
+        }
+        assert_eq!(parse_location("FILE:///srv/%C3%A9t%C3%A9/").unwrap(), Location::Local(PathBuf::from("/srv/été")));
     }
 
     #[test]
