@@ -89,11 +89,8 @@ async fn main() -> anyhow::Result<()> {
         let mut inproc = Vec::new();
         for run in 0..=args.runs {
             let start = Instant::now();
-            let (sql, options) = cleanroom_dp::options::split_dp_clause(&dp_q4(run))?;
-            let plan = ctx.state().create_logical_plan(&sql).await?;
-            let options = options.resolve(&policy.defaults)?;
             let cleanroom_dp::rewrite::PlannedQuery::Dp(query) =
-                cleanroom_dp::rewrite::plan_query(&plan, &policy, &options)?
+                cleanroom_dp::plan_sql(&ctx.state(), &dp_q4(run), &policy, &Default::default()).await?
             else {
                 anyhow::bail!("Q4 is not a DP query");
             };

@@ -24,9 +24,9 @@ use arrow::datatypes::{DataType, Float64Type};
 use cleanroom_bench::generate::{generate, GenerateOptions};
 use cleanroom_bench::queries::{adbench_dp_queries, register_adbench_tables};
 use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
-use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::release::{finish, release, META_CI95};
-use cleanroom_dp::rewrite::{plan_query, PlannedQuery};
+use cleanroom_dp::rewrite::PlannedQuery;
 use datafusion::prelude::SessionContext;
 
 const RUNS: usize = 50;
@@ -94,10 +94,10 @@ async fn dp_adbench_answers_lie_within_their_intervals() {
         let mut coverage: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
         let started = std::time::Instant::now();
         for run in 0..RUNS {
-            let (plain, options) = split_dp_clause(&sql).unwrap();
-            let plan = ctx.state().create_logical_plan(&plain).await.unwrap();
-            let options = options.over(&QueryOptions::default()).resolve(&policy.defaults).unwrap();
-            let PlannedQuery::Dp(q) = plan_query(&plan, &policy, &options).unwrap_or_else(|e| panic!("{name}: {e}")) else {
+            let PlannedQuery::Dp(q) = cleanroom_dp::plan_sql(&ctx.state(), &sql, &policy, &QueryOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+            else {
                 panic!("{name} is not a DP query");
             };
             assert_eq!(q.epsilon, 1.0);

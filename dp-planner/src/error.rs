@@ -19,6 +19,9 @@ pub enum DpError {
     /// The party's budget or the collaboration's cap does not cover the query.
     #[error(transparent)]
     Budget(#[from] crate::accountant::BudgetRefusal),
+    /// The statement cannot be parsed or planned as SQL (before any DP rule).
+    #[error("{0}")]
+    Sql(datafusion::error::DataFusionError),
     #[error("planning error: {0}")]
     Plan(#[from] datafusion::error::DataFusionError),
     #[error("noise mechanism error: {0}")]

@@ -39,3 +39,28 @@ pub mod total;
 pub mod udf;
 
 pub use error::DpError;
+
+use datafusion::execution::SessionState;
+
+/// Plan one statement a party sent: the one entry point from SQL text to a
+/// [`rewrite::PlannedQuery`]. The text's size is checked, the
+/// `WITH DIFFERENTIAL_PRIVACY OPTIONS (…)` clause cut out and its options
+/// laid over `session_options` and the policy's defaults, the rest parsed in
+/// `state`'s dialect, its shape checked before planning (so no nesting can
+/// overflow the planner's stack), planned against `state`'s catalog, and
+/// checked and rewritten against `policy`.
+pub async fn plan_sql(
+    state: &SessionState,
+    sql: &str,
+    policy: &policy::Policy,
+    session_options: &options::QueryOptions,
+) -> error::Result<rewrite::PlannedQuery> {
+    limits::check_text(sql)?;
+    let (sql, query_options) = options::split_dp_clause(sql)?;
+    let options = query_options.over(session_options).resolve(&policy.defaults)?;
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state.sql_to_statement(&sql, &dialect).map_err(DpError::Sql)?;
+    limits::check_statement(&statement)?;
+    let plan = state.statement_to_plan(statement).await.map_err(DpError::Sql)?;
+    rewrite::plan_query(&plan, policy, &options)
+}

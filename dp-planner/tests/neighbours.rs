@@ -33,10 +33,10 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
-use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{announced_dp_schema, finish, release};
-use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
+use cleanroom_dp::rewrite::{DpQuery, PlannedQuery};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{provider_as_source, MemTable};
 use datafusion::logical_expr::LogicalPlan;
@@ -677,10 +677,7 @@ impl Grammar {
 // The checks.
 
 async fn plan(ctx: &SessionContext, policy: &Policy, sql: &str) -> Result<PlannedQuery, String> {
-    let (sql, options) = split_dp_clause(sql).map_err(|e| e.to_string())?;
-    let options = options.over(&QueryOptions::default()).resolve(&policy.defaults).map_err(|e| e.to_string())?;
-    let plan = ctx.state().create_logical_plan(&sql).await.map_err(|e| e.to_string())?;
-    plan_query(&plan, policy, &options).map_err(|e| e.to_string())
+    cleanroom_dp::plan_sql(&ctx.state(), sql, policy, &QueryOptions::default()).await.map_err(|e| e.to_string())
 }
 
 /// `plan` reading `ctx`'s tables instead of the ones it was planned on.

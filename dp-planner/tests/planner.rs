@@ -7,9 +7,9 @@ use std::sync::Arc;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
-use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::release::{finish, release};
-use cleanroom_dp::rewrite::{plan_query, DpQuery, PlannedQuery};
+use cleanroom_dp::rewrite::{DpQuery, PlannedQuery};
 use cleanroom_dp::mechanism::{Noise, Share};
 use cleanroom_dp::DpError;
 use datafusion::prelude::SessionContext;
@@ -22,10 +22,7 @@ async fn plan(sql: &str) -> Result<PlannedQuery, DpError> {
 }
 
 async fn plan_on(ctx: &SessionContext, sql: &str) -> Result<PlannedQuery, DpError> {
-    let (sql, options) = split_dp_clause(sql)?;
-    let plan = ctx.state().create_logical_plan(&sql).await?;
-    let policy = policy();
-    plan_query(&plan, &policy, &options.over(&QueryOptions::default()).resolve(&policy.defaults)?)
+    cleanroom_dp::plan_sql(&ctx.state(), sql, &policy(), &QueryOptions::default()).await
 }
 
 async fn refused_rule(sql: &str) -> &'static str {
@@ -730,9 +727,7 @@ async fn a_cap_on_rows_per_person_bounds_a_self_join() {
     let uncapped = dp(plan(sql).await.unwrap());
     let mut policy = policy();
     policy.defaults.max_rows_per_person = Some(2);
-    let (text, options) = split_dp_clause(sql).unwrap();
-    let logical = context().state().create_logical_plan(&text).await.unwrap();
-    let capped = dp(plan_query(&logical, &policy, &options.over(&QueryOptions::default()).resolve(&policy.defaults).unwrap()).unwrap());
+    let capped = dp(cleanroom_dp::plan_sql(&context().state(), sql, &policy, &QueryOptions::default()).await.unwrap());
     // Channel a: p1 one row (1 pair), p2 three rows, p5 one row (1 pair).
     assert_eq!(exact_value(&uncapped, 0).await, 11.0);
     let value = exact_value(&capped, 0).await;

@@ -14,9 +14,9 @@
 
 use std::path::PathBuf;
 
-use cleanroom_dp::options::{split_dp_clause, QueryOptions};
+use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::release::{explain, without_data};
-use cleanroom_dp::rewrite::{plan_query, PlannedQuery};
+use cleanroom_dp::rewrite::PlannedQuery;
 use cleanroom_dp::DpError;
 use datafusion::prelude::SessionContext;
 use sqllogictest::{
@@ -79,11 +79,7 @@ impl AsyncDB for Planner {
             self.session.set(name, value)?;
             return Ok(DBOutput::StatementComplete(0));
         }
-        let (sql, options) = split_dp_clause(sql)?;
-        let plan = self.ctx.state().create_logical_plan(&sql).await?;
-        let policy = fixtures::policy();
-        let options = options.over(&self.session).resolve(&policy.defaults)?;
-        match plan_query(&plan, &policy, &options)? {
+        match cleanroom_dp::plan_sql(&self.ctx.state(), sql, &fixtures::policy(), &self.session).await? {
             PlannedQuery::Explain(e) => Ok(Self::rows(explain(&e)?)),
             PlannedQuery::NoData(q) => Ok(Self::rows(without_data(&q).await?)),
             // Accepted; its answer is noisy, so only its EXPLAIN is recorded.

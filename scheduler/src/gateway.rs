@@ -44,10 +44,10 @@ use base64::Engine;
 use ballista_core::execution_plans::DistributedQueryExec;
 use cleanroom_ledger::audit::{self, AuditEvent};
 use cleanroom_ledger::{Charge, Ledger, Limits};
-use cleanroom_dp::options::{split_dp_clause, QueryOptions, OPTION_NAMES};
+use cleanroom_dp::options::{QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
-use cleanroom_dp::rewrite::{plan_query, PlannedQuery, SYSTEM_SCHEMA};
+use cleanroom_dp::rewrite::{PlannedQuery, SYSTEM_SCHEMA};
 use cleanroom_dp::DpError;
 use cleanroom_proto::v1::statement_handle::Kind;
 use cleanroom_proto::StatementHandle;
@@ -61,11 +61,11 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use cleanroom_storage::catalog::{Catalog, CATALOG, SCHEMA};
+use cleanroom_storage::catalog::{Catalog, CATALOG};
 use crate::cluster::EmbeddedCluster;
 use crate::ingest::{self, IngestError};
 use crate::metrics::{Metrics, Outcome};
-use crate::system_tables::{SystemSchema, BUDGET, QUERIES};
+use crate::system_tables::SystemSchema;
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
 
@@ -192,7 +192,7 @@ impl From<datafusion::error::DataFusionError> for RunError {
 fn dp_status(e: impl Into<DpError>) -> Status {
     let e = e.into();
     match e {
-        DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) => {
+        DpError::Refused { .. } | DpError::InvalidOption { .. } | DpError::Plan(_) | DpError::Sql(_) => {
             Status::invalid_argument(e.to_string())
         }
         DpError::Budget(_) => {
@@ -412,20 +412,8 @@ impl FlightSqlGateway {
             session.with_option(&name, &value)?;
             return Ok(Statement::Set { name, value });
         }
-        cleanroom_dp::limits::check_text(sql).map_err(dp_status)?;
-        let (sql, query_options) = split_dp_clause(sql).map_err(dp_status)?;
         let session_options = session.options.lock().expect("options lock").clone();
-        let options = query_options
-            .over(&session_options)
-            .resolve(&session.policy.defaults)
-            .map_err(dp_status)?;
-        let state = session.ctx.state();
-        let dialect = state.config().options().sql_parser.dialect;
-        let statement = state.sql_to_statement(&sql, &dialect).map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        // Nesting that would overflow the planner's stack is refused first.
-        cleanroom_dp::limits::check_statement(&statement).map_err(dp_status)?;
-        let plan = state.statement_to_plan(statement).await.map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        let planned = plan_query(&plan, &session.policy, &options).map_err(dp_status)?;
+        let planned = cleanroom_dp::plan_sql(&session.ctx.state(), sql, &session.policy, &session_options).await.map_err(dp_status)?;
         Ok(Statement::Query(planned))
     }
 
@@ -1042,9 +1030,11 @@ impl FlightSqlService for FlightSqlGateway {
     }
 
     async fn do_get_catalogs(&self, query: CommandGetCatalogs, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
-        self.session(&request)?;
+        let session = self.session(&request)?;
         let mut builder = query.into_builder();
-        builder.append(CATALOG);
+        for catalog in session.ctx.catalog_names() {
+            builder.append(catalog);
+        }
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))
@@ -1057,10 +1047,15 @@ impl FlightSqlService for FlightSqlGateway {
     }
 
     async fn do_get_schemas(&self, query: CommandGetDbSchemas, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
-        self.session(&request)?;
+        let session = self.session(&request)?;
         let mut builder = query.into_builder();
-        builder.append(CATALOG, SCHEMA);
-        builder.append(CATALOG, SYSTEM_SCHEMA);
+        for catalog_name in session.ctx.catalog_names() {
+            if let Some(catalog) = session.ctx.catalog(&catalog_name) {
+                for schema_name in catalog.schema_names() {
+                    builder.append(&catalog_name, schema_name);
+                }
+            }
+        }
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))
@@ -1075,11 +1070,25 @@ impl FlightSqlService for FlightSqlGateway {
     async fn do_get_tables(&self, query: CommandGetTables, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         let session = self.session(&request)?;
         let mut builder = query.into_builder();
-        for table in self.catalog.readable(&session.party) {
-            builder.append(CATALOG, SCHEMA, &table.name, "TABLE", &table.visible_schema)?;
+        // What the party's session can query, as its own catalog resolves it
+        // (a dataset without data yet is not a table; hidden columns are not
+        // in any table's schema).
+        for catalog_name in session.ctx.catalog_names() {
+            let Some(catalog) = session.ctx.catalog(&catalog_name) else { continue };
+            for schema_name in catalog.schema_names() {
+                let Some(schema) = catalog.schema(&schema_name) else { continue };
+                for table_name in schema.table_names() {
+                    let Ok(Some(table)) = schema.table(&table_name).await else { continue };
+                    let kind = match table.table_type() {
+                        _ if schema_name == SYSTEM_SCHEMA => "SYSTEM TABLE",
+                        datafusion::datasource::TableType::View => "VIEW",
+                        datafusion::datasource::TableType::Temporary => "LOCAL TEMPORARY",
+                        datafusion::datasource::TableType::Base => "TABLE",
+                    };
+                    builder.append(&catalog_name, &schema_name, &table_name, kind, &table.schema())?;
+                }
+            }
         }
-        builder.append(CATALOG, SYSTEM_SCHEMA, BUDGET, "SYSTEM TABLE", &SystemSchema::budget_schema())?;
-        builder.append(CATALOG, SYSTEM_SCHEMA, QUERIES, "SYSTEM TABLE", &SystemSchema::queries_schema())?;
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))
