@@ -31,7 +31,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{DpError, Result};
+use crate::error::{DpError, Result, Rule};
 use crate::mechanism::{rho_for, Share};
 use crate::options::{NoiseKind, ResolvedOptions};
 
@@ -89,7 +89,7 @@ pub fn split(options: &ResolvedOptions, columns: usize, select: bool) -> Result<
         NoiseKind::Gaussian => {
             if options.delta <= 0.0 {
                 return Err(DpError::refused_with(
-                    "gaussian_delta",
+                    Rule::GaussianDelta,
                     "Gaussian noise is (epsilon, delta)-DP and needs delta > 0 (the query has delta = 0)",
                     "OPTIONS (noise = 'gaussian', delta = 1e-7), or Laplace noise (the default)",
                 ));

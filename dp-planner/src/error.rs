@@ -4,12 +4,88 @@
 
 use thiserror::Error;
 
+macro_rules! rules {
+    ($($variant:ident => $name:literal,)*) => {
+        /// The rule a refusal enforces. The README's table of refusals lists
+        /// exactly these (a test compares them).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Rule {
+            $($variant,)*
+        }
+
+        impl Rule {
+            /// Every rule.
+            pub const ALL: &'static [Rule] = &[$(Rule::$variant,)*];
+
+            /// The rule's name, as refusals, the audit log and metrics show it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Rule::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+rules! {
+    AnswerSize => "answer_size",
+    CrossJoin => "cross_join",
+    Describe => "describe",
+    DpAggregateRequired => "dp_aggregate_required",
+    Explain => "explain",
+    ExplainAnalyze => "explain_analyze",
+    FunctionLiteral => "function_literal",
+    FunctionNotAllowed => "function_not_allowed",
+    GaussianDelta => "gaussian_delta",
+    GroupKeyPublicDomain => "group_key_public_domain",
+    GroupKeyType => "group_key_type",
+    GroupingSets => "grouping_sets",
+    HiddenColumn => "hidden_column",
+    IntegerDivision => "integer_division",
+    JoinKeyUse => "join_key_use",
+    JoinOnPrivacyUnit => "join_on_privacy_unit",
+    JoinType => "join_type",
+    LimitBelowDpAggregate => "limit_below_dp_aggregate",
+    MaxOutputGroups => "max_output_groups",
+    MeasureBounds => "measure_bounds",
+    NestedAggregate => "nested_aggregate",
+    NoiseCalibration => "noise_calibration",
+    Parameters => "parameters",
+    PartitionSelectionDelta => "partition_selection_delta",
+    PrivacyUnit => "privacy_unit",
+    PrivacyUnitInOutput => "privacy_unit_in_output",
+    PublicDataset => "public_dataset",
+    PublicOuterJoin => "public_outer_join",
+    QuantileNoise => "quantile_noise",
+    ReadOnly => "read_only",
+    Statement => "statement",
+    StatementShape => "statement_shape",
+    StatementSize => "statement_size",
+    Subquery => "subquery",
+    SumOfMeasure => "sum_of_measure",
+    SupportedAggregates => "supported_aggregates",
+    SystemTablesAlone => "system_tables_alone",
+    UnionOfProtectedAndPublic => "union_of_protected_and_public",
+    UnionPrivacyUnit => "union_privacy_unit",
+    UnknownDataset => "unknown_dataset",
+    UnsupportedExpression => "unsupported_expression",
+    UnsupportedShape => "unsupported_shape",
+    WindowFrame => "window_frame",
+    WindowPartition => "window_partition",
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum DpError {
     /// The query breaks a privacy rule; it is refused at planning, before any data is read.
     #[error("query refused by rule `{rule}`: {detail}{}", alternative.as_ref().map(|a| format!(". Allowed instead: {a}")).unwrap_or_default())]
     Refused {
-        rule: &'static str,
+        rule: Rule,
         detail: String,
         alternative: Option<String>,
     },
@@ -34,7 +110,7 @@ pub enum DpError {
 }
 
 impl DpError {
-    pub fn refused(rule: &'static str, detail: impl Into<String>) -> Self {
+    pub fn refused(rule: Rule, detail: impl Into<String>) -> Self {
         DpError::Refused {
             rule,
             detail: detail.into(),
@@ -43,7 +119,7 @@ impl DpError {
     }
 
     pub fn refused_with(
-        rule: &'static str,
+        rule: Rule,
         detail: impl Into<String>,
         alternative: impl Into<String>,
     ) -> Self {
@@ -54,10 +130,30 @@ impl DpError {
         }
     }
 
+    /// The rule a refusal enforces, if this is a refusal.
+    pub fn refusal_rule(&self) -> Option<Rule> {
+        match self {
+            DpError::Refused { rule, .. } => Some(*rule),
+            _ => None,
+        }
+    }
+
+    /// What the audit log and metrics file this failure under: the rule of a
+    /// refusal or of a budget refusal, `option` for a bad option, `sql` for
+    /// anything else that stops a statement before it runs.
+    pub fn audit_rule(&self) -> &'static str {
+        match self {
+            DpError::Refused { rule, .. } => rule.name(),
+            DpError::Budget(refusal) => refusal.rule(),
+            DpError::InvalidOption { .. } => "option",
+            _ => "sql",
+        }
+    }
+
     /// The rule a refusal names, if this is a refusal.
     pub fn rule(&self) -> Option<&'static str> {
         match self {
-            DpError::Refused { rule, .. } => Some(rule),
+            DpError::Refused { rule, .. } => Some(rule.name()),
             _ => None,
         }
     }

@@ -38,7 +38,7 @@ pub mod tracking;
 pub mod total;
 pub mod udf;
 
-pub use error::DpError;
+pub use error::{DpError, Rule};
 
 use datafusion::execution::SessionState;
 

@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{Expr, Query, SetExpr, Visit, Visitor};
 
-use crate::error::{DpError, Result};
+use crate::error::{DpError, Result, Rule};
 
 /// Longest statement text accepted, in bytes.
 pub const MAX_STATEMENT_BYTES: usize = 1 << 20;
@@ -34,7 +34,7 @@ pub const MAX_EXPANDED_TABLES: usize = 256;
 pub fn check_text(sql: &str) -> Result<()> {
     if sql.len() > MAX_STATEMENT_BYTES {
         return Err(DpError::refused_with(
-            "statement_size",
+            Rule::StatementSize,
             format!("the statement is {} bytes long, above the limit of {MAX_STATEMENT_BYTES}", sql.len()),
             "a shorter statement (a CTE instead of repeated subqueries)",
         ));
@@ -56,7 +56,7 @@ pub fn check_statement(statement: &DfStatement) -> Result<()> {
         DfStatement::Explain(explain) => check_statement(&explain.statement),
         // COPY, CREATE EXTERNAL TABLE and the like: refused before planning.
         _ => Err(DpError::refused_with(
-            "read_only",
+            Rule::ReadOnly,
             "parties can only run queries; data changes go through the dataset owner's upload",
             "SELECT … GROUP BY …",
         )),
@@ -104,7 +104,7 @@ struct Shape {
 }
 
 fn too_deep(what: &str, limit: usize, instead: &str) -> DpError {
-    DpError::refused_with("statement_shape", format!("the statement nests {what} deeper than {limit} levels"), instead)
+    DpError::refused_with(Rule::StatementShape, format!("the statement nests {what} deeper than {limit} levels"), instead)
 }
 
 /// Terms of a chain of set operations (`a UNION ALL b UNION ALL c` is one
@@ -137,14 +137,14 @@ impl Visitor for Shape {
         }
         if query.with.as_ref().is_some_and(|w| w.cte_tables.len() > MAX_JOINS) || expanded_tables(query) > MAX_EXPANDED_TABLES {
             return ControlFlow::Break(DpError::refused_with(
-                "statement_shape",
+                Rule::StatementShape,
                 format!("the statement's CTEs read more than {MAX_EXPANDED_TABLES} tables once expanded, or there are more than {MAX_JOINS} of them"),
                 "fewer CTEs, each read fewer times",
             ));
         }
         if set_terms(&query.body, MAX_SET_TERMS) > MAX_SET_TERMS {
             return ControlFlow::Break(DpError::refused_with(
-                "statement_shape",
+                Rule::StatementShape,
                 format!("a query combines more than {MAX_SET_TERMS} UNION/INTERSECT/EXCEPT terms"),
                 "fewer terms, or a dataset that holds the rows together",
             ));
@@ -152,7 +152,7 @@ impl Visitor for Shape {
         if let SetExpr::Select(select) = query.body.as_ref() {
             if select.from.iter().map(|f| f.joins.len() + 1).sum::<usize>() > MAX_JOINS {
                 return ControlFlow::Break(DpError::refused_with(
-                    "statement_shape",
+                    Rule::StatementShape,
                     format!("a query joins more than {MAX_JOINS} tables"),
                     "fewer joins",
                 ));
@@ -198,17 +198,17 @@ mod tests {
     #[test]
     fn long_operator_chains_are_refused_without_overflowing_the_stack() {
         let sum = format!("SELECT {}", vec!["1"; 2000].join(" + "));
-        assert!(matches!(check(&sum), Err(DpError::Refused { rule: "statement_shape", .. })));
+        assert!(matches!(check(&sum), Err(DpError::Refused { rule: Rule::StatementShape, .. })));
         let or = format!("SELECT 1 WHERE {}", vec!["a = 1"; 20_000].join(" OR "));
-        assert!(matches!(check(&or), Err(DpError::Refused { rule: "statement_shape", .. })));
+        assert!(matches!(check(&or), Err(DpError::Refused { rule: Rule::StatementShape, .. })));
     }
 
     #[test]
     fn long_unions_and_joins_are_refused() {
         let union = vec!["SELECT 1"; 500].join(" UNION ALL ");
-        assert!(matches!(check(&union), Err(DpError::Refused { rule: "statement_shape", .. })));
+        assert!(matches!(check(&union), Err(DpError::Refused { rule: Rule::StatementShape, .. })));
         let joins = format!("SELECT 1 FROM t0 {}", (1..200).map(|i| format!("JOIN t{i} USING (uid)")).collect::<Vec<_>>().join(" "));
-        assert!(matches!(check(&joins), Err(DpError::Refused { rule: "statement_shape", .. })));
+        assert!(matches!(check(&joins), Err(DpError::Refused { rule: Rule::StatementShape, .. })));
     }
 
     #[test]
@@ -218,13 +218,13 @@ mod tests {
             sql.push_str(&format!(", c{i} AS (SELECT uid FROM c{} UNION ALL SELECT uid FROM c{})", i - 1, i - 1));
         }
         sql.push_str(" SELECT COUNT(*) FROM c19");
-        assert!(matches!(check(&sql), Err(DpError::Refused { rule: "statement_shape", .. })));
-        assert!(matches!(check("COPY (SELECT 1) TO '/tmp/x.csv'"), Err(DpError::Refused { rule: "read_only", .. })));
+        assert!(matches!(check(&sql), Err(DpError::Refused { rule: Rule::StatementShape, .. })));
+        assert!(matches!(check("COPY (SELECT 1) TO '/tmp/x.csv'"), Err(DpError::Refused { rule: Rule::ReadOnly, .. })));
     }
 
     #[test]
     fn ordinary_statements_pass() {
         check("SELECT channel, COUNT(*) FROM t WHERE a IN (1, 2, 3) AND (b > 1 OR c < 2) GROUP BY channel").unwrap();
-        assert!(matches!(check(&"x".repeat(MAX_STATEMENT_BYTES + 1)), Err(DpError::Refused { rule: "statement_size", .. })));
+        assert!(matches!(check(&"x".repeat(MAX_STATEMENT_BYTES + 1)), Err(DpError::Refused { rule: Rule::StatementSize, .. })));
     }
 }

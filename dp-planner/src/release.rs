@@ -22,7 +22,7 @@ use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 
-use crate::error::{DpError, Result};
+use crate::error::{DpError, Result, Rule};
 use crate::accountant::{round_for_display, Receipt};
 use crate::mechanism::{Noise, NoisyMin, Share, Threshold};
 use crate::policy::Domain;
@@ -266,7 +266,7 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
             rows.push(("logical_plan".into(), q.plan.display_indent().to_string()));
         }
         PlannedQuery::Explain(_) => {
-            return Err(DpError::refused("explain", "EXPLAIN of an EXPLAIN is not supported"));
+            return Err(DpError::refused(Rule::Explain, "EXPLAIN of an EXPLAIN is not supported"));
         }
     }
     let schema = Arc::new(explain_schema());
@@ -311,7 +311,7 @@ pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let batches = ctx.execute_logical_plan(bounded).await?.collect().await?;
     if batches.iter().map(RecordBatch::num_rows).sum::<usize>() > MAX_NO_DATA_ROWS {
         return Err(DpError::refused_with(
-            "answer_size",
+            Rule::AnswerSize,
             format!("the statement's answer has more than {MAX_NO_DATA_ROWS} rows"),
             "an aggregate or a LIMIT",
         ));

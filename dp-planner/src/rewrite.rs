@@ -40,7 +40,7 @@ use datafusion::logical_expr::{
 };
 use rand::RngCore;
 
-use crate::error::{DpError, Result};
+use crate::error::{DpError, Result, Rule};
 use crate::accountant;
 use crate::mechanism::{Share, Threshold};
 use crate::options::ResolvedOptions;
@@ -255,7 +255,7 @@ pub fn plan_query(
     let system = all_scans.iter().filter(|t| t.schema() == Some(SYSTEM_SCHEMA)).count();
     if system > 0 && system < all_scans.len() {
         return Err(DpError::refused_with(
-            "system_tables_alone",
+            Rule::SystemTablesAlone,
             "system tables cannot be combined with datasets in one query",
             "query system.budget or system.queries on their own",
         ));
@@ -273,7 +273,7 @@ pub fn plan_query(
     datasets.dedup();
     for name in &datasets {
         if policy.dataset(name).is_none() {
-            return Err(DpError::refused("unknown_dataset", format!("dataset `{name}` is not in the collaboration")));
+            return Err(DpError::refused(Rule::UnknownDataset, format!("dataset `{name}` is not in the collaboration")));
         }
     }
     let plan = analyze(plan)?;
@@ -286,7 +286,7 @@ pub fn plan_query(
     let input = track(&aggregate.input, policy)?;
     if !input.protected {
         return Err(DpError::refused(
-            "public_dataset",
+            Rule::PublicDataset,
             "queries that read only public datasets are not supported yet",
         ));
     }
@@ -311,22 +311,22 @@ fn analyze(plan: &LogicalPlan) -> Result<LogicalPlan> {
 fn refuse_statements(plan: &LogicalPlan) -> Result<()> {
     match plan {
         LogicalPlan::DescribeTable(_) => Err(DpError::refused_with(
-            "describe",
+            Rule::Describe,
             "DESCRIBE is not supported",
             "the table schemas of the Flight SQL metadata calls (GetTables with include_schema)",
         )),
         LogicalPlan::Analyze(_) => Err(DpError::refused_with(
-            "explain_analyze",
+            Rule::ExplainAnalyze,
             "EXPLAIN ANALYZE would show row counts and timings of protected data",
             "EXPLAIN, which shows the rewritten plan and the privacy cost",
         )),
         LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) | LogicalPlan::Copy(_) => Err(DpError::refused_with(
-            "read_only",
+            Rule::ReadOnly,
             "parties can only run queries; data changes go through the dataset owner's upload",
             "SELECT … GROUP BY …",
         )),
         LogicalPlan::Statement(_) => Err(DpError::refused_with(
-            "statement",
+            Rule::Statement,
             "this statement is not supported",
             "SET cleanroom.<option> = <value> to change a DP option for the session",
         )),
@@ -363,7 +363,7 @@ fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
             | LogicalPlan::SubqueryAlias(_) => {
                 if contains_subquery(node) {
                     return Err(DpError::refused_with(
-                        "subquery",
+                        Rule::Subquery,
                         "subqueries in expressions are not supported",
                         "a JOIN on the privacy unit, or a CTE",
                     ));
@@ -376,14 +376,14 @@ fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
             | LogicalPlan::Union(_)
             | LogicalPlan::Distinct(_) => {
                 return Err(DpError::refused_with(
-                    "dp_aggregate_required",
+                    Rule::DpAggregateRequired,
                     "a protected dataset can only be released as an aggregate; this query would return its rows",
                     "SELECT <dimension>, COUNT(*) FROM <dataset> GROUP BY <dimension>",
                 ))
             }
             other => {
                 return Err(DpError::refused(
-                    "unsupported_shape",
+                    Rule::UnsupportedShape,
                     format!("`{}` is not supported in DP queries yet", node_name(other)),
                 ))
             }
@@ -419,7 +419,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
             Lineage::Dimension(Some(domain)) => Some(domain),
             Lineage::Unit | Lineage::UnitOrNull | Lineage::Key => {
                 return Err(DpError::refused_with(
-                    "privacy_unit_in_output",
+                    Rule::PrivacyUnitInOutput,
                     format!("GROUP BY `{name}` would release one row per person or join key"),
                     "COUNT(DISTINCT <privacy unit>) to count people",
                 ))
@@ -429,7 +429,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
             _ => {
                 if options.delta <= 0.0 {
                     return Err(DpError::refused_with(
-                        "partition_selection_delta",
+                        Rule::PartitionSelectionDelta,
                         format!(
                             "GROUP BY `{name}`: the column has no public domain in the manifest, so only keys chosen by DP partition selection can be released, and that needs delta > 0 (the query has delta = 0)"
                         ),
@@ -439,7 +439,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
                 let data_type = expr.get_type(schema)?;
                 if !selectable_key_type(&data_type) {
                     return Err(DpError::refused_with(
-                        "group_key_type",
+                        Rule::GroupKeyType,
                         format!("GROUP BY `{name}`: keys of type {data_type} cannot be selected by DP partition selection"),
                         format!("GROUP BY CAST({name} AS VARCHAR), or a dimension with a public domain"),
                     ));
@@ -450,7 +450,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
         if let Some(domain) = &domain {
             if matches!(domain, Domain::DateRange { .. }) && expr.get_type(schema)? != DataType::Date32 {
                 return Err(DpError::refused_with(
-                    "group_key_public_domain",
+                    Rule::GroupKeyPublicDomain,
                     format!("GROUP BY `{name}`: the public domain is a range of days, and a timestamp has many values per day"),
                     format!("GROUP BY CAST({name} AS DATE)"),
                 ));
@@ -461,7 +461,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
     }
     if keys.iter().all(|(_, k)| k.domain.is_some()) && cells > policy.defaults.max_output_groups {
         return Err(DpError::refused_with(
-            "max_output_groups",
+            Rule::MaxOutputGroups,
             format!(
                 "the group keys' public domains have {cells} combinations, above the collaboration's limit of {}",
                 policy.defaults.max_output_groups
@@ -491,7 +491,7 @@ struct Requested {
 fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Requested>> {
     if aggregate.aggr_expr.is_empty() {
         return Err(DpError::refused_with(
-            "dp_aggregate_required",
+            Rule::DpAggregateRequired,
             "GROUP BY without an aggregate would release the group keys present in the data",
             "add COUNT(*), COUNT(DISTINCT <privacy unit>) or SUM(<measure>)",
         ));
@@ -504,30 +504,30 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
         .iter()
         .map(|expr| {
             let Expr::AggregateFunction(AggregateFunction { func, params }) = expr.clone().unalias() else {
-                return Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not an aggregate function"), allowed));
+                return Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}` is not an aggregate function"), allowed));
             };
             if let Some(permille) = quantile_of(expr, func.name(), &params)? {
                 let arg = params.args[0].clone();
                 return match lineage(&arg, schema, &input.columns)?.bounds() {
                     Some(bounds) => Ok(Requested { kind: AggregateKind::Quantile { permille }, arg: Some(arg), of_unit: false, bounds }),
                     None => Err(DpError::refused_with(
-                        "sum_of_measure",
+                        Rule::SumOfMeasure,
                         format!("`{expr}`: the value has no bounds, so the quantile's candidates cannot be fixed without looking at the data"),
                         "the quantile of a measure the manifest bounds, or of a clamped value: LEAST(GREATEST(x, <low>), <high>)",
                     )),
                 };
             }
             if params.filter.is_some() || !params.order_by.is_empty() {
-                return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: FILTER and ORDER BY inside aggregates are not supported yet"), allowed));
+                return Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}`: FILTER and ORDER BY inside aggregates are not supported yet"), allowed));
             }
             let name = func.name().to_ascii_lowercase();
             if params.args.len() > 1 {
-                return Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: aggregates of several arguments are not supported"), allowed));
+                return Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}`: aggregates of several arguments are not supported"), allowed));
             }
             let Some(arg) = params.args.first() else {
                 return match name.as_str() {
                     "count" => Ok(rows()),
-                    _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not supported yet"), allowed)),
+                    _ => Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}` is not supported yet"), allowed)),
                 };
             };
             if name == "count" && !params.distinct && matches!(arg, Expr::Literal(v, _) if !v.is_null()) {
@@ -537,7 +537,7 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
             let bounded = |kind| match l.bounds() {
                 Some(bounds) => Ok(Requested { kind, arg: Some(arg.clone()), of_unit: false, bounds }),
                 None => Err(DpError::refused_with(
-                    "sum_of_measure",
+                    Rule::SumOfMeasure,
                     format!("`{expr}`: the value has no bounds, so one person could change the sum without limit"),
                     "SUM/AVG of a measure the manifest bounds, or of a clamped value: LEAST(GREATEST(x, <low>), <high>)",
                 )),
@@ -550,7 +550,7 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
                         of_unit: l == Lineage::Unit,
                         bounds: (0.0, 0.0),
                     }),
-                    _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: COUNT(DISTINCT) is only supported on the privacy unit"), allowed)),
+                    _ => Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}`: COUNT(DISTINCT) is only supported on the privacy unit"), allowed)),
                 },
                 // Every row the DP aggregate keeps has a person.
                 ("count", false) if l == Lineage::Unit => Ok(rows()),
@@ -561,7 +561,7 @@ fn check_aggregates(aggregate: &Aggregate, input: &Tracked) -> Result<Vec<Reques
                 ("var_pop" | "var_population", false) => bounded(AggregateKind::Variance { sample: false, root: false }),
                 ("stddev" | "stddev_samp", false) => bounded(AggregateKind::Variance { sample: true, root: true }),
                 ("stddev_pop", false) => bounded(AggregateKind::Variance { sample: false, root: true }),
-                _ => Err(DpError::refused_with("supported_aggregates", format!("`{expr}` is not supported yet"), allowed)),
+                _ => Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}` is not supported yet"), allowed)),
             }
         })
         .collect()
@@ -576,7 +576,7 @@ fn quantile_of(expr: &Expr, name: &str, params: &datafusion::logical_expr::expr:
     if name != "median" && name != "approx_percentile_cont" {
         return Ok(None);
     }
-    let refuse = |why: &str| Err(DpError::refused_with("supported_aggregates", format!("`{expr}`: {why}"), allowed));
+    let refuse = |why: &str| Err(DpError::refused_with(Rule::SupportedAggregates, format!("`{expr}`: {why}"), allowed));
     if params.filter.is_some() || params.distinct {
         return refuse("FILTER and DISTINCT are not supported in quantiles");
     }
@@ -624,7 +624,7 @@ fn rewrite(
         .unit_index()
         .ok_or_else(|| {
             DpError::refused_with(
-                "privacy_unit",
+                Rule::PrivacyUnit,
                 "the input of the DP aggregate does not carry the privacy unit (a SELECT DISTINCT or a UNION left it out, so its rows are no longer one person's)",
                 "keep the privacy unit column (uid) in the SELECT list under DISTINCT or UNION, or count people with COUNT(DISTINCT uid)",
             )
@@ -633,7 +633,7 @@ fn rewrite(
     if let Some(asked) = &options.privacy_unit_column {
         if !asked.eq_ignore_ascii_case(&unit_column.name) {
             return Err(DpError::refused_with(
-                "privacy_unit",
+                Rule::PrivacyUnit,
                 format!(
                     "privacy_unit_column = {asked}: the privacy unit is `{}`, set by the collaboration manifest",
                     unit_column.name
@@ -865,7 +865,7 @@ fn rewrite(
                 AggregateKind::Quantile { permille } => {
                     if let Share::Rho(_) = split.column {
                         return Err(DpError::refused_with(
-                            "quantile_noise",
+                            Rule::QuantileNoise,
                             "quantiles are chosen by a pure-DP selection and cannot be composed in zCDP with Gaussian noise",
                             "noise = 'laplace' (the default) for queries with MEDIAN or APPROX_PERCENTILE_CONT",
                         ));
@@ -930,7 +930,7 @@ fn rewrite(
     // any charge.
     crate::release::check_calibrations(&query).map_err(|e| match e {
         DpError::Mechanism(detail) => DpError::refused_with(
-            "noise_calibration",
+            Rule::NoiseCalibration,
             format!("no noise can be calibrated for this query: {detail}"),
             "narrower bounds, fewer groups per person or a larger epsilon",
         ),
@@ -987,7 +987,7 @@ impl FixedPoint {
         let magnitude = low.abs().max(high.abs());
         if !(magnitude <= MAX_BOUND) {
             return Err(DpError::refused_with(
-                "measure_bounds",
+                Rule::MeasureBounds,
                 format!(
                     "the bounds [{}, {}] of a summed value are above {MAX_BOUND:e} in magnitude, so the sum could overflow",
                     r.bounds.0, r.bounds.1

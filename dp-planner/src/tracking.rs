@@ -41,7 +41,7 @@ use datafusion::logical_expr::{
     BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, Projection, TryCast,
 };
 
-use crate::error::{DpError, Result};
+use crate::error::{DpError, Result, Rule};
 use crate::policy::{ColumnRole, Domain, Policy};
 
 /// What a column holds, as far as privacy is concerned.
@@ -108,7 +108,7 @@ impl Tracked {
     }
 }
 
-fn refuse(rule: &'static str, message: impl Into<String>, instead: impl Into<String>) -> DpError {
+fn refuse(rule: Rule, message: impl Into<String>, instead: impl Into<String>) -> DpError {
     DpError::refused_with(rule, message, instead)
 }
 
@@ -165,7 +165,7 @@ pub fn carry_unit(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
             let column = Column::from(projection.input.schema().qualified_field(unit));
             if projection.schema.fields().iter().any(|f| f.name() == &column.name) {
                 return Err(refuse(
-                    "privacy_unit",
+                    Rule::PrivacyUnit,
                     format!("a subquery leaves out the privacy unit but names another column `{}`", column.name),
                     format!("keep `{}` in the subquery's SELECT list, or name the other column differently", column.name),
                 ));
@@ -202,11 +202,11 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
     match plan {
         LogicalPlan::TableScan(scan) => {
             if !scan.filters.is_empty() || scan.fetch.is_some() {
-                return Err(DpError::refused("unsupported_shape", "pre-filtered scans are not supported"));
+                return Err(DpError::refused(Rule::UnsupportedShape, "pre-filtered scans are not supported"));
             }
             let name = scan.table_name.table();
             let dataset = policy.dataset(name).ok_or_else(|| {
-                DpError::refused("unknown_dataset", format!("dataset `{name}` is not in the collaboration"))
+                DpError::refused(Rule::UnknownDataset, format!("dataset `{name}` is not in the collaboration"))
             })?;
             let unit = dataset.privacy_unit.as_deref();
             let columns: Vec<Lineage> = scan
@@ -228,7 +228,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             let protected = unit.is_some();
             if protected && !columns.contains(&Lineage::Unit) {
                 return Err(DpError::refused(
-                    "privacy_unit",
+                    Rule::PrivacyUnit,
                     format!("dataset `{}` has no privacy-unit column `{}`", dataset.name, unit.unwrap_or_default()),
                 ));
             }
@@ -286,7 +286,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             if input.protected && !by_unit {
                 // Only the DP aggregate may mix people; it is the outermost one.
                 return Err(refuse(
-                    "nested_aggregate",
+                    Rule::NestedAggregate,
                     "an aggregate below the DP aggregate must be grouped by the privacy unit (one person at a time)",
                     "GROUP BY uid in the inner query, or move this aggregate to the outermost query",
                 ));
@@ -312,7 +312,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                     inner = &a.expr;
                 }
                 let Expr::WindowFunction(f) = inner else {
-                    return Err(DpError::refused("unsupported_shape", format!("`{w}` is not a window function")));
+                    return Err(DpError::refused(Rule::UnsupportedShape, format!("`{w}` is not a window function")));
                 };
                 let WindowFunction { fun, params } = f.as_ref();
                 let mut partitioned = false;
@@ -322,7 +322,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                 }
                 if input.protected && !partitioned {
                     return Err(refuse(
-                        "window_partition",
+                        Rule::WindowPartition,
                         format!("the window of `{}` must be partitioned by the privacy unit", fun.name()),
                         "OVER (PARTITION BY uid …), so the window looks at one person's rows",
                     ));
@@ -356,7 +356,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             let protected = inputs.iter().filter(|t| t.protected).count();
             if protected > 0 && protected < inputs.len() {
                 return Err(refuse(
-                    "union_of_protected_and_public",
+                    Rule::UnionOfProtectedAndPublic,
                     "a UNION of protected and public rows would mix rows that belong to no one with people's rows",
                     "UNION ALL of protected inputs only",
                 ));
@@ -367,7 +367,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             }
             if protected > 0 && !columns.contains(&Lineage::Unit) {
                 return Err(refuse(
-                    "union_privacy_unit",
+                    Rule::UnionPrivacyUnit,
                     "every input of a UNION must have its privacy unit in the same column",
                     "SELECT uid, … FROM a UNION ALL SELECT uid, … FROM b",
                 ));
@@ -384,7 +384,7 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
             unique_by: None,
         }),
         other => Err(DpError::refused(
-            "unsupported_shape",
+            Rule::UnsupportedShape,
             format!("`{}` is not supported below the DP aggregate", node_name(other)),
         )),
     }
@@ -408,7 +408,7 @@ fn check_window_frame(w: &Expr, frame: &datafusion::logical_expr::WindowFrame) -
         return Ok(());
     }
     Err(refuse(
-        "window_frame",
+        Rule::WindowFrame,
         format!("`{w}`: a RANGE frame with an offset is not supported"),
         "ROWS BETWEEN n PRECEDING AND CURRENT ROW, or RANGE with UNBOUNDED / CURRENT ROW bounds",
     ))
@@ -420,7 +420,7 @@ pub(crate) fn node_name(plan: &LogicalPlan) -> String {
 
 fn limit_below() -> DpError {
     refuse(
-        "limit_below_dp_aggregate",
+        Rule::LimitBelowDpAggregate,
         "LIMIT below the DP aggregate would make the answer depend on which rows come first",
         "LIMIT on the aggregated result",
     )
@@ -431,7 +431,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
     let right = track(&join.right, policy)?;
     if join.on.is_empty() && join.filter.is_none() && (left.protected || right.protected) {
         return Err(refuse(
-            "cross_join",
+            Rule::CrossJoin,
             "a cross join pairs every person's rows with everyone else's",
             "JOIN … ON a.uid = b.uid",
         ));
@@ -474,7 +474,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
         (true, true) => {
             if !unit_equated {
                 return Err(refuse(
-                    "join_on_privacy_unit",
+                    Rule::JoinOnPrivacyUnit,
                     "a join of two protected datasets must equate their privacy units, or it would pair one person's rows with another's",
                     "JOIN … ON a.uid = b.uid (other conditions may follow with AND)",
                 ));
@@ -511,7 +511,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
                 (JoinType::RightSemi | JoinType::RightAnti, false) => right.columns.clone(),
                 (JoinType::Left | JoinType::Right | JoinType::Full, _) => {
                     return Err(refuse(
-                        "public_outer_join",
+                        Rule::PublicOuterJoin,
                         "an outer join that keeps public rows without a person is not supported",
                         "an inner join, or a LEFT JOIN with the protected dataset on the left",
                     ))
@@ -534,7 +534,7 @@ fn track_join(join: &datafusion::logical_expr::Join, policy: &Policy) -> Result<
 
 fn unsupported_join(join_type: JoinType) -> DpError {
     refuse(
-        "join_type",
+        Rule::JoinType,
         format!("{join_type} joins of protected inputs are not supported"),
         "INNER, LEFT or RIGHT JOIN on the privacy unit, or WHERE … IN / EXISTS written as a join",
     )
@@ -562,7 +562,7 @@ fn merge(a: &Lineage, b: &Lineage) -> Lineage {
 /// refused wherever they appear.
 pub(crate) fn refuse_grouping_sets(group_expr: &[Expr]) -> Result<()> {
     if group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) {
-        return Err(refuse("grouping_sets", "GROUPING SETS, CUBE and ROLLUP are not supported", "one GROUP BY per query"));
+        return Err(refuse(Rule::GroupingSets, "GROUPING SETS, CUBE and ROLLUP are not supported", "one GROUP BY per query"));
     }
     Ok(())
 }
@@ -579,14 +579,14 @@ fn merge_non_null<'e>(values: impl IntoIterator<Item = (Lineage, &'e Expr)>) -> 
 
 fn hidden(dataset: &str, column: &str) -> DpError {
     DpError::refused(
-        "hidden_column",
+        Rule::HiddenColumn,
         format!("column `{column}` of `{dataset}` is hidden by the collaboration manifest and cannot be used in any query"),
     )
 }
 
 fn identifier_use(e: &Expr) -> DpError {
     refuse(
-        "join_key_use",
+        Rule::JoinKeyUse,
         format!("`{e}` computes with the privacy unit or a join key"),
         "use the privacy unit and join keys only to join on (a.uid = b.uid), partition or group per person, and COUNT(DISTINCT uid)",
     )
@@ -637,7 +637,7 @@ pub fn check_functions(plan: &LogicalPlan) -> Result<()> {
     match refused {
         None => Ok(()),
         Some(name) => Err(refuse(
-            "function_not_allowed",
+            Rule::FunctionNotAllowed,
             format!("`{name}` is not supported"),
             format!("one of {}", TOTAL_FUNCTIONS.iter().chain(NO_DATA_FUNCTIONS).copied().collect::<Vec<_>>().join(", ")),
         )),
@@ -662,7 +662,7 @@ fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
         return match (text(args.get(1)), text(args.get(2))) {
             (Some(from), Some(to)) if from > 0 && to <= from => Ok(()),
             _ => Err(refuse(
-                "function_literal",
+                Rule::FunctionLiteral,
                 "`replace` needs a non-empty literal pattern and a literal replacement no longer than it",
                 "replace(s, 'ab', 'c')",
             )),
@@ -680,7 +680,7 @@ fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
     match unit {
         Some(u) if DATE_UNITS.contains(&u.as_str()) && !(name == "date_trunc" && matches!(u.as_str(), "dow" | "doy" | "epoch" | "isodow" | "nanosecond")) => Ok(()),
         _ => Err(refuse(
-            "function_not_allowed",
+            Rule::FunctionNotAllowed,
             format!("`{name}` needs its unit as a literal it accepts"),
             format!("{name}('day', ts), with one of {}", DATE_UNITS.join(", ")),
         )),
@@ -758,7 +758,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             let numeric = inner.get_type(schema).map(|t| t.is_integer() || t.is_floating()).unwrap_or(false);
             if !numeric {
                 return Err(refuse(
-                    "unsupported_expression",
+                    Rule::UnsupportedExpression,
                     format!("`{e}`: only numbers can be negated"),
                     "0 - x, or negate a number",
                 ));
@@ -787,7 +787,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
         }
         Expr::SimilarTo(_) => {
             return Err(refuse(
-                "function_not_allowed",
+                Rule::FunctionNotAllowed,
                 format!("`{e}`: SIMILAR TO is not supported"),
                 "LIKE with a literal pattern",
             ))
@@ -812,7 +812,7 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             let name = f.name().to_ascii_lowercase();
             if !TOTAL_FUNCTIONS.contains(&name.as_str()) {
                 return Err(refuse(
-                    "function_not_allowed",
+                    Rule::FunctionNotAllowed,
                     format!("`{name}` may fail on some values, and whether a query fails must not depend on the data"),
                     format!("one of {}", TOTAL_FUNCTIONS.join(", ")),
                 ));
@@ -853,19 +853,19 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
         }
         Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) | Expr::OuterReferenceColumn(..) => {
             return Err(refuse(
-                "subquery",
+                Rule::Subquery,
                 "subqueries in expressions are not supported",
                 "a JOIN on the privacy unit (WHERE uid IN (SELECT uid …) becomes JOIN (SELECT DISTINCT uid …) USING (uid))",
             ))
         }
         Expr::Placeholder(_) => {
-            return Err(DpError::refused("parameters", "query parameters are not supported"));
+            return Err(DpError::refused(Rule::Parameters, "query parameters are not supported"));
         }
         Expr::AggregateFunction(_) | Expr::WindowFunction(_) => {
-            return Err(DpError::refused("unsupported_shape", format!("`{e}` is not allowed here")));
+            return Err(DpError::refused(Rule::UnsupportedShape, format!("`{e}` is not allowed here")));
         }
         other => {
-            return Err(DpError::refused("unsupported_expression", format!("`{other}` is not supported")));
+            return Err(DpError::refused(Rule::UnsupportedExpression, format!("`{other}` is not supported")));
         }
     })
 }
@@ -918,7 +918,7 @@ fn check_division(e: &Expr, divisor: &Expr, schema: &DFSchema) -> Result<()> {
         }
     }
     Err(refuse(
-        "integer_division",
+        Rule::IntegerDivision,
         format!("`{e}` fails when the divisor is 0, so whether the query fails would depend on the data"),
         "divide as floating point: CAST(a AS DOUBLE) / b (a zero divisor gives NULL-like inf/NaN, not an error)",
     ))
@@ -941,7 +941,7 @@ fn aggregate_lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage], context: 
         inner = &a.expr;
     }
     let Expr::AggregateFunction(AggregateFunction { func, params }) = inner else {
-        return Err(DpError::refused("unsupported_shape", format!("`{e}` is not an aggregate function")));
+        return Err(DpError::refused(Rule::UnsupportedShape, format!("`{e}` is not an aggregate function")));
     };
     if let Some(filter) = &params.filter {
         lineage(filter, schema, columns)?;
@@ -971,7 +971,7 @@ fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSch
         if let Some(t) = args.first().and_then(|a| a.get_type(schema).ok()) {
             if matches!(t, arrow::datatypes::DataType::Decimal128(..) | arrow::datatypes::DataType::Decimal256(..)) {
                 return Err(refuse(
-                    "supported_aggregates",
+                    Rule::SupportedAggregates,
                     format!("`{e}`: a per-person {name} of a DECIMAL may overflow"),
                     format!("{name}(CAST(x AS DOUBLE))"),
                 ));
@@ -985,13 +985,13 @@ fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSch
     if name == "ntile" {
         let valid = matches!(literal(args.first()), Some(v) if v.data_type().is_integer() && !v.is_null() && v.cast_to(&arrow::datatypes::DataType::Int64).is_ok_and(|n| n > ScalarValue::Int64(Some(0))));
         if !valid || args.len() != 1 {
-            return Err(refuse("function_literal", format!("`{e}`: NTILE needs its number of buckets as a whole number above 0"), "NTILE(4)"));
+            return Err(refuse(Rule::FunctionLiteral, format!("`{e}`: NTILE needs its number of buckets as a whole number above 0"), "NTILE(4)"));
         }
     }
     if matches!(name, "lag" | "lead") {
         // The offset and the default are read once a window has rows.
         if args.len() > 1 && !matches!(literal(args.get(1)), Some(v) if v.data_type().is_integer() && !v.is_null()) {
-            return Err(refuse("function_literal", format!("`{e}`: the offset of {name} must be a whole-number literal"), format!("{name}(x, 1)")));
+            return Err(refuse(Rule::FunctionLiteral, format!("`{e}`: the offset of {name} must be a whole-number literal"), format!("{name}(x, 1)")));
         }
         if let (Some(value), Some(default)) = (args.first(), args.get(2)) {
             let fits = match (literal(Some(default)), value.get_type(schema)) {
@@ -1000,7 +1000,7 @@ fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSch
             };
             if !fits {
                 return Err(refuse(
-                    "function_literal",
+                    Rule::FunctionLiteral,
                     format!("`{e}`: the default of {name} must be a literal of the value's type"),
                     format!("{name}(x, 1, 0) for a number x"),
                 ));
@@ -1012,7 +1012,7 @@ fn check_aggregate_arguments(e: &Expr, name: &str, args: &[Expr], schema: &DFSch
         let valid = matches!(position, Some(Expr::Literal(ScalarValue::Int64(Some(n)), _)) if *n > 0);
         if !valid || args.len() != 2 {
             return Err(refuse(
-                "function_literal",
+                Rule::FunctionLiteral,
                 format!("`{e}`: NTH_VALUE needs its position as a whole number above 0"),
                 "NTH_VALUE(x, 2)",
             ));
@@ -1032,7 +1032,7 @@ fn check_like_pattern(e: &Expr, like: &datafusion::logical_expr::expr::Like) -> 
         Expr::Literal(v, _) if v.is_null() => return Ok(()),
         _ => {
             return Err(refuse(
-                "function_literal",
+                Rule::FunctionLiteral,
                 format!("`{e}`: the LIKE pattern must be a literal"),
                 "x LIKE 'prefix%'",
             ))
@@ -1048,7 +1048,7 @@ fn check_like_pattern(e: &Expr, like: &datafusion::logical_expr::expr::Like) -> 
     };
     if compiled.is_err() || !escape_ok {
         return Err(refuse(
-            "function_literal",
+            Rule::FunctionLiteral,
             format!("`{e}`: the LIKE pattern is not valid"),
             "a pattern of characters, % and _ (escape with a backslash)",
         ));
@@ -1077,7 +1077,7 @@ fn function_lineage(name: &str, args: &[Lineage], context: &str) -> Result<Linea
         "bool_and" | "bool_or" => Lineage::Other,
         _ => {
             return Err(refuse(
-                "supported_aggregates",
+                Rule::SupportedAggregates,
                 format!("`{name}` is not supported in a per-person {context}"),
                 "COUNT, SUM, AVG, MIN, MAX, FIRST_VALUE, LAST_VALUE, BOOL_AND, BOOL_OR, and in windows ROW_NUMBER, RANK, DENSE_RANK, LAG, LEAD",
             ))
@@ -1088,7 +1088,7 @@ fn function_lineage(name: &str, args: &[Lineage], context: &str) -> Result<Linea
             && !matches!(name, "count" | "min" | "max" | "first_value" | "last_value" | "lag" | "lead" | "nth_value")
         {
             return Err(refuse(
-                "join_key_use",
+                Rule::JoinKeyUse,
                 format!("`{name}` of the privacy unit or a join key"),
                 "COUNT(DISTINCT uid), or MIN/MAX/FIRST_VALUE of a join key",
             ));

@@ -759,3 +759,20 @@ async fn per_person_float_sums_and_averages_are_exact_and_keep_their_names() {
     let value = exact_value(&q, 0).await * q.aggregates[0].unit;
     assert!((value - 6.2).abs() < 1e-6, "{value}");
 }
+
+#[test]
+fn the_readme_lists_every_refusal_rule_and_no_other() {
+    // The table under "What this version refuses": one row per rule or group
+    // of rules, each named in backquotes in its first cell.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme.split("### What this version refuses").nth(1).unwrap().split("\n### ").next().unwrap();
+    let mut listed: Vec<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .flat_map(|l| l.split('|').nth(1).unwrap().split(',').map(|r| r.trim().trim_matches('`').to_string()).collect::<Vec<_>>())
+        .collect();
+    listed.sort();
+    let mut rules: Vec<String> = cleanroom_dp::Rule::ALL.iter().map(|r| r.name().to_string()).collect();
+    rules.sort();
+    assert_eq!(listed, rules, "the README's refusal table and the planner's rules differ");
+}

@@ -75,7 +75,7 @@ impl AsyncDB for Planner {
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DpError> {
         let trimmed = sql.trim().trim_end_matches(';');
         if let Some(rest) = trimmed.strip_prefix("SET cleanroom.") {
-            let (name, value) = rest.split_once('=').ok_or_else(|| DpError::refused("statement", "SET needs a value"))?;
+            let (name, value) = rest.split_once('=').ok_or_else(|| DpError::refused(cleanroom_dp::Rule::Statement, "SET needs a value"))?;
             self.session.set(name, value)?;
             return Ok(DBOutput::StatementComplete(0));
         }

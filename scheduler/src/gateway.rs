@@ -99,16 +99,16 @@ impl Session {
 
     /// The session's options with `name` set to `value`, checked.
     #[allow(clippy::result_large_err)]
-    fn with_option(&self, name: &str, value: &str) -> Result<QueryOptions, Status> {
+    fn with_option(&self, name: &str, value: &str) -> Result<QueryOptions, DpError> {
         let mut options = self.options.lock().expect("options lock").clone();
-        options.set(name, value).map_err(dp_status)?;
-        options.resolve(&self.policy.defaults).map_err(dp_status)?;
+        options.set(name, value)?;
+        options.resolve(&self.policy.defaults)?;
         Ok(options)
     }
 
     #[allow(clippy::result_large_err)]
     fn set_option(&self, name: &str, value: &str) -> Result<(), Status> {
-        let options = self.with_option(name, value)?;
+        let options = self.with_option(name, value).map_err(dp_status)?;
         *self.options.lock().expect("options lock") = options;
         Ok(())
     }
@@ -240,19 +240,6 @@ fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     Box::pin(stream)
 }
 
-/// The rule a refusal names, for its audit record: the planner's rule, or
-/// `option` / `sql` for a bad option or statement.
-fn refusal_rule(status: &Status) -> String {
-    let message = status.message();
-    if let Some(rest) = message.strip_prefix("query refused by rule `") {
-        return rest.split('`').next().unwrap_or("unknown").to_string();
-    }
-    if message.starts_with("invalid differential-privacy option") {
-        return "option".into();
-    }
-    "sql".into()
-}
-
 /// The variant of a DataFusion error, for logs (its message may quote values).
 fn error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
     use datafusion::error::DataFusionError as E;
@@ -321,10 +308,9 @@ impl FlightSqlGateway {
     }
 
     /// Audit a refusal of `sql`, then return it (or the ledger's error).
-    async fn refused(&self, session: &Session, sql: &str, status: Status) -> Status {
+    async fn refused(&self, session: &Session, sql: &str, rule: &str, status: Status) -> Status {
         self.metrics.query(Outcome::Refused);
-        let rule = refusal_rule(&status);
-        refuse(self.ledger.clone(), &self.metrics, &session.party, &rule, json!({ "sql": sql }), status).await
+        refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), status).await
     }
 
     pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> anyhow::Result<Self> {
@@ -401,19 +387,22 @@ impl FlightSqlGateway {
     async fn plan(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
         match self.plan_unaudited(session, sql).await {
             Ok(statement) => Ok(statement),
-            Err(status) => Err(self.refused(session, sql, status).await),
+            Err((rule, status)) => Err(self.refused(session, sql, rule, status).await),
         }
     }
 
-    async fn plan_unaudited(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
+    /// The statement, or the rule its refusal is audited under and the
+    /// status the party gets.
+    async fn plan_unaudited(&self, session: &Session, sql: &str) -> Result<Statement, (&'static str, Status)> {
+        let refusal = |e: DpError| (e.audit_rule(), dp_status(e));
         if let Some(assignment) = parse_set(sql) {
-            let (name, value) = assignment?;
+            let (name, value) = assignment.map_err(|status| ("sql", status))?;
             // Checked now, so a bad value fails at prepare time too.
-            session.with_option(&name, &value)?;
+            session.with_option(&name, &value).map_err(refusal)?;
             return Ok(Statement::Set { name, value });
         }
         let session_options = session.options.lock().expect("options lock").clone();
-        let planned = cleanroom_dp::plan_sql(&session.ctx.state(), sql, &session.policy, &session_options).await.map_err(dp_status)?;
+        let planned = cleanroom_dp::plan_sql(&session.ctx.state(), sql, &session.policy, &session_options).await.map_err(refusal)?;
         Ok(Statement::Query(planned))
     }
 
