@@ -26,7 +26,7 @@ use crate::error::{DpError, Result, Rule};
 use crate::accountant::{round_for_display, Receipt};
 use crate::mechanism::{Noise, NoisyMin, Share, Threshold};
 use crate::policy::Domain;
-use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExplainQuery, NoDataQuery, PlannedQuery};
+use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExactColumn, ExplainQuery, NoDataQuery, PlannedQuery};
 
 /// Arrow field metadata keys on every noisy column.
 pub const META_MECHANISM: &str = "cleanroom.noise.mechanism";
@@ -363,26 +363,12 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
     let index: HashMap<&[String], usize> = cells.iter().enumerate().map(|(i, k)| (k.as_slice(), i)).collect();
 
     let groups = query.groups.len();
-    // Exact columns by name: `__a<j>` per aggregate, `__b<j>` (the count of
-    // values) for an AVG or a variance, `__c<j>` (the sum of squares) for a
-    // variance.
     let exact_columns: Vec<String> = query
         .aggregates
         .iter()
         .enumerate()
-        .flat_map(|(j, a)| {
-            let mut names = vec![format!("__a{j}")];
-            if a.average.is_some() {
-                names.push(format!("__b{j}"));
-            }
-            if a.squares.is_some() {
-                names.push(format!("__c{j}"));
-            }
-            if let Some(q) = &a.quantile {
-                names.extend((0..q.candidates.len()).map(|i| format!("__k{j}_{i}")));
-            }
-            names
-        })
+        .flat_map(|(j, a)| ExactColumn::of_aggregate(j, a))
+        .map(ExactColumn::name)
         .collect();
     // Every exact column holds whole numbers (counts, or sums in steps of
     // their grid): read exactly, as 128-bit integers.
@@ -433,15 +419,15 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
         columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
     for (j, agg) in query.aggregates.iter().enumerate() {
-        let sums = &exact_values[format!("__a{j}").as_str()];
+        let sums = &exact_values[ExactColumn::Total(j).name().as_str()];
         if let (Some(q), Share::Epsilon(epsilon)) = (&agg.quantile, agg.share) {
             // A quantile: per group, OpenDP's noisy max picks the candidate
             // whose rank is closest to q·N. A person reaches at most k groups,
             // so each group's selection gets ε / k (sequential composition).
             let selection = NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
-            let counts = &exact_values[format!("__a{j}").as_str()];
+            let counts = &exact_values[ExactColumn::Total(j).name().as_str()];
             let at_most: Vec<&Vec<i128>> =
-                (0..q.candidates.len()).map(|i| &exact_values[format!("__k{j}_{i}").as_str()]).collect();
+                (0..q.candidates.len()).map(|i| &exact_values[ExactColumn::AtMost(j, i).name().as_str()]).collect();
             let scores = (0..cells.len()).map(|cell| {
                 let n = counts[cell] as i64;
                 at_most.iter().map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs()).collect()
@@ -471,8 +457,8 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // values in the bounds is larger), then sample-corrected and rooted as asked.
             (Some((count_l1, count_l2, (low, high))), Some((squares_l1, squares_l2))) => {
                 let third = agg.share.split(3.0);
-                let counts = &exact_values[format!("__b{j}").as_str()];
-                let squares = &exact_values[format!("__c{j}").as_str()];
+                let counts = &exact_values[ExactColumn::Count(j).name().as_str()];
+                let squares = &exact_values[ExactColumn::Squares(j).name().as_str()];
                 let noisy_sums = steps(third, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
                 let noisy_counts = steps(third, count_l1, count_l2, 1.0, counts)?;
                 let noisy_squares = steps(third, squares_l1, squares_l2, agg.squares_unit, squares)?;
@@ -499,7 +485,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             (Some((count_l1, count_l2, (low, high))), None) => {
                 let half = agg.share.split(2.0);
                 let noisy_sums = steps(half, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
-                let counts = &exact_values[format!("__b{j}").as_str()];
+                let counts = &exact_values[ExactColumn::Count(j).name().as_str()];
                 let noisy_counts = steps(half, count_l1, count_l2, 1.0, counts)?;
                 noisy_sums
                     .iter()
@@ -535,7 +521,7 @@ fn row_keys(batch: &RecordBatch, groups: usize) -> Result<Vec<Option<Vec<String>
 
 /// The keys DP partition selection releases: of the groups present in
 /// `exact` (public-domain keys inside their domains, no NULL key), those
-/// whose noisy people count (`__n`) reaches the threshold. Their order is
+/// whose noisy people count ([`ExactColumn::People`]) reaches the threshold. Their order is
 /// the keys' text order, not the data's.
 ///
 /// Why it is private: see [`Threshold`]; the exact counts go to OpenDP's
@@ -547,8 +533,8 @@ fn selected_cells(query: &DpQuery, exact: &[RecordBatch], threshold: &Threshold)
     let mut counts: HashMap<u64, i64> = HashMap::new();
     for batch in exact {
         let people = batch
-            .column_by_name("__n")
-            .ok_or_else(|| DpError::Mechanism("exact column __n missing".into()))?;
+            .column_by_name(&ExactColumn::People.name())
+            .ok_or_else(|| DpError::Mechanism("the exact column of people per group is missing".into()))?;
         let people = cast(people, &DataType::Int64).map_err(|e| DpError::Mechanism(e.to_string()))?;
         let people = people.as_any().downcast_ref::<Int64Array>().expect("i64");
         for (row, key) in row_keys(batch, query.groups.len())?.into_iter().enumerate() {

@@ -163,15 +163,64 @@ pub struct GroupKey {
     pub domain: Option<Domain>,
 }
 
+/// A column of a DP query's exact plan: how the rewrite names what it
+/// computes and how the release finds it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExactColumn {
+    /// Group key `i`.
+    Group(usize),
+    /// Aggregate `j`'s bounded total: a count, or a sum in steps of its grid
+    /// (of centred values for a variance); for a quantile, the number of
+    /// values.
+    Total(usize),
+    /// Aggregate `j`'s count of values (an AVG or a variance).
+    Count(usize),
+    /// Aggregate `j`'s sum of squared centred values (a variance).
+    Squares(usize),
+    /// Aggregate `j`'s count of values at or below quantile candidate `i`.
+    AtMost(usize, usize),
+    /// People per group, for partition selection.
+    People,
+}
+
+impl ExactColumn {
+    /// The column's name in the exact plan (never shown to a party).
+    pub fn name(self) -> String {
+        match self {
+            ExactColumn::Group(i) => format!("__g{i}"),
+            ExactColumn::Total(j) => format!("__a{j}"),
+            ExactColumn::Count(j) => format!("__b{j}"),
+            ExactColumn::Squares(j) => format!("__c{j}"),
+            ExactColumn::AtMost(j, i) => format!("__k{j}_{i}"),
+            ExactColumn::People => "__n".to_string(),
+        }
+    }
+
+    /// The exact columns of `aggregate` (number `j`), in plan order.
+    pub fn of_aggregate(j: usize, aggregate: &DpAggregate) -> Vec<ExactColumn> {
+        let mut columns = vec![ExactColumn::Total(j)];
+        if aggregate.average.is_some() {
+            columns.push(ExactColumn::Count(j));
+        }
+        if aggregate.squares.is_some() {
+            columns.push(ExactColumn::Squares(j));
+        }
+        if let Some(q) = &aggregate.quantile {
+            columns.extend((0..q.candidates.len()).map(|i| ExactColumn::AtMost(j, i)));
+        }
+        columns
+    }
+}
+
 /// A checked DP query.
 #[derive(Debug)]
 pub struct DpQuery {
     /// A fresh random id; the budget charge for this query names it, and the
     /// release step refuses a receipt for any other query.
     pub id: String,
-    /// Exact, contribution-bounded aggregates: columns `__g0…` (group keys)
-    /// then `__a0…` (one per [`DpAggregate`]), and `__n` (people per group)
-    /// when keys are selected. Never sent to a party.
+    /// Exact, contribution-bounded aggregates: the group keys, then each
+    /// [`DpAggregate`]'s [`ExactColumn`]s, and the people per group when keys
+    /// are selected. Never sent to a party.
     pub exact_plan: LogicalPlan,
     pub groups: Vec<GroupKey>,
     pub aggregates: Vec<DpAggregate>,
@@ -681,8 +730,8 @@ fn rewrite(
         let Some(domain) = &key.domain else {
             // A selected key: any value but NULL may be released.
             keep = keep.and(expr.clone().is_not_null());
-            group_by.push(expr.clone().alias(format!("__g{i}")));
-            group_cols.push(col(format!("__g{i}")));
+            group_by.push(expr.clone().alias(ExactColumn::Group(i).name()));
+            group_cols.push(col(ExactColumn::Group(i).name()));
             continue;
         };
         let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match domain {
@@ -706,8 +755,8 @@ fn rewrite(
         };
         let key_expr = try_cast(expr.clone(), as_type);
         keep = keep.and(in_domain(key_expr.clone()));
-        group_by.push(key_expr.alias(format!("__g{i}")));
-        group_cols.push(col(format!("__g{i}")));
+        group_by.push(key_expr.alias(ExactColumn::Group(i).name()));
+        group_cols.push(col(ExactColumn::Group(i).name()));
     }
 
     // 1. Per person and group: partial aggregates. Every sum is exact:
@@ -823,7 +872,7 @@ fn rewrite(
             AggregateKind::Quantile { .. } => {
                 for i in 0..QUANTILE_CANDIDATES {
                     bounded.push(clamp(col(format!("__k{j}_{i}")), 0.0, per_group_rows, true).alias(format!("__k{j}_{i}")));
-                    finals.push(sum(col(format!("__k{j}_{i}"))).alias(format!("__k{j}_{i}")));
+                    finals.push(sum(col(format!("__k{j}_{i}"))).alias(ExactColumn::AtMost(j, i).name()));
                 }
                 (Some(clamp(p, 0.0, per_group_rows, true)), 1000.0 * per_group_rows, sum(col(format!("__p{j}"))))
             }
@@ -833,18 +882,18 @@ fn rewrite(
             // Squared centred values per person and group: at most
             // `max_contributions_per_group` × half-width² (in grid steps).
             bounded.push(clamp_exact(col(format!("__r{j}")), 0.0, bound).alias(format!("__r{j}")));
-            finals.push(exact_total(format!("__r{j}")).alias(format!("__c{j}")));
+            finals.push(exact_total(format!("__r{j}")).alias(ExactColumn::Squares(j).name()));
         }
         if matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. }) {
             // The denominator: values counted per person and group, at most
             // `max_contributions_per_group`.
             bounded.push(clamp(col(format!("__q{j}")), 0.0, per_group_rows, true).alias(format!("__q{j}")));
-            finals.push(sum(col(format!("__q{j}"))).alias(format!("__b{j}")));
+            finals.push(sum(col(format!("__q{j}"))).alias(ExactColumn::Count(j).name()));
         }
         if let Some(partial) = partial {
             bounded.push(partial.alias(format!("__p{j}")));
         }
-        finals.push(final_expr.alias(format!("__a{j}")));
+        finals.push(final_expr.alias(ExactColumn::Total(j).name()));
         let field = aggregate.schema.field(groups.len() + j);
         aggregates.push(DpAggregate {
             kind: r.kind,
@@ -897,7 +946,7 @@ fn rewrite(
     // 3. Sum the partials per group; with selection, count each group's
     // people too (one bounded row per person and group).
     if select {
-        finals.push(count(lit(1i64)).alias("__n"));
+        finals.push(count(lit(1i64)).alias(ExactColumn::People.name()));
     }
     let exact_plan = builder.aggregate(group_cols, finals)?.build()?;
     // Every function and operator in it evaluated totally: NULL where it
