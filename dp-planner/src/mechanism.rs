@@ -222,6 +222,29 @@ impl Gaussian {
     }
 }
 
+/// What releases one DP aggregate column, calibrated once at planning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mechanism {
+    /// A noisy count or sum (in steps of its grid).
+    Total(Noise),
+    /// `AVG`: a noisy sum and a noisy count, half of the column's share each.
+    Average { sum: Noise, count: Noise },
+    /// A variance: noisy sum, count and sum of squares, a third each.
+    Variance { sum: Noise, count: Noise, squares: Noise },
+    /// A quantile: the noisy max over candidates, per group.
+    Quantile(NoisyMin),
+}
+
+impl Mechanism {
+    /// The noise announced for the column, when it is one noisy total.
+    pub fn total(&self) -> Option<&Noise> {
+        match self {
+            Mechanism::Total(noise) => Some(noise),
+            _ => None,
+        }
+    }
+}
+
 /// The noise of one column: Laplace or Gaussian.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Noise {

@@ -24,7 +24,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{DpError, Result, Rule};
 use crate::accountant::{round_for_display, Receipt};
-use crate::mechanism::{Noise, NoisyMin, Share, Threshold};
+use crate::mechanism::{Mechanism, Noise, NoisyMin, Share, Threshold};
 use crate::policy::Domain;
 use crate::rewrite::{release_table_schema, AggregateKind, DpQuery, ExactColumn, ExplainQuery, NoDataQuery, PlannedQuery};
 
@@ -418,50 +418,54 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
         };
         columns.push(cast(&array, schema.field(g).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
-    for (j, agg) in query.aggregates.iter().enumerate() {
+    if query.mechanisms.len() != query.aggregates.len() {
+        return Err(DpError::Mechanism("the query's mechanisms were not calibrated".into()));
+    }
+    for (j, (agg, mechanism)) in query.aggregates.iter().zip(&query.mechanisms).enumerate() {
         let sums = &exact_values[ExactColumn::Total(j).name().as_str()];
-        if let (Some(q), Share::Epsilon(epsilon)) = (&agg.quantile, agg.share) {
-            // A quantile: per group, OpenDP's noisy max picks the candidate
-            // whose rank is closest to q·N. A person reaches at most k groups,
-            // so each group's selection gets ε / k (sequential composition).
-            let selection = NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
-            let counts = &exact_values[ExactColumn::Total(j).name().as_str()];
-            let at_most: Vec<&Vec<i128>> =
-                (0..q.candidates.len()).map(|i| &exact_values[ExactColumn::AtMost(j, i).name().as_str()]).collect();
-            let scores = (0..cells.len()).map(|cell| {
-                let n = counts[cell] as i64;
-                at_most.iter().map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs()).collect()
-            });
-            let chosen: Vec<f64> = selection.select_each(scores)?.into_iter().map(|i| q.candidates[i]).collect();
-            let array: ArrayRef = Arc::new(Float64Array::from(chosen));
-            columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
-            continue;
-        }
-        let steps = |share: Share, l1: f64, l2: f64, unit: f64, exact: &[i128]| -> Result<Vec<f64>> {
-            let noisy = Noise::calibrate_steps(share, l1, l2, unit)?.apply_steps(exact)?;
-            Ok(noisy.into_iter().map(|v| v as f64 * unit).collect())
+        // Noisy values of one exact column, scaled back from steps.
+        let steps = |noise: &Noise, exact: &[i128]| -> Result<Vec<f64>> {
+            let unit = noise.unit();
+            Ok(noise.apply_steps(exact)?.into_iter().map(|v| v as f64 * unit).collect())
         };
-        if agg.average.is_none() && agg.integral {
-            // Whole numbers stay integers from the exact sum to the answer.
-            let noisy = Noise::calibrate_steps(agg.share, agg.sensitivity, agg.l2_sensitivity, 1.0)?.apply_steps(sums)?;
-            let array: ArrayRef = Arc::new(Int64Array::from(noisy));
-            columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
-            continue;
-        }
-        let noisy = match (agg.average, agg.squares) {
-            (None, _) => steps(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?,
+        let noisy = match mechanism {
+            // A quantile: per group, OpenDP's noisy max picks the candidate
+            // whose rank is closest to q·N.
+            Mechanism::Quantile(selection) => {
+                let Some(q) = &agg.quantile else {
+                    return Err(DpError::Mechanism("a quantile mechanism for another aggregate".into()));
+                };
+                let counts = sums;
+                let at_most: Vec<&Vec<i128>> =
+                    (0..q.candidates.len()).map(|i| &exact_values[ExactColumn::AtMost(j, i).name().as_str()]).collect();
+                let scores = (0..cells.len()).map(|cell| {
+                    let n = counts[cell] as i64;
+                    at_most.iter().map(|c| (1000 * c[cell] as i64 - q.permille as i64 * n).abs()).collect()
+                });
+                let chosen: Vec<f64> = selection.select_each(scores)?.into_iter().map(|i| q.candidates[i]).collect();
+                let array: ArrayRef = Arc::new(Float64Array::from(chosen));
+                columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+                continue;
+            }
+            Mechanism::Total(noise) if agg.integral => {
+                // Whole numbers stay integers from the exact sum to the answer.
+                let array: ArrayRef = Arc::new(Int64Array::from(noise.apply_steps(sums)?));
+                columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
+                continue;
+            }
+            Mechanism::Total(noise) => steps(noise, sums)?,
             // A variance: noisy count n, sum s and sum of squares q of the
             // values centred on the midpoint (a third of the budget each,
             // sequential composition); q/n − (s/n)² is post-processing,
             // clamped to [0, half-width²] (no population variance of
             // values in the bounds is larger), then sample-corrected and rooted as asked.
-            (Some((count_l1, count_l2, (low, high))), Some((squares_l1, squares_l2))) => {
-                let third = agg.share.split(3.0);
-                let counts = &exact_values[ExactColumn::Count(j).name().as_str()];
-                let squares = &exact_values[ExactColumn::Squares(j).name().as_str()];
-                let noisy_sums = steps(third, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
-                let noisy_counts = steps(third, count_l1, count_l2, 1.0, counts)?;
-                let noisy_squares = steps(third, squares_l1, squares_l2, agg.squares_unit, squares)?;
+            Mechanism::Variance { sum, count, squares } => {
+                let Some((_, _, (low, high))) = agg.average else {
+                    return Err(DpError::Mechanism("a variance without its bounds".into()));
+                };
+                let noisy_sums = steps(sum, sums)?;
+                let noisy_counts = steps(count, &exact_values[ExactColumn::Count(j).name().as_str()])?;
+                let noisy_squares = steps(squares, &exact_values[ExactColumn::Squares(j).name().as_str()])?;
                 let largest = ((high - low) / 2.0).powi(2);
                 let (sample, root) = match agg.kind {
                     AggregateKind::Variance { sample, root } => (sample, root),
@@ -482,16 +486,13 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             // AVG: a noisy sum and a noisy count, each with half of this
             // aggregate's ε (sequential composition); their ratio is
             // post-processing, clamped to the measure's bounds.
-            (Some((count_l1, count_l2, (low, high))), None) => {
-                let half = agg.share.split(2.0);
-                let noisy_sums = steps(half, agg.sensitivity, agg.l2_sensitivity, agg.unit, sums)?;
-                let counts = &exact_values[ExactColumn::Count(j).name().as_str()];
-                let noisy_counts = steps(half, count_l1, count_l2, 1.0, counts)?;
-                noisy_sums
-                    .iter()
-                    .zip(noisy_counts)
-                    .map(|(s, c)| (s / c.max(1.0)).clamp(low, high))
-                    .collect()
+            Mechanism::Average { sum, count } => {
+                let Some((_, _, (low, high))) = agg.average else {
+                    return Err(DpError::Mechanism("an average without its bounds".into()));
+                };
+                let noisy_sums = steps(sum, sums)?;
+                let noisy_counts = steps(count, &exact_values[ExactColumn::Count(j).name().as_str()])?;
+                noisy_sums.iter().zip(noisy_counts).map(|(s, c)| (s / c.max(1.0)).clamp(low, high)).collect()
             }
         };
         let array: ArrayRef = Arc::new(Float64Array::from(noisy));
@@ -577,37 +578,54 @@ fn domain_cells(query: &DpQuery) -> Vec<Vec<String>> {
 
 /// Calibrate every mechanism [`release`] will run for `query` — each
 /// column's noise, AVG's and the variances' parts, each quantile's noisy
-/// max — so that a calibration failure (a function of the SQL and the
-/// policy only) refuses the query at planning, before anything is charged.
-pub(crate) fn check_calibrations(query: &DpQuery) -> Result<()> {
-    calibrations(query)?;
-    for agg in &query.aggregates {
-        if let (Some(q), Share::Epsilon(epsilon)) = (&agg.quantile, agg.share) {
-            NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?;
-        }
-        if let Some((count_l1, count_l2, _)) = agg.average {
-            let parts = if agg.squares.is_some() { 3.0 } else { 2.0 };
-            let part = agg.share.split(parts);
-            Noise::calibrate_steps(part, agg.sensitivity, agg.l2_sensitivity, agg.unit)?;
-            Noise::calibrate_steps(part, count_l1, count_l2, 1.0)?;
-            if let Some((l1, l2)) = agg.squares {
-                Noise::calibrate_steps(part, l1, l2, agg.squares_unit)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The noise each DP aggregate column of `query` will get. Calibration is
-/// deterministic (it depends on the sensitivity and ε only), so the answer's
-/// schema can announce it before anything runs.
-fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
+/// max — once, at planning. Calibration depends on the sensitivities and the
+/// budget split only (the SQL and the policy), so a failure refuses the
+/// query before anything is charged, and the answer's schema can announce
+/// the noise before anything runs.
+pub(crate) fn calibrate(query: &DpQuery) -> Result<Vec<Mechanism>> {
     query
         .aggregates
         .iter()
-        .filter(|a| a.average.is_none() && a.quantile.is_none())
-        .map(|a| Ok((a.output_name.clone(), Noise::calibrate_steps(a.share, a.sensitivity, a.l2_sensitivity, a.unit)?)))
+        .map(|agg| {
+            if let Some(q) = &agg.quantile {
+                let Share::Epsilon(epsilon) = agg.share else {
+                    return Err(DpError::Mechanism("a quantile needs Laplace noise".into()));
+                };
+                // A person reaches at most k groups, so each group's
+                // selection gets ε / k (sequential composition).
+                return Ok(Mechanism::Quantile(NoisyMin::calibrate(agg.sensitivity as i64, epsilon / q.groups_per_person)?));
+            }
+            Ok(match (agg.average, agg.squares) {
+                (None, _) => Mechanism::Total(Noise::calibrate_steps(agg.share, agg.sensitivity, agg.l2_sensitivity, agg.unit)?),
+                (Some((count_l1, count_l2, _)), Some((squares_l1, squares_l2))) => {
+                    let third = agg.share.split(3.0);
+                    Mechanism::Variance {
+                        sum: Noise::calibrate_steps(third, agg.sensitivity, agg.l2_sensitivity, agg.unit)?,
+                        count: Noise::calibrate_steps(third, count_l1, count_l2, 1.0)?,
+                        squares: Noise::calibrate_steps(third, squares_l1, squares_l2, agg.squares_unit)?,
+                    }
+                }
+                (Some((count_l1, count_l2, _)), None) => {
+                    let half = agg.share.split(2.0);
+                    Mechanism::Average {
+                        sum: Noise::calibrate_steps(half, agg.sensitivity, agg.l2_sensitivity, agg.unit)?,
+                        count: Noise::calibrate_steps(half, count_l1, count_l2, 1.0)?,
+                    }
+                }
+            })
+        })
         .collect()
+}
+
+/// The noise each DP aggregate column of `query` will get, as calibrated at
+/// planning.
+fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
+    Ok(query
+        .aggregates
+        .iter()
+        .zip(&query.mechanisms)
+        .filter_map(|(a, m)| m.total().map(|n| (a.output_name.clone(), *n)))
+        .collect())
 }
 
 /// The schema of `query`'s answer as announced before it runs (in FlightInfo

@@ -227,6 +227,8 @@ pub struct DpQuery {
     /// DP partition selection of the released keys, when a group key has no
     /// public domain.
     pub selection: Option<Threshold>,
+    /// Each aggregate's noise, calibrated at planning (one per aggregate).
+    pub mechanisms: Vec<crate::mechanism::Mechanism>,
     /// ε this query costs: the aggregates' and the selection's.
     pub epsilon: f64,
     /// δ this query costs: the selection's plus the Gaussian columns' (0 for
@@ -962,7 +964,7 @@ fn rewrite(
 
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);
-    let query = DpQuery {
+    let mut query = DpQuery {
         id: hex::encode(id),
         exact_plan,
         groups: groups.into_iter().map(|(_, g)| g).collect(),
@@ -974,10 +976,12 @@ fn rewrite(
         options: options.clone(),
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
+        mechanisms: Vec::new(),
     };
-    // Every mechanism calibrated now: a failure refuses the query before
-    // any charge.
-    crate::release::check_calibrations(&query).map_err(|e| match e {
+    // Every mechanism calibrated once, now: the release, the announced
+    // schema and the audit record use these, and a failure refuses the
+    // query before any charge.
+    query.mechanisms = crate::release::calibrate(&query).map_err(|e| match e {
         DpError::Mechanism(detail) => DpError::refused_with(
             Rule::NoiseCalibration,
             format!("no noise can be calibrated for this query: {detail}"),

@@ -776,3 +776,19 @@ fn the_readme_lists_every_refusal_rule_and_no_other() {
     rules.sort();
     assert_eq!(listed, rules, "the README's refusal table and the planner's rules differ");
 }
+
+#[tokio::test]
+async fn a_planned_query_carries_each_aggregate_s_calibrated_mechanism() {
+    use cleanroom_dp::mechanism::Mechanism;
+    let q = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1) COUNT(*), AVG(cost), VAR(cost), MEDIAN(cost) FROM events").await.unwrap());
+    assert_eq!(q.mechanisms.len(), 4);
+    assert!(matches!(q.mechanisms[0], Mechanism::Total(_)));
+    assert!(matches!(q.mechanisms[1], Mechanism::Average { .. }));
+    assert!(matches!(q.mechanisms[2], Mechanism::Variance { .. }));
+    assert!(matches!(q.mechanisms[3], Mechanism::Quantile(_)));
+    // The count's noise is the one its column announces.
+    let Mechanism::Total(noise) = q.mechanisms[0] else { unreachable!() };
+    let schema = cleanroom_dp::release::announced_dp_schema(&q).unwrap();
+    let announced: f64 = schema.field(0).metadata()[cleanroom_dp::release::META_STDDEV].parse().unwrap();
+    assert!((announced - noise.stddev()).abs() <= 1e-9 * noise.stddev().max(1.0), "{announced} vs {}", noise.stddev());
+}
