@@ -102,7 +102,7 @@ async fn dp_adbench_answers_lie_within_their_intervals() {
             };
             assert_eq!(q.epsilon, 1.0);
             let exact = ctx.execute_logical_plan(q.exact_plan.clone()).await.unwrap().collect().await.unwrap();
-            let charge = Charge { party: "advertiser".into(), query_id: q.id.clone(), epsilon: q.epsilon, delta: q.delta, sql: sql.clone(), audit: serde_json::Value::Null };
+            let charge = Charge::for_query("advertiser", &q, &sql);
             let receipt = ledger.charge(&charge, &Limits::epsilon(1e9)).unwrap();
             let released = finish(&q, release(&q, &exact, &receipt).unwrap()).await.unwrap();
             let schema = released.schema();

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cleanroom_ledger::audit::{self, kind};
+use cleanroom_ledger::audit::{self, Event};
 use cleanroom_ledger::{round_for_display, Grant, Ledger, Totals};
 use cleanroom_manifest::Manifest;
 use cleanroom_scheduler::serve::LedgerLocation;
@@ -154,8 +154,8 @@ pub fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         }
         AuditCommand::List { at, party, since, kind: wanted, json } => {
             if let Some(k) = &wanted {
-                if !kind::ALL.contains(&k.as_str()) {
-                    anyhow::bail!("unknown --kind {k:?}: one of {}", kind::ALL.join(", "));
+                if !Event::KINDS.contains(&k.as_str()) {
+                    anyhow::bail!("unknown --kind {k:?}: one of {}", Event::KINDS.join(", "));
                 }
             }
             let since = since.as_deref().map(audit::parse_time).transpose().map_err(anyhow::Error::msg)?;

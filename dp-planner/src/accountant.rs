@@ -29,7 +29,6 @@
 //! queries and makes each charge durable before it hands back a [`Receipt`].
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::error::{DpError, Result, Rule};
 use crate::mechanism::{rho_for, Share};
@@ -110,7 +109,7 @@ pub fn split(options: &ResolvedOptions, columns: usize, select: bool) -> Result<
 }
 
 /// What a query asks to spend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Charge {
     pub party: String,
     /// The [`crate::rewrite::DpQuery::id`] this charge pays for.
@@ -121,10 +120,36 @@ pub struct Charge {
     pub delta: f64,
     /// The statement as the party sent it, for its query history.
     pub sql: String,
-    /// More facts for the query's audit record (options, result columns); a
-    /// JSON object or null. Never values.
+    /// The options the query runs with, for its audit record.
     #[serde(default)]
-    pub audit: Value,
+    pub options: String,
+    /// The datasets it reads.
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    /// Its answer's columns (`name: type`): the shape, never values.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+impl Charge {
+    /// The charge for running `query` for `party` (`sql` as the party sent it).
+    pub fn for_query(party: &str, query: &crate::rewrite::DpQuery, sql: &str) -> Self {
+        Charge {
+            party: party.to_string(),
+            query_id: query.id.clone(),
+            epsilon: query.epsilon,
+            delta: query.delta,
+            sql: sql.to_string(),
+            options: format!("{:?}", query.options),
+            datasets: query.datasets.clone(),
+            columns: crate::release::announced_dp_schema(query).map(|s| shape(&s)).unwrap_or_default(),
+        }
+    }
+}
+
+/// Column names and types of a schema (`name: type`), for audit records.
+pub fn shape(schema: &arrow::datatypes::Schema) -> Vec<String> {
+    schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect()
 }
 
 /// One entry of a party's history: what it ran and what it paid.

@@ -873,7 +873,7 @@ impl Fuzz {
             let receipt = self
                 .ledger
                 .charge(
-                    &Charge { party: "fuzz".into(), query_id: q.id.clone(), epsilon: q.epsilon, delta: q.delta, sql: String::new(), audit: serde_json::Value::Null },
+                    &Charge::for_query("fuzz", &q, ""),
                     &Limits { delta_budget: 1e9, ..Limits::epsilon(1e12) },
                 )
                 .map_err(|e| e.to_string())?;

@@ -595,7 +595,7 @@ async fn release_refuses_a_receipt_for_another_query() {
 fn receipt(dir: &tempfile::TempDir, query_id: &str, epsilon: f64, delta: f64) -> cleanroom_ledger::Receipt {
     let ledger = RedbLedger::open(dir.path()).unwrap();
     ledger
-        .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, delta, sql: String::new(), audit: serde_json::Value::Null }, &Limits { delta_budget: 1e-3, ..Limits::epsilon(10.0) })
+        .charge(&Charge { party: "p".into(), query_id: query_id.into(), epsilon, delta, ..Default::default() }, &Limits { delta_budget: 1e-3, ..Limits::epsilon(10.0) })
         .unwrap()
 }
 

@@ -35,35 +35,184 @@ use crate::error::{LedgerError, Result};
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The kinds of records.
-pub mod kind {
-    pub const AUTH: &str = "auth";
-    pub const AUTH_FAILURE: &str = "auth_failure";
-    pub const QUERY: &str = "query";
-    pub const ANSWER: &str = "answer";
-    pub const QUERY_FAILURE: &str = "query_failure";
-    pub const REFUSAL: &str = "refusal";
-    pub const BUDGET_GRANT: &str = "budget_grant";
-    pub const MANIFEST: &str = "manifest";
-    pub const UPLOAD: &str = "upload";
-    pub const UPLOAD_FAILURE: &str = "upload_failure";
-    pub const EXPORT: &str = "export";
-    pub const RETENTION: &str = "retention";
-    pub const ALL: &[&str] = &[AUTH, AUTH_FAILURE, QUERY, ANSWER, QUERY_FAILURE, REFUSAL, BUDGET_GRANT, MANIFEST, UPLOAD, UPLOAD_FAILURE, EXPORT, RETENTION];
+/// What happened, one variant per kind of record. It is stored as the
+/// record's `kind` (the variant's snake-case name) and `detail` (its fields):
+/// every writer of the log builds one of these, so a kind and its facts are
+/// checked by the compiler, and a reader can get the same type back with
+/// [`AuditRecord::event`]. No variant holds a value of an answer or of the data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum Event {
+    /// A party authenticated from `peer`.
+    Auth { peer: String },
+    /// A handshake with wrong credentials; `user` is the name sent (at most
+    /// 64 characters: it is the client's text, not a known party).
+    AuthFailure { user: String, peer: String },
+    /// A statement was admitted: a charge (with its receipt, written in the
+    /// same atomic step as the charge) or a statement that reads no data.
+    Query(QueryEvent),
+    /// An answer left for the party (its shape only).
+    Answer(AnswerEvent),
+    /// A charged query failed while running; its charge is kept. The cause
+    /// may depend on the data and is not recorded.
+    QueryFailure { receipt: String, query_id: String },
+    /// A statement or upload was turned away by `rule`.
+    Refusal(RefusalEvent),
+    /// An operator granted a party more budget.
+    BudgetGrant(GrantEvent),
+    /// The server started with a manifest it had not seen last.
+    Manifest(ManifestEvent),
+    /// An upload was committed as a dataset's next data version.
+    Upload(UploadEvent),
+    /// An upload failed and left nothing behind.
+    UploadFailure { dataset: String, upload: String, message: String },
+    /// A retention pass deleted expired rows.
+    Retention(RetentionEvent),
 }
 
-/// Something to record.
+impl Event {
+    /// Every kind, as stored (for `audit list --kind`).
+    pub const KINDS: &'static [&'static str] = &[
+        "auth", "auth_failure", "query", "answer", "query_failure", "refusal", "budget_grant", "manifest", "upload",
+        "upload_failure", "retention",
+    ];
+
+    /// The kind this event is stored under.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Auth { .. } => "auth",
+            Event::AuthFailure { .. } => "auth_failure",
+            Event::Query(_) => "query",
+            Event::Answer(_) => "answer",
+            Event::QueryFailure { .. } => "query_failure",
+            Event::Refusal(_) => "refusal",
+            Event::BudgetGrant(_) => "budget_grant",
+            Event::Manifest(_) => "manifest",
+            Event::Upload(_) => "upload",
+            Event::UploadFailure { .. } => "upload_failure",
+            Event::Retention(_) => "retention",
+        }
+    }
+
+    /// The (kind, detail) pair a record stores.
+    fn to_parts(&self) -> (String, Value) {
+        let mut tagged = serde_json::to_value(self).expect("an event serialises");
+        let detail = tagged.get_mut("detail").map(Value::take).unwrap_or(Value::Null);
+        (self.kind().to_string(), detail)
+    }
+}
+
+/// A statement admitted: what was asked, on what, at what price.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueryEvent {
+    /// The receipt of its charge (none for a statement that reads no data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_id: Option<String>,
+    pub sql: String,
+    /// For a statement that reads no data: `no_data` or `explain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The options the query ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+    /// Column names and types of the answer (`name: type`).
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Rows of the answer, when known at this point (free statements).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
+}
+
+/// An answer that left: its receipt and shape.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnswerEvent {
+    pub receipt: String,
+    pub query_id: String,
+    /// The statement, for an answer given again from the released-answer
+    /// cache (it has no `query` record of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+    pub rows: usize,
+    pub columns: Vec<String>,
+}
+
+/// A refusal: the rule, the message the party got, and what was refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefusalEvent {
+    pub rule: String,
+    pub message: String,
+    /// The refused statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    /// The dataset name a refused upload named (at most 128 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
+}
+
+/// A budget grant and the party's granted totals after it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrantEvent {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub reason: String,
+    pub by: String,
+    pub granted_epsilon_total: f64,
+    pub granted_delta_total: f64,
+}
+
+/// A manifest the server started with, and the one it replaces.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEvent {
+    pub sha256: String,
+    pub previous_sha256: Option<String>,
+    /// Where it was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// A committed upload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UploadEvent {
+    pub dataset: String,
+    /// `append` or `replace`.
+    pub mode: String,
+    pub rows: u64,
+    pub files: usize,
+    pub version: u64,
+    pub upload: String,
+}
+
+/// A committed retention pass over one dataset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetentionEvent {
+    pub dataset: String,
+    pub column: String,
+    pub days: u64,
+    pub rows_deleted: u64,
+    pub files_rewritten: usize,
+    pub files_dropped: usize,
+    pub version: u64,
+}
+
+/// Something to record: an event, and the party that did it (none for the
+/// operator, the server, or an unknown client).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEvent {
-    pub kind: &'static str,
     pub party: Option<String>,
-    /// A JSON object of the event's facts (never protected values).
-    pub detail: Value,
+    pub event: Event,
 }
 
 impl AuditEvent {
-    pub fn new(kind: &'static str, party: Option<&str>, detail: Value) -> Self {
-        AuditEvent { kind, party: party.map(str::to_string), detail }
+    pub fn new(party: Option<&str>, event: Event) -> Self {
+        AuditEvent { party: party.map(str::to_string), event }
     }
 }
 
@@ -79,6 +228,14 @@ pub struct AuditRecord {
     pub detail: Value,
     /// Hash of the previous record's body.
     pub prev: String,
+}
+
+impl AuditRecord {
+    /// The record's event, typed; `None` for a record this version cannot
+    /// read as one (a kind or fields from another version).
+    pub fn event(&self) -> Option<Event> {
+        serde_json::from_value(serde_json::json!({ "kind": self.kind, "detail": self.detail })).ok()
+    }
 }
 
 /// The last record of the log: its sequence number (0 for an empty log) and hash.
@@ -122,12 +279,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The record that follows `head`.
 pub fn seal(head: &AuditHead, event: &AuditEvent, at_ms: u64) -> Sealed {
+    let (kind, detail) = event.event.to_parts();
     let record = AuditRecord {
         seq: head.seq + 1,
         at_ms,
-        kind: event.kind.to_string(),
+        kind,
         party: event.party.clone(),
-        detail: event.detail.clone(),
+        detail,
         prev: head.hash.clone(),
     };
     let body = serde_json::to_vec(&record).expect("a record serialises");
@@ -293,11 +451,53 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// One event of each kind.
+    fn one_of_each() -> Vec<Event> {
+        vec![
+            Event::Auth { peer: "127.0.0.1:1".into() },
+            Event::AuthFailure { user: "x".into(), peer: String::new() },
+            Event::Query(QueryEvent { receipt: Some("r".into()), sql: "SELECT 1".into(), epsilon: 0.5, ..Default::default() }),
+            Event::Answer(AnswerEvent { receipt: "r".into(), cached: true, ..Default::default() }),
+            Event::QueryFailure { receipt: "r".into(), query_id: "q".into() },
+            Event::Refusal(RefusalEvent { rule: "budget".into(), ..Default::default() }),
+            Event::BudgetGrant(GrantEvent { epsilon: 1.0, ..Default::default() }),
+            Event::Manifest(ManifestEvent { sha256: "aa".into(), ..Default::default() }),
+            Event::Upload(UploadEvent { dataset: "d".into(), mode: "append".into(), ..Default::default() }),
+            Event::UploadFailure { dataset: "d".into(), upload: "u".into(), message: "m".into() },
+            Event::Retention(RetentionEvent { dataset: "d".into(), days: 30, ..Default::default() }),
+        ]
+    }
+
+    #[test]
+    fn every_kind_is_stored_under_its_name_and_read_back_typed() {
+        let events = one_of_each();
+        let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
+        assert_eq!(kinds, Event::KINDS, "one event of each kind, in the order of KINDS");
+        let mut head = AuditHead::default();
+        for event in events {
+            let sealed = seal(&head, &AuditEvent::new(Some("a"), event.clone()), 1);
+            let record = parse(&sealed.bytes).unwrap();
+            assert_eq!(record.kind, event.kind());
+            assert!(record.detail.is_object(), "{record:?}");
+            assert_eq!(record.event(), Some(event));
+            head = sealed.head;
+        }
+        // The fields readers rely on keep their stored names.
+        let refusal = seal(&head, &AuditEvent::new(None, Event::Refusal(RefusalEvent { rule: "budget".into(), message: "m".into(), sql: Some("s".into()), upload: None })), 1);
+        assert_eq!(parse(&refusal.bytes).unwrap().detail, json!({ "rule": "budget", "message": "m", "sql": "s" }));
+    }
+
+    #[test]
+    fn a_record_of_an_unknown_kind_is_still_a_record() {
+        let record = AuditRecord { seq: 1, at_ms: 0, kind: "export".into(), party: None, detail: json!({}), prev: GENESIS.into() };
+        assert_eq!(record.event(), None);
+    }
+
     fn log(n: u64) -> (Vec<(u64, Vec<u8>)>, AuditHead) {
         let mut head = AuditHead::default();
         let mut records = Vec::new();
         for i in 0..n {
-            let sealed = seal(&head, &AuditEvent::new(kind::QUERY, Some("a"), json!({"i": i})), 1000 + i);
+            let sealed = seal(&head, &AuditEvent::new(Some("a"), Event::Auth { peer: format!("10.0.0.{i}") }), 1000 + i);
             records.push((sealed.seq, sealed.bytes));
             head = sealed.head;
         }
@@ -318,13 +518,13 @@ mod tests {
         let (records, head) = log(6);
         // Edited, hash kept.
         let mut edited = records.clone();
-        let text = String::from_utf8(edited[2].1.clone()).unwrap().replace("\"i\":2", "\"i\":7");
+        let text = String::from_utf8(edited[2].1.clone()).unwrap().replace("10.0.0.2", "10.0.0.7");
         edited[2].1 = text.into_bytes();
         let p = verify(&edited, Some(&head), &[]).problems;
         assert_eq!(p, vec!["record 3 was edited: its content no longer matches its hash ".to_string() + &String::from_utf8(records[2].1[..64].to_vec()).unwrap()]);
         // Edited, hash recomputed: the next record no longer follows it.
         let mut rehashed = records.clone();
-        let forged = seal(&AuditHead { seq: 2, hash: parse_hash(&records[1].1) }, &AuditEvent::new(kind::QUERY, Some("a"), json!({"i": 9})), 1002);
+        let forged = seal(&AuditHead { seq: 2, hash: parse_hash(&records[1].1) }, &AuditEvent::new(Some("a"), Event::Auth { peer: "10.0.0.9".into() }), 1002);
         rehashed[2].1 = forged.bytes;
         let p = verify(&rehashed, Some(&head), &[]).problems;
         assert_eq!(p, vec!["record 4 does not follow record 3: a record was inserted before it, or record 3 was rewritten"]);
@@ -344,7 +544,7 @@ mod tests {
         assert!(p.contains(&"record 5 holds the record numbered 2: a record was inserted before it, or records were reordered".to_string()), "{p:?}");
         // Inserted in the middle: later records shifted up one place, head moved.
         let mut inserted: Vec<(u64, Vec<u8>)> = records[..3].to_vec();
-        let extra = seal(&AuditHead { seq: 3, hash: parse_hash(&records[2].1) }, &AuditEvent::new(kind::QUERY, Some("b"), json!({})), 1003);
+        let extra = seal(&AuditHead { seq: 3, hash: parse_hash(&records[2].1) }, &AuditEvent::new(Some("b"), Event::Auth { peer: String::new() }), 1003);
         inserted.push((4, extra.bytes));
         inserted.extend(records[3..].iter().map(|(k, b)| (k + 1, b.clone())));
         let moved_head = AuditHead { seq: 7, hash: head.hash.clone() };

@@ -25,7 +25,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
-use serde_json::Value;
 
 use super::{admit, charge_event, charge_record, check_charge, manifest_event, new_receipt_id, now_secs, Charge, ChargeRecord, Grant, Ledger, Limits, Receipt, Totals};
 use crate::audit::{self, AuditEvent, AuditHead};
@@ -502,10 +501,10 @@ impl Ledger for EtcdLedger {
         })
     }
 
-    fn record_manifest(&self, sha256: &str, detail: Value) -> Result<bool> {
-        let sha256 = sha256.to_string();
+    fn record_manifest(&self, sha256: &str, path: &str) -> Result<bool> {
+        let (sha256, path) = (sha256.to_string(), path.to_string());
         self.write(move |mut client, keys| {
-            let (sha256, detail) = (sha256.clone(), detail.clone());
+            let (sha256, path) = (sha256.clone(), path.clone());
             async move {
                 let (head_key, manifest_key) = (keys.head(), keys.manifest());
                 let snapshot = read(&mut client, &[&head_key, &manifest_key]).await?;
@@ -513,7 +512,7 @@ impl Ledger for EtcdLedger {
                 if previous.as_deref() == Some(sha256.as_str()) {
                     return Ok(Some(false));
                 }
-                let event = manifest_event(&sha256, previous.as_deref(), detail);
+                let event = manifest_event(&sha256, previous.as_deref(), &path);
                 let sealed = audit::seal(&head_of(&snapshot[0])?, &event, audit::now_ms());
                 let mut ops = append_ops(&keys, &sealed).to_vec();
                 ops.push(TxnOp::put(manifest_key.clone(), sha256.clone(), None));

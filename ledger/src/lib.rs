@@ -39,9 +39,9 @@
 //! charges twice.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
-use crate::audit::{AuditEvent, AuditHead};
+
+use crate::audit::{AuditEvent, AuditHead, Event, GrantEvent, ManifestEvent, QueryEvent};
 pub use crate::error::{LedgerError, Result};
 pub use cleanroom_dp::accountant::{round_for_display, BudgetRefusal, Charge, ChargeRecord, Receipt};
 
@@ -140,15 +140,14 @@ impl Grant {
 
     fn event(&self, after: &Totals) -> AuditEvent {
         AuditEvent::new(
-            audit::kind::BUDGET_GRANT,
             Some(&self.party),
-            json!({
-                "epsilon": self.epsilon,
-                "delta": self.delta,
-                "reason": self.reason,
-                "by": self.by,
-                "granted_epsilon_total": after.granted_epsilon,
-                "granted_delta_total": after.granted_delta,
+            Event::BudgetGrant(GrantEvent {
+                epsilon: self.epsilon,
+                delta: self.delta,
+                reason: self.reason.clone(),
+                by: self.by.clone(),
+                granted_epsilon_total: after.granted_epsilon,
+                granted_delta_total: after.granted_delta,
             }),
         )
     }
@@ -179,7 +178,7 @@ pub trait Ledger: Send + Sync {
     fn append_audit(&self, event: &AuditEvent) -> Result<AuditHead>;
     /// Append a `manifest` record if `sha256` differs from the manifest last
     /// recorded (atomically with remembering it); true if it did.
-    fn record_manifest(&self, sha256: &str, detail: Value) -> Result<bool>;
+    fn record_manifest(&self, sha256: &str, path: &str) -> Result<bool>;
     /// The stored audit records with sequence number ≥ `from`, in order, as
     /// stored (unchecked: see [`audit::verify`]).
     fn audit_records(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>>;
@@ -254,19 +253,21 @@ fn new_receipt_id() -> String {
 
 /// The `query` audit record of a charge.
 fn charge_event(charge: &Charge, receipt_id: &str) -> AuditEvent {
-    let mut detail = json!({
-        "receipt": receipt_id,
-        "query_id": charge.query_id,
-        "sql": charge.sql,
-        "epsilon": charge.epsilon,
-        "delta": charge.delta,
-    });
-    if let (Some(d), Value::Object(extra)) = (detail.as_object_mut(), &charge.audit) {
-        for (k, v) in extra {
-            d.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
-    AuditEvent::new(audit::kind::QUERY, Some(&charge.party), detail)
+    AuditEvent::new(
+        Some(&charge.party),
+        Event::Query(QueryEvent {
+            receipt: Some(receipt_id.to_string()),
+            query_id: Some(charge.query_id.clone()),
+            sql: charge.sql.clone(),
+            statement: None,
+            epsilon: charge.epsilon,
+            delta: charge.delta,
+            options: Some(charge.options.clone()),
+            datasets: charge.datasets.clone(),
+            columns: charge.columns.clone(),
+            rows: None,
+        }),
+    )
 }
 
 /// The charge record (and so the receipt) of an admitted charge.
@@ -288,12 +289,15 @@ fn charge_record(charge: &Charge, limits: &Limits, after: &Totals, id: &str, at:
 }
 
 /// The `manifest` audit record of a manifest (first seen or changed).
-fn manifest_event(sha256: &str, previous: Option<&str>, detail: Value) -> AuditEvent {
-    let mut d = json!({ "sha256": sha256, "previous_sha256": previous });
-    if let (Some(d), Value::Object(extra)) = (d.as_object_mut(), detail) {
-        d.extend(extra);
-    }
-    AuditEvent::new(audit::kind::MANIFEST, None, d)
+fn manifest_event(sha256: &str, previous: Option<&str>, path: &str) -> AuditEvent {
+    AuditEvent::new(
+        None,
+        Event::Manifest(ManifestEvent {
+            sha256: sha256.to_string(),
+            previous_sha256: previous.map(str::to_string),
+            path: Some(path.to_string()),
+        }),
+    )
 }
 
 fn now_secs() -> u64 {

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde_json::Value;
 
 use super::{admit, charge_event, charge_record, check_charge, new_receipt_id, now_secs, Charge, ChargeRecord, Grant, Ledger, Limits, Receipt, Totals};
 use crate::audit::{self, AuditEvent, AuditHead};
@@ -195,7 +194,7 @@ impl Ledger for RedbLedger {
         Ok(head)
     }
 
-    fn record_manifest(&self, sha256: &str, detail: Value) -> Result<bool> {
+    fn record_manifest(&self, sha256: &str, path: &str) -> Result<bool> {
         let txn = self.db.begin_write().map_err(ledger_err)?;
         let previous = txn
             .open_table(META)
@@ -206,7 +205,7 @@ impl Ledger for RedbLedger {
         if previous.as_deref() == Some(sha256) {
             return Ok(false);
         }
-        append(&txn, &super::manifest_event(sha256, previous.as_deref(), detail))?;
+        append(&txn, &super::manifest_event(sha256, previous.as_deref(), path))?;
         txn.open_table(META).map_err(ledger_err)?.insert(MANIFEST, sha256.as_bytes()).map_err(ledger_err)?;
         txn.commit().map_err(ledger_err)?;
         Ok(true)

@@ -217,3 +217,58 @@ fn connect_addr(bound: SocketAddr) -> SocketAddr {
         bound
     }
 }
+
+/// A Ballista job on the cluster's executors.
+#[async_trait::async_trait]
+impl crate::engine::Engine for EmbeddedCluster {
+    async fn context(&self, state: SessionState) -> Result<datafusion::prelude::SessionContext, datafusion::error::DataFusionError> {
+        <datafusion::prelude::SessionContext as ballista::prelude::SessionContextExt>::remote_with_state(&self.scheduler_url(), state).await
+    }
+
+    async fn ready(&self, patience: Duration) -> bool {
+        self.wait_for_executor(patience).await
+    }
+
+    /// Submit `plan` as a Ballista job and collect its result here, on the
+    /// trusted side (no executor address or partition ticket reaches a party).
+    async fn run(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+        query_id: &str,
+        plan: datafusion::logical_expr::LogicalPlan,
+        deadline: Duration,
+    ) -> Result<Vec<arrow::array::RecordBatch>, crate::engine::RunError> {
+        use ballista_core::execution_plans::DistributedQueryExec;
+        let started = std::time::Instant::now();
+        let df = ctx.execute_logical_plan(plan).await?;
+        let physical = df.create_physical_plan().await?;
+        let job_of = |physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
+            physical.downcast_ref::<DistributedQueryExec<LogicalPlanNode>>().and_then(|d| d.job_id())
+        };
+        // Ballista fails a job whose executors are all lost, but not one
+        // submitted just after the last was lost: the job is also given up
+        // once no executor has been live for the executor timeout. A job
+        // still running at the deadline is cancelled.
+        let batches = tokio::select! {
+            batches = datafusion::physical_plan::collect(physical.clone(), ctx.task_ctx()) => batches?,
+            () = self.until_no_executor_for_timeout() => {
+                return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()).into());
+            }
+            () = tokio::time::sleep(deadline.saturating_sub(started.elapsed())) => {
+                if let Some(job) = job_of(&physical) {
+                    self.cancel(&job.to_string()).await;
+                }
+                return Err(crate::engine::RunError::Deadline);
+            }
+        };
+        match job_of(&physical) {
+            Some(job) => tracing::info!(query = %query_id, job = %job, "query ran as Ballista job {job}"),
+            None => tracing::warn!(query = %query_id, "query did not run as a Ballista job"),
+        }
+        Ok(batches)
+    }
+
+    async fn lost(&self) -> bool {
+        self.live_executors().await == 0
+    }
+}

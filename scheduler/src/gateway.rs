@@ -41,9 +41,8 @@ use arrow_flight::{
     IpcMessage, SchemaAsIpc, Ticket,
 };
 use base64::Engine;
-use ballista_core::execution_plans::DistributedQueryExec;
-use cleanroom_ledger::audit::{self, AuditEvent};
-use cleanroom_ledger::{Charge, Ledger, Limits};
+use cleanroom_ledger::audit::{Event, UploadEvent};
+use cleanroom_ledger::{Ledger, Limits};
 use cleanroom_dp::options::{QueryOptions, OPTION_NAMES};
 use cleanroom_dp::policy::Policy;
 use cleanroom_dp::release::{self, Released};
@@ -51,12 +50,9 @@ use cleanroom_dp::rewrite::{PlannedQuery, SYSTEM_SCHEMA};
 use cleanroom_dp::DpError;
 use cleanroom_proto::v1::statement_handle::Kind;
 use cleanroom_proto::StatementHandle;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion_proto::protobuf::LogicalPlanNode;
 use futures::{Stream, TryStreamExt};
 use prost::Message;
-use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -65,6 +61,7 @@ use cleanroom_storage::catalog::{Catalog, CATALOG};
 use crate::cluster::EmbeddedCluster;
 use crate::ingest::{self, IngestError};
 use crate::metrics::{Metrics, Outcome};
+use crate::pipeline::{Ask, Failure, Pipeline, QueryError, Served};
 use crate::system_tables::SystemSchema;
 
 type DoGetStream = <FlightSqlGateway as FlightService>::DoGetStream;
@@ -144,16 +141,11 @@ enum Statement {
 #[derive(Clone)]
 pub struct FlightSqlGateway {
     catalog: Arc<Catalog>,
-    cluster: EmbeddedCluster,
-    ledger: Arc<dyn Ledger>,
+    pipeline: Pipeline,
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
     target_partitions: usize,
     metrics: Arc<Metrics>,
 }
-
-/// How long a query waits for an executor to join before it is turned away
-/// (uncharged) as unavailable.
-const EXECUTOR_WAIT: Duration = Duration::from_secs(10);
 
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
@@ -172,20 +164,6 @@ fn decode_handle(bytes: &[u8], kind: Kind) -> Result<String, Status> {
         return Err(Status::invalid_argument("statement handle of the wrong kind"));
     }
     Ok(handle.id)
-}
-
-/// Why a job gave no result.
-enum RunError {
-    /// It was still running at the collaboration's deadline (and was cancelled).
-    Deadline,
-    /// It failed (the error's text may quote data: never sent to a party).
-    Failed(datafusion::error::DataFusionError),
-}
-
-impl From<datafusion::error::DataFusionError> for RunError {
-    fn from(e: datafusion::error::DataFusionError) -> Self {
-        RunError::Failed(e)
-    }
 }
 
 /// Map a planner or ledger error to a gRPC status a party may see.
@@ -240,85 +218,43 @@ fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     Box::pin(stream)
 }
 
-/// The variant of a DataFusion error, for logs (its message may quote values).
-fn error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
-    use datafusion::error::DataFusionError as E;
-    match e {
-        E::ArrowError(..) => "arrow",
-        E::ParquetError(..) => "parquet",
-        E::ObjectStore(..) => "object_store",
-        E::IoError(..) => "io",
-        E::SQL(..) => "sql",
-        E::NotImplemented(..) => "not_implemented",
-        E::Internal(..) => "internal",
-        E::Plan(..) => "plan",
-        E::Configuration(..) => "configuration",
-        E::SchemaError(..) => "schema",
-        E::Execution(..) => "execution",
-        E::ExecutionJoin(..) => "join",
-        E::ResourcesExhausted(..) => "resources_exhausted",
-        E::External(..) => "external",
-        E::Context(_, inner) => error_kind(inner),
-        E::Substrait(..) => "substrait",
-        E::Diagnostic(_, inner) => error_kind(inner),
-        E::Collection(..) => "collection",
-        E::Shared(inner) => error_kind(inner),
-        _ => "other",
-    }
-}
-
-/// Column names and types of an answer, for the audit log (never values).
-fn shape(schema: &Schema) -> serde_json::Value {
-    serde_json::Value::Array(
-        schema.fields().iter().map(|f| serde_json::Value::String(format!("{}: {}", f.name(), f.data_type()))).collect(),
-    )
-}
-
-/// Durably append `event` to the audit log.
-async fn append_audit(ledger: Arc<dyn Ledger>, event: AuditEvent) -> Result<(), Status> {
-    blocking(move || ledger.append_audit(&event)).await?.map_err(dp_status)?;
-    Ok(())
-}
-
-/// Record a refusal by `rule` on the audit log (with `detail`) and in the
-/// metrics, then return its status — or the ledger's error: a refusal that
-/// could not be recorded is not returned as one.
-async fn refuse(ledger: Arc<dyn Ledger>, metrics: &Metrics, party: &str, rule: &str, mut detail: serde_json::Value, status: Status) -> Status {
-    detail["rule"] = rule.into();
-    detail["message"] = status.message().into();
+/// Record a refusal by `rule` on the audit log (for `sql`, or an upload of
+/// `upload`) and in the metrics, then return its status — or the ledger's
+/// error: a refusal that could not be recorded is not returned as one.
+async fn refuse(pipeline: &Pipeline, metrics: &Metrics, party: &str, rule: &str, sql: Option<&str>, upload: Option<&str>, status: Status) -> Status {
     metrics.refusal(rule);
-    match append_audit(ledger, AuditEvent::new(audit::kind::REFUSAL, Some(party), detail)).await {
+    match pipeline.refused(party, rule, status.message(), sql, upload).await {
         Ok(()) => status,
-        Err(e) => e,
+        Err(e) => dp_status(e),
     }
 }
 
 /// Audit a refused upload, then return its status (or the ledger's error).
-async fn upload_refused(ledger: Arc<dyn Ledger>, metrics: &Metrics, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
+async fn upload_refused(pipeline: &Pipeline, metrics: &Metrics, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
     // Bounded: the name is what the client sent.
     let dataset: String = dataset.chars().take(128).collect();
-    refuse(ledger, metrics, party, refusal.rule, json!({ "upload": dataset }), refusal.status).await
+    refuse(pipeline, metrics, party, refusal.rule, None, Some(&dataset), refusal.status).await
 }
 
 impl FlightSqlGateway {
     /// Durably append `event` to the audit log. An action whose record cannot
     /// be written does not happen: the caller returns this error instead.
-    async fn audit(&self, event: AuditEvent) -> Result<(), Status> {
-        append_audit(self.ledger.clone(), event).await
+    async fn audit(&self, party: Option<&str>, event: Event) -> Result<(), Status> {
+        self.pipeline.audit(party, event).await.map_err(dp_status)
     }
 
     /// Audit a refusal of `sql`, then return it (or the ledger's error).
     async fn refused(&self, session: &Session, sql: &str, rule: &str, status: Status) -> Status {
         self.metrics.query(Outcome::Refused);
-        refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), status).await
+        refuse(&self.pipeline, &self.metrics, &session.party, rule, Some(sql), None, status).await
     }
 
     pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new(catalog.manifest.clone(), cluster.clone(), ledger.clone())?);
+        let pipeline = Pipeline::new(ledger, Arc::new(cluster.clone()));
         Ok(FlightSqlGateway {
             catalog,
-            cluster,
-            ledger,
+            pipeline,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             target_partitions,
             metrics,
@@ -356,7 +292,10 @@ impl FlightSqlGateway {
 
     async fn open_session(&self, party: &str) -> Result<Session, Status> {
         let state = cleanroom_executor::session_state(self.target_partitions);
-        let ctx = <SessionContext as ballista::prelude::SessionContextExt>::remote_with_state(&self.cluster.scheduler_url(), state)
+        let ctx = self
+            .pipeline
+            .engine
+            .context(state)
             .await
             .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
         for udf in cleanroom_dp::udf::all() {
@@ -369,7 +308,7 @@ impl FlightSqlGateway {
             self.catalog.manifest.party(party).map(|p| (p.epsilon_budget, p.delta_budget)).unwrap_or((0.0, 0.0));
         ctx.catalog(CATALOG)
             .ok_or_else(|| Status::internal("the session has no catalog"))?
-            .register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(party, budget, delta_budget, self.ledger.clone())))
+            .register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(party, budget, delta_budget, self.pipeline.ledger.clone())))
             .map_err(|e| Status::internal(format!("cannot open a session: {e}")))?;
         Ok(Session {
             party: party.to_string(),
@@ -443,200 +382,70 @@ impl FlightSqlGateway {
         datasets.iter().map(|d| self.catalog.version(d).unwrap_or_default()).collect::<Vec<_>>().join("+")
     }
 
-    async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>, version: &str) -> Result<Released, Status> {
-        let (free, what) = match planned.as_ref() {
-            PlannedQuery::NoData(q) => (Some(release::without_data(q).await), "no_data"),
-            PlannedQuery::Explain(q) => (Some(release::explain(q)), "explain"),
-            PlannedQuery::Dp(_) => (None, ""),
-        };
-        if let Some(answer) = free {
-            // Reads no protected data, costs nothing; recorded all the same.
-            let answer = answer.map_err(dp_status)?;
-            self.audit(AuditEvent::new(
-                audit::kind::QUERY,
-                Some(&session.party),
-                json!({ "sql": sql, "statement": what, "epsilon": 0.0, "delta": 0.0, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
-            ))
-            .await?;
-            self.metrics.query(Outcome::Free);
-            return Ok(answer);
-        }
-        let PlannedQuery::Dp(query) = planned.as_ref() else { unreachable!("handled above") };
+    async fn execute(&self, session: &Session, sql: &str, planned: Arc<PlannedQuery>, versions: &str) -> Result<Released, Status> {
         let party = self
             .catalog
             .manifest
             .party(&session.party)
             .ok_or_else(|| Status::permission_denied("this party is no longer in the collaboration"))?;
         let collaboration = &self.catalog.manifest.collaboration;
-        let limits = Limits {
-            epsilon_budget: party.epsilon_budget,
-            delta_budget: party.delta_budget,
-            epsilon_cap: collaboration.epsilon_cap,
-            delta_cap: collaboration.delta_cap,
+        let ask = Ask {
+            party: &session.party,
+            sql,
+            ctx: &session.ctx,
+            policy: &session.policy,
+            versions,
+            limits: Limits {
+                epsilon_budget: party.epsilon_budget,
+                delta_budget: party.delta_budget,
+                epsilon_cap: collaboration.epsilon_cap,
+                delta_cap: collaboration.delta_cap,
+            },
+            deadline: collaboration.query_deadline,
+            min_response: collaboration.min_response,
         };
-
-        // The same question on the same data gets the answer already
-        // released to this party, at no new cost.
-        let key = release::answer_key(query, &session.party, &session.policy, version);
-        let (ledger, lookup) = (self.ledger.clone(), key.clone());
-        let cached = blocking(move || cleanroom_ledger::recall(ledger.as_ref(), &lookup)).await?.map_err(dp_status)?;
-        if let Some(answer) = cached {
-            info!(party = %session.party, query = %query.id, "answered from the released-answer cache");
-            let receipt = answer.schema().metadata().get(release::META_RECEIPT).cloned().unwrap_or_default();
-            self.audit(AuditEvent::new(
-                audit::kind::ANSWER,
-                Some(&session.party),
-                json!({ "receipt": receipt, "query_id": query.id, "sql": sql, "cached": true, "rows": answer.num_rows(), "columns": shape(&answer.schema()) }),
-            ))
-            .await?;
-            self.metrics.query(Outcome::Cached);
-            return Ok(answer);
-        }
-
-        // Nothing is charged for a query no executor could run.
-        if !self.cluster.wait_for_executor(EXECUTOR_WAIT).await {
-            self.metrics.query(Outcome::Unavailable);
-            warn!(party = %session.party, query = %query.id, "no executor available; query turned away uncharged");
-            let status = Status::unavailable(format!(
-                "no executor is available to run the query (none joined the cluster within {} s): it was not run and nothing was charged; try again when executors are up",
-                EXECUTOR_WAIT.as_secs()
-            ));
-            return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, "no_executor", json!({ "sql": sql }), status).await);
-        }
-
-        let charge = Charge {
-            party: session.party.clone(),
-            query_id: query.id.clone(),
-            epsilon: query.epsilon,
-            delta: query.delta,
-            sql: sql.to_string(),
-            audit: json!({
-                "options": format!("{:?}", query.options),
-                "datasets": query.datasets,
-                "columns": release::announced_dp_schema(query).map(|s| shape(&s)).unwrap_or_default(),
-            }),
-        };
-        // The charge is durable before any protected data is read, and a
-        // failure after this point keeps it: errs on the side of privacy.
-        let ledger = self.ledger.clone();
-        let receipt = match blocking(move || ledger.charge(&charge, &limits)).await? {
-            Ok(receipt) => receipt,
-            Err(cleanroom_ledger::LedgerError::Budget(refusal)) => {
-                let rule = refusal.rule();
-                self.metrics.query(Outcome::Refused);
-                return Err(refuse(self.ledger.clone(), &self.metrics, &session.party, rule, json!({ "sql": sql }), dp_status(refusal)).await);
+        match self.pipeline.answer(&ask, planned).await {
+            Ok(answer) => {
+                if let Some(ran) = answer.ran {
+                    self.metrics.job(ran);
+                }
+                self.metrics.query(match answer.served {
+                    Served::Free => Outcome::Free,
+                    Served::Cached => Outcome::Cached,
+                    Served::Answered => Outcome::Answered,
+                });
+                Ok(answer.released)
             }
-            Err(e) => return Err(dp_status(e)),
-        };
-        info!(party = %session.party, query = %query.id, receipt = %receipt.id(), epsilon = receipt.epsilon(), delta = receipt.delta(), "budget charged");
-
-        let receipt_id = receipt.id().to_string();
-        let epsilon = receipt.epsilon();
-        let started = Instant::now();
-        let (deadline, min_response) = (collaboration.query_deadline, collaboration.min_response);
-        let outcome: Result<Released, Status> = async {
-            let exact = match self.run_on_cluster(session, &query.id, query.exact_plan.clone(), deadline).await {
-                Ok(batches) => batches,
-                Err(RunError::Deadline) => {
-                    warn!(party = %session.party, query = %query.id, "query stopped at its deadline");
-                    // The same message whatever the data: the run time is
-                    // the only thing that differs, and it is not reported.
-                    return Err(Status::deadline_exceeded(format!(
-                        "the query did not finish within the collaboration's deadline of {} s and was stopped; its charge of epsilon = {epsilon} is kept",
-                        deadline.as_secs_f64()
-                    )));
-                }
-                Err(RunError::Failed(e)) => {
-                    // Only the kind of error: its text may quote the data.
-                    warn!(party = %session.party, query = %query.id, kind = error_kind(&e), "execution failed");
-                    // The cause may depend on the data and is not passed on; whether
-                    // the cluster has executors left does not.
-                    return Err(if self.cluster.live_executors().await == 0 {
-                        Status::unavailable(format!(
-                            "the query failed while running: no executor is left in the cluster; its charge of epsilon = {epsilon} is kept"
-                        ))
-                    } else {
-                        Status::internal(format!("the query failed while running; its charge of epsilon = {epsilon} is kept"))
-                    });
-                }
-            };
-            let planned_for_release = planned.clone();
-            let noisy = blocking(move || {
-                let PlannedQuery::Dp(q) = planned_for_release.as_ref() else { unreachable!() };
-                release::release(q, &exact, &receipt)
-            })
-            .await?
-            .map_err(dp_status)?;
-            let released = release::finish(query, noisy).await.map_err(dp_status)?;
-            // The answer leaves only once its shape is on the audit log.
-            self.audit(AuditEvent::new(
-                audit::kind::ANSWER,
-                Some(&session.party),
-                json!({ "receipt": receipt_id, "query_id": query.id, "rows": released.num_rows(), "columns": shape(&released.schema()) }),
-            ))
-            .await?;
-            Ok(released)
+            Err(e) => Err(self.query_status(e)),
         }
-        .await;
-        // Answers and failures alike leave no sooner than the collaboration's
-        // minimum response time after the run started.
-        if let Some(rest) = min_response.checked_sub(started.elapsed()) {
-            tokio::time::sleep(rest).await;
-        }
-        let released = match outcome {
-            Ok(released) => released,
-            Err(status) => {
-                self.metrics.query(Outcome::Failed);
-                // The cause may depend on the data: the record says only that it failed.
-                let event = AuditEvent::new(audit::kind::QUERY_FAILURE, Some(&session.party), json!({ "receipt": receipt_id, "query_id": query.id }));
-                if let Err(e) = self.audit(event).await {
-                    warn!(error = %e, "could not record the failure in the audit log");
-                }
-                return Err(status);
-            }
-        };
-        self.metrics.query(Outcome::Answered);
-        let (ledger, kept) = (self.ledger.clone(), released.clone());
-        let stored = blocking(move || cleanroom_ledger::remember(ledger.as_ref(), &key, &kept)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            // The answer is paid for; failing to cache it only means a re-run pays again.
-            warn!(party = %session.party, query = %query.id, "could not keep the released answer");
-        }
-        Ok(released)
     }
 
-    /// Run a rewritten plan as a Ballista job and collect its (exact, small)
-    /// result here, on the trusted side.
-    async fn run_on_cluster(&self, session: &Session, query_id: &str, plan: LogicalPlan, deadline: Duration) -> Result<Vec<RecordBatch>, RunError> {
-        let started = Instant::now();
-        let df = session.ctx.execute_logical_plan(plan).await?;
-        let physical = df.create_physical_plan().await?;
-        let job_of = |physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
-            physical.downcast_ref::<DistributedQueryExec<LogicalPlanNode>>().and_then(|d| d.job_id())
-        };
-        // Ballista fails a job whose executors are all lost, but not one
-        // submitted just after the last was lost: the job is also given up
-        // once no executor has been live for the executor timeout. A job
-        // still running at the deadline is cancelled.
-        let batches = tokio::select! {
-            batches = datafusion::physical_plan::collect(physical.clone(), session.ctx.task_ctx()) => batches?,
-            () = self.cluster.until_no_executor_for_timeout() => {
-                return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()).into());
+    /// The status a party gets for a statement that gave no answer (counted
+    /// in the metrics).
+    fn query_status(&self, e: QueryError) -> Status {
+        let message = e.message().unwrap_or_default();
+        match e {
+            QueryError::Refused { rule, error } => {
+                self.metrics.query(Outcome::Refused);
+                self.metrics.refusal(rule);
+                dp_status(error)
             }
-            () = tokio::time::sleep(deadline.saturating_sub(started.elapsed())) => {
-                if let Some(job) = job_of(&physical) {
-                    self.cluster.cancel(&job.to_string()).await;
+            QueryError::NoEngine { .. } => {
+                self.metrics.query(Outcome::Unavailable);
+                self.metrics.refusal("no_executor");
+                Status::unavailable(message)
+            }
+            QueryError::Failed { failure, .. } => {
+                self.metrics.query(Outcome::Failed);
+                match failure {
+                    Failure::Deadline(_) => Status::deadline_exceeded(message),
+                    Failure::Run { engine_lost: true } => Status::unavailable(message),
+                    Failure::Run { engine_lost: false } => Status::internal(message),
+                    Failure::Release(e) => dp_status(e),
                 }
-                return Err(RunError::Deadline);
             }
-        };
-        self.metrics.job(started.elapsed());
-        let job = job_of(&physical);
-        match job {
-            Some(job) => info!(query = %query_id, job = %job, "query ran as Ballista job {job}"),
-            None => warn!(query = %query_id, "query did not run as a Ballista job"),
+            QueryError::Dp(e) => dp_status(e),
         }
-        Ok(batches)
     }
 
     fn sql_info() -> &'static SqlInfoData {
@@ -795,11 +604,10 @@ impl FlightSqlService for FlightSqlGateway {
             // The name is what the client sent, not a known party.
             // Bounded, so a client cannot write large records.
             let user: String = party.chars().take(64).collect();
-            let event = AuditEvent::new(audit::kind::AUTH_FAILURE, None, json!({ "user": user, "peer": peer }));
-            self.audit(event).await?;
+            self.audit(None, Event::AuthFailure { user, peer }).await?;
             return Err(refused());
         }
-        self.audit(AuditEvent::new(audit::kind::AUTH, Some(&party), json!({ "peer": peer }))).await?;
+        self.audit(Some(&party), Event::Auth { peer }).await?;
         let session = self.open_session(&party).await?;
         let token = random_id() + &random_id();
         let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -913,12 +721,12 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.session(&request)?;
         let (dataset, mode) = match ingest::resolve(&self.catalog, &session.party, &command) {
             Ok(target) => target,
-            Err(refusal) => return Err(upload_refused(self.ledger.clone(), &self.metrics, &session.party, &command.table, refusal).await),
+            Err(refusal) => return Err(upload_refused(&self.pipeline, &self.metrics, &session.party, &command.table, refusal).await),
         };
         // The upload runs in its own task, which owns the request's stream:
         // if the client goes away the stream fails there and the task cleans
         // up and audits (a refusal too), even though this handler is dropped.
-        let (catalog, ledger, metrics) = (self.catalog.clone(), self.ledger.clone(), self.metrics.clone());
+        let (catalog, pipeline, metrics) = (self.catalog.clone(), self.pipeline.clone(), self.metrics.clone());
         let broke = request.extensions().get::<crate::stream_end::BodyBroke>().cloned().unwrap_or_default();
         let (name, party, stream) = (dataset.name.clone(), session.party.clone(), request.into_inner());
         let task = tokio::spawn(async move {
@@ -926,12 +734,16 @@ impl FlightSqlService for FlightSqlGateway {
             let _one_at_a_time = catalog.lock_for_upload(&name).await;
             let upload_id = random_id();
             let record = |rows: u64, version: u64, files: usize| {
-                let event = AuditEvent::new(
-                    audit::kind::UPLOAD,
-                    Some(&party),
-                    json!({ "dataset": name, "mode": mode.as_str(), "rows": rows, "files": files, "version": version, "upload": upload_id }),
-                );
-                append_audit(ledger.clone(), event)
+                let event = Event::Upload(UploadEvent {
+                    dataset: name.clone(),
+                    mode: mode.as_str().to_string(),
+                    rows,
+                    files,
+                    version,
+                    upload: upload_id.clone(),
+                });
+                let (pipeline, party) = (pipeline.clone(), party.clone());
+                async move { pipeline.audit(Some(&party), event).await.map_err(dp_status) }
             };
             let outcome = ingest::ingest(&catalog, dataset, mode, &party, &upload_id, stream, broke, record).await;
             match outcome {
@@ -948,15 +760,11 @@ impl FlightSqlService for FlightSqlGateway {
                     }
                     Ok(ingested.rows as i64)
                 }
-                Err(IngestError::Refused(refusal)) => Err(upload_refused(ledger.clone(), &metrics, &party, &name, refusal).await),
+                Err(IngestError::Refused(refusal)) => Err(upload_refused(&pipeline, &metrics, &party, &name, refusal).await),
                 Err(IngestError::Failed(status)) => {
                     warn!(party = %party, dataset = %name, upload = %upload_id, error = %status.message(), "upload not committed");
-                    let event = AuditEvent::new(
-                        audit::kind::UPLOAD_FAILURE,
-                        Some(&party),
-                        json!({ "dataset": name, "upload": upload_id, "message": status.message() }),
-                    );
-                    if let Err(e) = append_audit(ledger.clone(), event).await {
+                    let event = Event::UploadFailure { dataset: name.clone(), upload: upload_id.clone(), message: status.message().to_string() };
+                    if let Err(e) = pipeline.audit(Some(&party), event).await {
                         warn!(error = %e, "could not record the failed upload in the audit log");
                     }
                     Err(status)

@@ -6,9 +6,11 @@
 //! `cleanroom-ledger`.
 
 pub mod cluster;
+pub mod engine;
 pub mod gateway;
 pub mod ingest;
 pub mod metrics;
+pub mod pipeline;
 pub mod serve;
 pub mod stream_end;
 pub mod system_tables;

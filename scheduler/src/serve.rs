@@ -133,7 +133,7 @@ pub async fn start(
     let manifest_bytes = std::fs::read(&options.manifest).with_context(|| format!("cannot read {}", options.manifest.display()))?;
     let sha = hex::encode(Sha256::digest(&manifest_bytes));
     let (l, path) = (ledger.clone(), options.manifest.display().to_string());
-    let changed = tokio::task::spawn_blocking(move || l.record_manifest(&sha, serde_json::json!({ "path": path })))
+    let changed = tokio::task::spawn_blocking(move || l.record_manifest(&sha, &path))
         .await
         .context("recording the manifest")??;
     if changed {

@@ -195,12 +195,17 @@ pub async fn enforce_all(catalog: &Arc<Catalog>, ledger: &Arc<dyn cleanroom_ledg
     for dataset in catalog.manifest.datasets.iter().filter(|d| d.retention.is_some()) {
         let retention = dataset.retention.as_ref().expect("filtered");
         let record = |rows: u64, rewritten: usize, dropped: usize, version: u64| {
-            let event = cleanroom_ledger::audit::AuditEvent::new(
-                cleanroom_ledger::audit::kind::RETENTION,
+            use cleanroom_ledger::audit::{AuditEvent, Event, RetentionEvent};
+            let event = AuditEvent::new(
                 None,
-                serde_json::json!({
-                    "dataset": dataset.name, "column": retention.column, "days": retention.days,
-                    "rows_deleted": rows, "files_rewritten": rewritten, "files_dropped": dropped, "version": version,
+                Event::Retention(RetentionEvent {
+                    dataset: dataset.name.clone(),
+                    column: retention.column.clone(),
+                    days: u64::from(retention.days),
+                    rows_deleted: rows,
+                    files_rewritten: rewritten,
+                    files_dropped: dropped,
+                    version,
                 }),
             );
             let ledger = ledger.clone();
