@@ -59,7 +59,8 @@ use tracing::{info, warn};
 
 use cleanroom_storage::catalog::{Catalog, CATALOG};
 use crate::cluster::EmbeddedCluster;
-use crate::ingest::{self, IngestError};
+use crate::ingest;
+use cleanroom_storage::upload::{self, IngestError, Refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::pipeline::{Ask, Failure, Pipeline, QueryError, Served};
 use crate::system_tables::SystemSchema;
@@ -230,10 +231,10 @@ async fn refuse(pipeline: &Pipeline, metrics: &Metrics, party: &str, rule: &str,
 }
 
 /// Audit a refused upload, then return its status (or the ledger's error).
-async fn upload_refused(pipeline: &Pipeline, metrics: &Metrics, party: &str, dataset: &str, refusal: ingest::Refusal) -> Status {
+async fn upload_refused(pipeline: &Pipeline, metrics: &Metrics, party: &str, dataset: &str, refusal: Refusal) -> Status {
     // Bounded: the name is what the client sent.
     let dataset: String = dataset.chars().take(128).collect();
-    refuse(pipeline, metrics, party, refusal.rule, None, Some(&dataset), refusal.status).await
+    refuse(pipeline, metrics, party, refusal.rule, None, Some(&dataset), ingest::refusal_status(&refusal)).await
 }
 
 impl FlightSqlGateway {
@@ -719,7 +720,7 @@ impl FlightSqlService for FlightSqlGateway {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         let session = self.session(&request)?;
-        let (dataset, mode) = match ingest::resolve(&self.catalog, &session.party, &command) {
+        let (dataset, mode) = match upload::resolve(&self.catalog, &session.party, &ingest::target(&command)) {
             Ok(target) => target,
             Err(refusal) => return Err(upload_refused(&self.pipeline, &self.metrics, &session.party, &command.table, refusal).await),
         };
@@ -743,9 +744,10 @@ impl FlightSqlService for FlightSqlGateway {
                     upload: upload_id.clone(),
                 });
                 let (pipeline, party) = (pipeline.clone(), party.clone());
-                async move { pipeline.audit(Some(&party), event).await.map_err(dp_status) }
+                async move { pipeline.audit(Some(&party), event).await }
             };
-            let outcome = ingest::ingest(&catalog, dataset, mode, &party, &upload_id, stream, broke, record).await;
+            let batches = ingest::batches(stream, broke);
+            let outcome = upload::ingest(&catalog, dataset, mode, &party, &upload_id, batches, record).await;
             match outcome {
                 Ok(ingested) => {
                     info!(party = %party, dataset = %name, mode = mode.as_str(), rows = ingested.rows, version = %ingested.version.id(), "upload committed");
@@ -761,7 +763,12 @@ impl FlightSqlService for FlightSqlGateway {
                     Ok(ingested.rows as i64)
                 }
                 Err(IngestError::Refused(refusal)) => Err(upload_refused(&pipeline, &metrics, &party, &name, refusal).await),
-                Err(IngestError::Failed(status)) => {
+                Err(failed) => {
+                    let status = match failed {
+                        IngestError::Failed { kind, message } => ingest::failure_status(kind, &message),
+                        IngestError::Audit(e) => dp_status(e),
+                        IngestError::Refused(_) => unreachable!("matched above"),
+                    };
                     warn!(party = %party, dataset = %name, upload = %upload_id, error = %status.message(), "upload not committed");
                     let event = Event::UploadFailure { dataset: name.clone(), upload: upload_id.clone(), message: status.message().to_string() };
                     if let Err(e) = pipeline.audit(Some(&party), event).await {
