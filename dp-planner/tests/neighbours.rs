@@ -36,7 +36,7 @@ use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::policy::{ColumnRole, DatasetPolicy, Defaults, Domain, Policy};
 use cleanroom_dp::release::{announced_dp_schema, finish, release};
-use cleanroom_dp::rewrite::{DpQuery, PlannedQuery};
+use cleanroom_dp::rewrite::{DpQuery, ExactColumn, PlannedQuery};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{provider_as_source, MemTable};
 use datafusion::logical_expr::LogicalPlan;
@@ -699,12 +699,13 @@ async fn run(ctx: &SessionContext, plan: LogicalPlan) -> Result<Vec<RecordBatch>
     frame.collect().await.map_err(|e| e.to_string())
 }
 
-/// Exact columns of the result by group key (the `__g…` columns as text).
-fn by_group(batches: &[RecordBatch]) -> BTreeMap<String, BTreeMap<String, f64>> {
+/// Exact columns of the result by group key (the group columns as text).
+fn by_group(q: &DpQuery, batches: &[RecordBatch]) -> BTreeMap<String, BTreeMap<String, f64>> {
     let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    let groups: Vec<String> = (0..q.groups.len()).map(|i| ExactColumn::Group(i).name()).collect();
     for b in batches {
         let schema = b.schema();
-        let keys: Vec<usize> = (0..b.num_columns()).filter(|&i| schema.field(i).name().starts_with("__g")).collect();
+        let keys: Vec<usize> = (0..b.num_columns()).filter(|&i| groups.contains(schema.field(i).name())).collect();
         let text: Vec<ArrayRef> = keys.iter().map(|&i| arrow::compute::cast(b.column(i), &DataType::Utf8).unwrap()).collect();
         for row in 0..b.num_rows() {
             let key: Vec<String> = text
@@ -741,7 +742,7 @@ fn l1(a: &BTreeMap<String, BTreeMap<String, f64>>, b: &BTreeMap<String, BTreeMap
 
 /// Each exact column moves by at most what the planner claims.
 fn check_sensitivity(q: &DpQuery, a: &[RecordBatch], b: &[RecordBatch]) -> Result<(), String> {
-    let (a, b) = (by_group(a), by_group(b));
+    let (a, b) = (by_group(q, a), by_group(q, b));
     let mut bounds: Vec<(String, f64)> = Vec::new();
     for (j, agg) in q.aggregates.iter().enumerate() {
         match &agg.quantile {
@@ -749,22 +750,22 @@ fn check_sensitivity(q: &DpQuery, a: &[RecordBatch], b: &[RecordBatch]) -> Resul
                 // Counts per group of at most m per person, k groups.
                 let m = agg.sensitivity / 1000.0;
                 let k = spec.groups_per_person;
-                bounds.push((format!("__a{j}"), k * m));
+                bounds.push((ExactColumn::Total(j).name(), k * m));
                 for i in 0..spec.candidates.len() {
-                    bounds.push((format!("__k{j}_{i}"), k * m));
+                    bounds.push((ExactColumn::AtMost(j, i).name(), k * m));
                 }
             }
-            None => bounds.push((format!("__a{j}"), agg.sensitivity)),
+            None => bounds.push((ExactColumn::Total(j).name(), agg.sensitivity)),
         }
         if let Some((count_l1, _, _)) = agg.average {
-            bounds.push((format!("__b{j}"), count_l1));
+            bounds.push((ExactColumn::Count(j).name(), count_l1));
         }
         if let Some((squares_l1, _)) = agg.squares {
-            bounds.push((format!("__c{j}"), squares_l1));
+            bounds.push((ExactColumn::Squares(j).name(), squares_l1));
         }
     }
     if let Some(t) = &q.selection {
-        bounds.push(("__n".into(), t.max_groups as f64));
+        bounds.push((ExactColumn::People.name(), t.max_groups as f64));
     }
     for (name, bound) in bounds {
         let moved = l1(&a, &b, &name);

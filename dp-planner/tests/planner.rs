@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Int64Type};
 use cleanroom_ledger::{Charge, Ledger, Limits, RedbLedger};
 use cleanroom_dp::options::QueryOptions;
 use cleanroom_dp::release::{finish, release};
-use cleanroom_dp::rewrite::{DpQuery, PlannedQuery};
+use cleanroom_dp::rewrite::{DpQuery, ExactColumn, PlannedQuery};
 use cleanroom_dp::mechanism::{Noise, Share};
 use cleanroom_dp::DpError;
 use datafusion::prelude::SessionContext;
@@ -499,8 +499,8 @@ async fn variance_and_stddev_come_from_noisy_centred_moments_within_the_bounds()
     let mut checked = false;
     for b in &batches {
         let keys = b.column(0).as_string::<i32>();
-        let column = |name: &str| arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
-        let (sums, counts, squares) = (column("__a0"), column("__b0"), column("__c0"));
+        let column = |c: ExactColumn| arrow::compute::cast(b.column_by_name(&c.name()).unwrap(), &DataType::Float64).unwrap();
+        let (sums, counts, squares) = (column(ExactColumn::Total(0)), column(ExactColumn::Count(0)), column(ExactColumn::Squares(0)));
         for i in 0..b.num_rows() {
             if keys.value(i) == "a" {
                 assert_eq!(sums.as_primitive::<arrow::datatypes::Float64Type>().value(i) * a.unit, -218.0);
@@ -576,7 +576,7 @@ async fn average_is_a_noisy_sum_over_a_noisy_count_within_the_bounds() {
     assert_eq!(a.sensitivity * a.unit, 3000.0);
     assert_eq!(a.average, Some((30.0, 3f64.sqrt() * 10.0, (0.0, 100.0))));
     let b = &exact(&q).await[0];
-    assert!(b.column_by_name("__a0").is_some() && b.column_by_name("__b0").is_some());
+    assert!(b.column_by_name(&ExactColumn::Total(0).name()).is_some() && b.column_by_name(&ExactColumn::Count(0).name()).is_some());
     let released = charged_release(&q).await;
     let avg = released.batches()[0].column(1).as_primitive::<arrow::datatypes::Float64Type>().clone();
     assert_eq!(avg.len(), 3);
