@@ -5,6 +5,9 @@
 
 #[path = "support/etcd.rs"]
 mod etcd;
+/// The engine `serve` runs queries on in these tests.
+const ENGINE: &str = "ballista";
+
 #[path = "support/server.rs"]
 mod server;
 

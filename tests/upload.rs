@@ -19,6 +19,9 @@ use futures::StreamExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tonic::transport::Channel;
 
+/// The engine `serve` runs queries on in these tests.
+const ENGINE: &str = "ballista";
+
 #[path = "support/server.rs"]
 mod server;
 use server::*;

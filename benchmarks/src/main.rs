@@ -120,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         let running = cleanroom_scheduler::serve::start(
             &cleanroom_scheduler::serve::ServeOptions {
                 listen: "127.0.0.1:0".parse()?,
+                engine: cleanroom_scheduler::serve::EngineChoice::Ballista,
                 executors: args.executors,
                 state_dir: Some(state.path().to_path_buf()),
                 ..cleanroom_scheduler::serve::ServeOptions::standalone(bench_manifest)

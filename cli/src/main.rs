@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cleanroom_scheduler::serve::{Running, ServeOptions};
+use cleanroom_scheduler::serve::{EngineChoice, Running, ServeOptions};
 
 mod logging;
 mod operator;
@@ -22,10 +22,18 @@ struct Cli {
     command: Command,
 }
 
+/// `serve --engine`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum EngineArg {
+    InProcess,
+    Ballista,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the clean room on this machine: the Flight SQL gateway, an embedded
-    /// Ballista scheduler and executors, and the budget ledger.
+    /// Run the clean room on this machine: the Flight SQL gateway, the budget
+    /// ledger, and the engine that runs queries (in-process DataFusion, or an
+    /// embedded Ballista scheduler and executors).
     Serve {
         /// The collaboration manifest (TOML).
         #[arg(long)]
@@ -33,12 +41,27 @@ enum Command {
         /// Address the Flight SQL gateway listens on (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Number of in-process Ballista executors.
-        #[arg(long, default_value_t = 2)]
-        executors: usize,
-        /// Task slots per executor.
-        #[arg(long, default_value_t = 2)]
-        executor_slots: usize,
+        /// Where queries run: `in-process` (DataFusion in this process, with a
+        /// memory pool and spilling: least overhead on one machine) or
+        /// `ballista` (an embedded Ballista scheduler and executors, as a
+        /// cluster runs them).
+        #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
+        engine: EngineArg,
+        /// Query memory of the in-process engine, shared by all running
+        /// queries, e.g. 4GiB; beyond it, operators spill to --spill-dir
+        /// [default: 70 % of the host's or container's memory].
+        #[arg(long, value_parser = parse_bytes)]
+        memory_limit: Option<u64>,
+        /// Directory for the in-process engine's spill files [default: a
+        /// temporary directory].
+        #[arg(long)]
+        spill_dir: Option<PathBuf>,
+        /// With --engine ballista: number of in-process Ballista executors [default: 2].
+        #[arg(long)]
+        executors: Option<usize>,
+        /// With --engine ballista: task slots per executor [default: 2].
+        #[arg(long)]
+        executor_slots: Option<usize>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -424,14 +447,33 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { manifest, listen, executors, executor_slots, server } => {
+        Command::Serve { manifest, listen, engine, memory_limit, spill_dir, executors, executor_slots, server } => {
+            let engine = match engine {
+                EngineArg::InProcess => {
+                    if executors.is_some() || executor_slots.is_some() {
+                        anyhow::bail!("--executors and --executor-slots size an embedded Ballista cluster: add --engine ballista");
+                    }
+                    EngineChoice::InProcess
+                }
+                EngineArg::Ballista => {
+                    if memory_limit.is_some() || spill_dir.is_some() {
+                        anyhow::bail!(
+                            "--memory-limit and --spill-dir set the in-process engine; with --engine ballista, run `cleanroom scheduler` with `cleanroom executor --memory-limit --work-dir` processes to bound executors' memory"
+                        );
+                    }
+                    EngineChoice::Ballista
+                }
+            };
             let options = ServeOptions {
-                executors: executors.max(1),
-                executor_slots,
+                engine,
+                memory_limit,
+                spill_dir,
+                executors: executors.unwrap_or(2).max(1),
+                executor_slots: executor_slots.unwrap_or(2).max(1),
                 ..server_options(manifest, listen, server)?
             };
             run_server(&options, |running| {
-                format!("cleanroom is serving Flight SQL on {} ({} executors", flight_url(&options, running), running.cluster.executors)
+                format!("cleanroom is serving Flight SQL on {} ({}", flight_url(&options, running), running.engine)
             })
             .await
         }
@@ -443,6 +485,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--internal-bind must differ from --listen: parties must never reach the Ballista scheduler");
             }
             let options = ServeOptions {
+                engine: EngineChoice::Ballista,
                 executors: 0,
                 internal_bind,
                 partitions: Some(partitions.max(1)),
@@ -450,7 +493,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..server_options(manifest, listen, server)?
             };
             run_server(&options, |running| {
-                format!("cleanroom scheduler: Flight SQL on {} (executors join {}", flight_url(&options, running), running.cluster.scheduler_addr)
+                let joins = running.cluster.as_ref().map(|c| c.scheduler_addr.to_string()).unwrap_or_default();
+                format!("cleanroom scheduler: Flight SQL on {} (executors join {joins}", flight_url(&options, running))
             })
             .await
         }

@@ -67,3 +67,37 @@ pub async fn start_in_process(
         .await
         .map_err(|e| anyhow::anyhow!("cannot start executor: {e}"))
 }
+
+/// Memory for query execution when none is given: 70 % of the container's
+/// memory limit (cgroup v2 `memory.max`) or else of the host's memory, as
+/// Ballista's executors default to; 4 GiB where neither can be read.
+pub fn default_memory_limit() -> u64 {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let host = read("/proc/meminfo").and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    let container = read("/sys/fs/cgroup/memory.max").and_then(|t| t.trim().parse::<u64>().ok());
+    let total = match (host, container) {
+        (Some(h), Some(c)) => h.min(c),
+        (h, c) => h.or(c).unwrap_or(4 * 1024 * 1024 * 1024 / 7 * 10),
+    };
+    total / 10 * 7
+}
+
+/// The runtime of the in-process engine: one memory pool of `memory_limit`
+/// bytes shared by every running query (fair among the operators that can
+/// spill; one that cannot spill fails its query when the pool is full
+/// rather than grow the process), and spill files in `spill_dir` (a
+/// temporary directory when `None`).
+pub fn in_process_runtime(memory_limit: u64, spill_dir: Option<&std::path::Path>) -> anyhow::Result<std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+    use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    let pool = TrackConsumersPool::new(FairSpillPool::new(memory_limit as usize), std::num::NonZeroUsize::new(5).expect("non-zero"));
+    let mut builder = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_pool(std::sync::Arc::new(pool));
+    if let Some(dir) = spill_dir {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the spill directory {}: {e}", dir.display()))?;
+        builder = builder.with_temp_file_path(dir);
+    }
+    builder.build_arc().map_err(|e| anyhow::anyhow!("cannot set up query execution: {e}"))
+}

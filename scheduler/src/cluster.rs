@@ -271,4 +271,16 @@ impl crate::engine::Engine for EmbeddedCluster {
     async fn lost(&self) -> bool {
         self.live_executors().await == 0
     }
+
+    async fn workers(&self) -> usize {
+        self.live_executors().await
+    }
+
+    fn describe(&self) -> String {
+        if self.executors > 0 {
+            format!("Ballista, {} executors", self.executors)
+        } else {
+            format!("Ballista, executors join {}", self.scheduler_addr)
+        }
+    }
 }

@@ -10,12 +10,14 @@
 //! - [`crate::cluster::EmbeddedCluster`]: a Ballista job on the cluster's
 //!   executors (embedded ones for `serve`, remote ones for `scheduler`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use async_trait::async_trait;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SessionState;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
@@ -52,16 +54,71 @@ pub trait Engine: Send + Sync {
     /// After a failed run: whether the engine has nothing left to run on (a
     /// fact about the engine, not the data, so a party may be told).
     async fn lost(&self) -> bool;
+
+    /// Processes that may be given work now (the server itself for the
+    /// in-process engine), for metrics and readiness.
+    async fn workers(&self) -> usize;
+
+    /// The engine, for the start banner and logs.
+    fn describe(&self) -> String;
 }
 
 /// DataFusion in this process: no job submission, no shuffle files, no
-/// result fetch; memory and spilling as the session's runtime sets them.
-#[derive(Debug, Clone, Default)]
-pub struct InProcess;
+/// result fetch. Every session runs on one DataFusion runtime, so all
+/// queries share its memory pool and spill directory; query work runs on
+/// its own threads, so a busy query never delays the server's network
+/// I/O, timers and deadlines.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    runtime: Arc<RuntimeEnv>,
+    threads: Arc<QueryThreads>,
+}
+
+/// The tokio runtime query work runs on (one thread per core).
+#[derive(Debug)]
+struct QueryThreads(Option<tokio::runtime::Runtime>);
+
+impl Drop for QueryThreads {
+    fn drop(&mut self) {
+        // Without waiting: the engine may be dropped on an async thread.
+        if let Some(threads) = self.0.take() {
+            threads.shutdown_background();
+        }
+    }
+}
+
+impl InProcess {
+    /// An engine whose queries run on `runtime` (see
+    /// [`cleanroom_executor::in_process_runtime`]).
+    pub fn new(runtime: Arc<RuntimeEnv>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cores)
+            .thread_name("cleanroom-query")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for query work");
+        InProcess { runtime, threads: Arc::new(QueryThreads(Some(threads))) }
+    }
+
+    /// The runtime every session of this engine runs on.
+    pub fn runtime(&self) -> Arc<RuntimeEnv> {
+        self.runtime.clone()
+    }
+}
+
+impl Default for InProcess {
+    /// DataFusion's default runtime: no memory limit, spill files in a
+    /// temporary directory.
+    fn default() -> Self {
+        InProcess::new(Arc::new(RuntimeEnv::default()))
+    }
+}
 
 #[async_trait]
 impl Engine for InProcess {
     async fn context(&self, state: SessionState) -> Result<SessionContext, DataFusionError> {
+        let state = SessionStateBuilder::new_from_existing(state).with_runtime_env(self.runtime.clone()).build();
         Ok(SessionContext::new_with_state(state))
     }
 
@@ -71,14 +128,19 @@ impl Engine for InProcess {
 
     async fn run(&self, ctx: &SessionContext, query_id: &str, plan: LogicalPlan, deadline: Duration) -> Result<Vec<RecordBatch>, RunError> {
         let started = Instant::now();
-        // Dropping the collecting future stops the run: DataFusion's tasks
-        // are aborted with the streams that own them.
-        let run = async { ctx.execute_logical_plan(plan).await?.collect().await };
+        let ctx = ctx.clone();
+        let threads = self.threads.0.as_ref().expect("the query threads live as long as the engine");
+        let mut run = threads.spawn(async move { ctx.execute_logical_plan(plan).await?.collect().await });
         // The deadline is checked first: a run is never given time past it.
+        // Aborting the run drops its streams, and with them the tasks
+        // DataFusion spawned for it.
         let batches = tokio::select! {
             biased;
-            () = tokio::time::sleep(deadline) => return Err(RunError::Deadline),
-            batches = run => batches?,
+            () = tokio::time::sleep(deadline) => {
+                run.abort();
+                return Err(RunError::Deadline);
+            }
+            batches = &mut run => batches.map_err(|e| DataFusionError::Execution(format!("the query task failed: {e}")))??,
         };
         tracing::info!(query = %query_id, seconds = started.elapsed().as_secs_f64(), "query ran in process");
         Ok(batches)
@@ -86,5 +148,17 @@ impl Engine for InProcess {
 
     async fn lost(&self) -> bool {
         false
+    }
+
+    async fn workers(&self) -> usize {
+        1
+    }
+
+    fn describe(&self) -> String {
+        let limit = match self.runtime.memory_pool.memory_limit() {
+            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64),
+            _ => "unlimited".to_string(),
+        };
+        format!("in-process engine, {limit} query memory")
     }
 }

@@ -40,7 +40,7 @@ use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
 };
-use base64::Engine;
+use base64::Engine as _;
 use cleanroom_ledger::audit::{Event, UploadEvent};
 use cleanroom_ledger::{Ledger, Limits};
 use cleanroom_dp::options::{QueryOptions, OPTION_NAMES};
@@ -58,7 +58,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use cleanroom_storage::catalog::{Catalog, CATALOG};
-use crate::cluster::EmbeddedCluster;
+use crate::engine::Engine;
 use crate::ingest;
 use cleanroom_storage::upload::{self, IngestError, Refusal};
 use crate::metrics::{Metrics, Outcome};
@@ -250,9 +250,9 @@ impl FlightSqlGateway {
         refuse(&self.pipeline, &self.metrics, &session.party, rule, Some(sql), None, status).await
     }
 
-    pub fn new(catalog: Arc<Catalog>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>, target_partitions: usize) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::new(catalog.manifest.clone(), cluster.clone(), ledger.clone())?);
-        let pipeline = Pipeline::new(ledger, Arc::new(cluster.clone()));
+    pub fn new(catalog: Arc<Catalog>, engine: Arc<dyn Engine>, ledger: Arc<dyn Ledger>, target_partitions: usize) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(catalog.manifest.clone(), engine.clone(), ledger.clone())?);
+        let pipeline = Pipeline::new(ledger, engine);
         Ok(FlightSqlGateway {
             catalog,
             pipeline,

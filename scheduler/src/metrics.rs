@@ -17,14 +17,14 @@ use anyhow::Context;
 use cleanroom_ledger::Ledger;
 use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
-use crate::cluster::EmbeddedCluster;
+use crate::engine::Engine;
 use cleanroom_manifest::Manifest;
 
 /// The metrics of one gateway.
 pub struct Metrics {
     registry: Registry,
     manifest: Arc<Manifest>,
-    cluster: EmbeddedCluster,
+    engine: Arc<dyn Engine>,
     ledger: Arc<dyn Ledger>,
     queries: IntCounterVec,
     refusals: IntCounterVec,
@@ -65,7 +65,7 @@ impl Outcome {
 }
 
 impl Metrics {
-    pub fn new(manifest: Arc<Manifest>, cluster: EmbeddedCluster, ledger: Arc<dyn Ledger>) -> anyhow::Result<Metrics> {
+    pub fn new(manifest: Arc<Manifest>, engine: Arc<dyn Engine>, ledger: Arc<dyn Ledger>) -> anyhow::Result<Metrics> {
         let registry = Registry::new();
         let queries = IntCounterVec::new(
             Opts::new("cleanroom_queries_total", "Statements executed, by outcome (answered, cached, free, refused, unavailable, failed)"),
@@ -76,10 +76,10 @@ impl Metrics {
             &["rule"],
         )?;
         let job_seconds = Histogram::with_opts(
-            HistogramOpts::new("cleanroom_job_duration_seconds", "Wall time of DP queries' Ballista jobs, submission to result")
+            HistogramOpts::new("cleanroom_job_duration_seconds", "Wall time of DP queries' runs on the engine, start to result")
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
         )?;
-        let executors = IntGauge::new("cleanroom_executors", "Executors heard from within the executor timeout")?;
+        let executors = IntGauge::new("cleanroom_executors", "Executors heard from within the executor timeout (1 for the in-process engine: the server)")?;
         let epsilon_spent = GaugeVec::new(Opts::new("cleanroom_budget_epsilon_spent", "Privacy budget ε spent, per party"), &["party"])?;
         let epsilon_budget = GaugeVec::new(Opts::new("cleanroom_budget_epsilon", "Privacy budget ε per party: the manifest's plus operator grants"), &["party"])?;
         let delta_spent = GaugeVec::new(Opts::new("cleanroom_budget_delta_spent", "Privacy budget δ spent, per party"), &["party"])?;
@@ -90,7 +90,7 @@ impl Metrics {
         registry.register(Box::new(epsilon_spent.clone()))?;
         registry.register(Box::new(epsilon_budget.clone()))?;
         registry.register(Box::new(delta_spent.clone()))?;
-        Ok(Metrics { registry, manifest, cluster, ledger, queries, refusals, job_seconds, executors, epsilon_spent, epsilon_budget, delta_spent })
+        Ok(Metrics { registry, manifest, engine, ledger, queries, refusals, job_seconds, executors, epsilon_spent, epsilon_budget, delta_spent })
     }
 
     pub fn query(&self, outcome: Outcome) {
@@ -108,7 +108,7 @@ impl Metrics {
 
     /// The text exposition, with gauges read now.
     pub async fn render(&self) -> String {
-        self.executors.set(self.cluster.live_executors().await as i64);
+        self.executors.set(self.engine.workers().await as i64);
         let (ledger, manifest) = (self.ledger.clone(), self.manifest.clone());
         let totals = tokio::task::spawn_blocking(move || {
             manifest.parties.iter().map(|p| (p.name.clone(), p.epsilon_budget, ledger.totals(&p.name).ok())).collect::<Vec<_>>()
@@ -151,7 +151,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<So
             get(move || {
                 let metrics = ready.clone();
                 async move {
-                    let live = metrics.cluster.live_executors().await;
+                    let live = metrics.engine.workers().await;
                     if live > 0 {
                         (axum::http::StatusCode::OK, format!("ready: {live} executors\n"))
                     } else {

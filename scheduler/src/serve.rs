@@ -17,13 +17,32 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use cleanroom_storage::catalog::Catalog;
 use crate::cluster::{ClusterOptions, EmbeddedCluster};
+use crate::engine::{Engine, InProcess};
+use datafusion::execution::SessionStateBuilder;
 use crate::gateway::FlightSqlGateway;
 use cleanroom_manifest::Manifest;
+
+/// Where queries run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// DataFusion in the server's process, with a memory pool and spill
+    /// directory: the least overhead per query on one machine.
+    InProcess,
+    /// A Ballista cluster: embedded executors for `serve`, executor
+    /// processes joining the scheduler for `scheduler`.
+    Ballista,
+}
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub manifest: PathBuf,
     pub listen: SocketAddr,
+    pub engine: EngineChoice,
+    /// Query memory of the in-process engine (bytes) [default: 70 % of the
+    /// host's or container's memory].
+    pub memory_limit: Option<u64>,
+    /// Spill files of the in-process engine [default: a temporary directory].
+    pub spill_dir: Option<PathBuf>,
     /// Executors inside this process (0 for `cleanroom scheduler`).
     pub executors: usize,
     /// Task slots per in-process executor.
@@ -61,6 +80,9 @@ impl ServeOptions {
         ServeOptions {
             manifest,
             listen: "127.0.0.1:50051".parse().expect("address"),
+            engine: EngineChoice::InProcess,
+            memory_limit: None,
+            spill_dir: None,
             executors: 2,
             executor_slots: 2,
             internal_bind: "127.0.0.1:0".parse().expect("address"),
@@ -99,7 +121,10 @@ pub const DEFAULT_ETCD_PREFIX: &str = "/cleanroom/";
 /// A started server.
 pub struct Running {
     pub addr: SocketAddr,
-    pub cluster: EmbeddedCluster,
+    /// The Ballista cluster, when queries run on one.
+    pub cluster: Option<EmbeddedCluster>,
+    /// Where queries run, in words.
+    pub engine: String,
     /// Where Prometheus metrics are served, if asked for.
     pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -139,11 +164,30 @@ pub async fn start(
     if changed {
         tracing::info!(manifest = %options.manifest.display(), "manifest recorded in the audit log");
     }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let partitions = options
         .partitions
-        .unwrap_or(if options.executors == 0 { 8 } else { options.executors * options.executor_slots })
+        .unwrap_or(match options.engine {
+            EngineChoice::InProcess => cores,
+            EngineChoice::Ballista if options.executors == 0 => 8,
+            EngineChoice::Ballista => options.executors * options.executor_slots,
+        })
         .max(1);
-    let state = cleanroom_executor::session_state(partitions);
+    let in_process = match options.engine {
+        EngineChoice::InProcess => {
+            let limit = options.memory_limit.unwrap_or_else(cleanroom_executor::default_memory_limit);
+            Some(InProcess::new(cleanroom_executor::in_process_runtime(limit, options.spill_dir.as_deref())?))
+        }
+        EngineChoice::Ballista => None,
+    };
+    let state = match &in_process {
+        // The catalog registers the datasets' object stores in the runtime
+        // the engine runs every session on.
+        Some(engine) => SessionStateBuilder::new_from_existing(cleanroom_executor::session_state(partitions))
+            .with_runtime_env(engine.runtime())
+            .build(),
+        None => cleanroom_executor::session_state(partitions),
+    };
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
     // Expired rows, and files of replaced versions past their grace period,
     // go before the first query, then on a schedule.
@@ -161,17 +205,23 @@ pub async fn start(
             }
         });
     }
-    let cluster = EmbeddedCluster::start(
-        &state,
-        &ClusterOptions {
-            bind: options.internal_bind,
-            in_process_executors: options.executors,
-            slots: options.executor_slots.max(1),
-            executor_timeout: options.executor_timeout,
-        },
-    )
-    .await?;
-    let gateway = FlightSqlGateway::new(catalog, cluster.clone(), ledger.clone(), partitions)?;
+    let (engine, cluster): (Arc<dyn Engine>, _) = match in_process {
+        Some(engine) => (Arc::new(engine), None),
+        None => {
+            let cluster = EmbeddedCluster::start(
+                &state,
+                &ClusterOptions {
+                    bind: options.internal_bind,
+                    in_process_executors: options.executors,
+                    slots: options.executor_slots.max(1),
+                    executor_timeout: options.executor_timeout,
+                },
+            )
+            .await?;
+            (Arc::new(cluster.clone()), Some(cluster))
+        }
+    };
+    let gateway = FlightSqlGateway::new(catalog, engine.clone(), ledger.clone(), partitions)?;
     let metrics_addr = match options.metrics {
         Some(addr) => Some(crate::metrics::serve(addr, gateway.metrics()).await?),
         None => None,
@@ -198,13 +248,13 @@ pub async fn start(
     tracing::info!(
         %addr,
         tls = options.tls.is_some(),
-        scheduler = %cluster.scheduler_addr,
-        executors = cluster.executors,
+        engine = %engine.describe(),
+        partitions,
         metrics = ?metrics_addr,
         ledger = %ledger.describe(),
         "cleanroom started"
     );
-    Ok(Running { addr, cluster, metrics_addr, server })
+    Ok(Running { addr, cluster, engine: engine.describe(), metrics_addr, server })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

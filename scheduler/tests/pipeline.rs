@@ -34,7 +34,7 @@ impl Room {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ledger: Arc<dyn Ledger> = Arc::new(RedbLedger::open(dir.path()).unwrap());
-        let pipeline = Pipeline::new(ledger.clone(), Arc::new(InProcess));
+        let pipeline = Pipeline::new(ledger.clone(), Arc::new(InProcess::default()));
         Room { _dir: dir, ledger, pipeline, ctx: fixtures::context(), policy: fixtures::policy() }
     }
 

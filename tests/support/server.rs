@@ -52,7 +52,8 @@ pub fn truth() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(demo().join("truth.json")).unwrap()).unwrap()
 }
 
-/// A `cleanroom serve` process on a free port, killed on drop.
+/// A `cleanroom serve` process on a free port, killed on drop. It runs
+/// queries on the test binary's `ENGINE` (`ballista` or `in-process`).
 pub struct Server {
     pub child: Child,
     pub addr: String,
@@ -73,7 +74,9 @@ impl Server {
     pub fn start_on(manifest: &Path, ledger_args: &[String], log: &Path) -> Server {
         let log = log.to_path_buf();
         let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--executors", "2", "--manifest"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--engine", crate::ENGINE])
+            .args(if crate::ENGINE == "ballista" { &["--executors", "2"][..] } else { &[] })
+            .arg("--manifest")
             .arg(manifest)
             .args(ledger_args)
             .stdout(Stdio::piped())

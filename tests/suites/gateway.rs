@@ -1,0 +1,490 @@
+// The gateway's end-to-end tests, shared by the engine test binaries:
+// `tests/gateway.rs` runs them with `serve --engine ballista`,
+// `tests/gateway_in_process.rs` with `serve --engine in-process`.
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables};
+use futures::TryStreamExt;
+use tonic::transport::Channel;
+
+
+/// What the server logs when a query ran on this binary's engine.
+fn ran_on_engine() -> &'static str {
+    if ENGINE == "ballista" { "ran as Ballista job" } else { "query ran in process" }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_a_token_or_with_a_wrong_password_are_refused() {
+    let server = Server::start(&state_dir("auth"));
+    let mut anonymous = server.client().await;
+    let err = anonymous.execute("SELECT 1".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("Unauthenticated") || err.to_string().contains("credentials"), "{err}");
+
+    let mut wrong = server.client().await;
+    let err = wrong.handshake("advertiser", "not-the-password").await.unwrap_err();
+    assert!(err.to_string().contains("invalid user name or password"), "{err}");
+    let err = wrong.handshake("nobody", "x").await.unwrap_err();
+    assert!(err.to_string().contains("invalid user name or password"), "{err}");
+
+    let mut forged = server.client().await;
+    forged.set_token("0123456789abcdef".into());
+    assert!(forged.execute("SELECT 1".into(), None).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_calls_show_the_party_its_datasets_without_hidden_columns() {
+    let server = Server::start(&state_dir("meta"));
+    let mut client = server.login("advertiser").await;
+
+    let info = client.get_catalogs().await.unwrap();
+    let catalogs = collect(&mut client, info).await;
+    assert_eq!(strings(&catalogs, 0), vec!["cleanroom"]);
+
+    let info = client
+        .get_db_schemas(CommandGetDbSchemas { catalog: None, db_schema_filter_pattern: None })
+        .await
+        .unwrap();
+    let schemas = collect(&mut client, info).await;
+    assert_eq!(strings(&schemas, 1), vec!["public", "system"]);
+
+    let info = client
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: None,
+            table_name_filter_pattern: None,
+            table_types: vec![],
+            include_schema: true,
+        })
+        .await
+        .unwrap();
+    let tables = collect(&mut client, info).await;
+    assert_eq!(strings(&tables, 2), vec!["conversions", "impressions", "budget", "queries"]);
+    assert_eq!(strings(&tables, 3), vec!["TABLE", "TABLE", "SYSTEM TABLE", "SYSTEM TABLE"]);
+    let schema_bytes = tables[0].column(4).as_binary::<i32>().value(0).to_vec();
+    let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(&schema_bytes).unwrap();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert!(names.contains(&"revenue") && names.contains(&"uid"), "{names:?}");
+    assert!(!names.contains(&"order_id"), "hidden column order_id is listed: {names:?}");
+
+    let info = client.get_table_types().await.unwrap();
+    assert_eq!(strings(&collect(&mut client, info).await, 0), vec!["SYSTEM TABLE", "TABLE"]);
+    let info = client.get_sql_info(vec![]).await.unwrap();
+    assert!(collect(&mut client, info).await[0].num_rows() > 0);
+    let info = client.get_xdbc_type_info(Default::default()).await.unwrap();
+    assert!(collect(&mut client, info).await[0].num_rows() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_party_sees_and_queries_only_the_datasets_it_may_read() {
+    // The same collaboration, but only the advertiser may query conversions.
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let readers = r#"readers = ["advertiser", "adnetwork"]"#;
+    let second = text.rfind(readers).expect("readers of the second dataset");
+    let restricted = format!("{}readers = [\"advertiser\"]{}", &text[..second], &text[second + readers.len()..]);
+    assert!(restricted.contains("name = \"conversions\""));
+    let manifest = demo().join("restricted-manifest.toml");
+    std::fs::write(&manifest, restricted).unwrap();
+    let server = Server::start_with(&manifest, &state_dir("visibility"));
+
+    let mut adnetwork = server.login("adnetwork").await;
+    let info = adnetwork
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: None,
+            table_name_filter_pattern: None,
+            table_types: vec![],
+            include_schema: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(strings(&collect(&mut adnetwork, info).await, 2), vec!["impressions", "budget", "queries"]);
+    let err = adnetwork
+        .execute("SELECT product_category, COUNT(*) FROM conversions GROUP BY product_category".into(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("conversions") && err.to_string().contains("not found"), "{err}");
+
+    let mut advertiser = server.login("advertiser").await;
+    query(&mut advertiser, "SELECT product_category, COUNT(*) FROM conversions GROUP BY product_category")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dp_count_of_people_per_channel_is_close_to_the_truth_and_runs_on_the_engine() {
+    let server = Server::start(&state_dir("count"));
+    let mut client = server.login("advertiser").await;
+    // Each person appears in at most 5 channels, so with max_groups_contributed
+    // = 5 no contribution is dropped and the only error is the noise:
+    // discrete Laplace with scale b = 5 / 1 (L1 sensitivity 5, epsilon 1).
+    // P(|noise| > t) <= exp(-t / b); with t = b ln(5 / 1e-6) the chance that any
+    // of the 5 channels misses is at most 1e-6 (union bound).
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, max_groups_contributed = 5) \
+               channel, COUNT(DISTINCT uid) AS users FROM impressions GROUP BY channel ORDER BY channel";
+    let batches = query(&mut client, sql).await.expect("DP query");
+    let bound = 5.0 * (5.0f64 / 1e-6).ln();
+    let truth = truth();
+    let expected = truth["queries"]["Q4_reach_frequency"].as_array().unwrap();
+    let channels = strings(&batches, 0);
+    assert_eq!(channels.len(), expected.len(), "one row per channel of the public domain");
+    let users: Vec<i64> = batches.iter().flat_map(|b| b.column(1).as_primitive::<Int64Type>().values().to_vec()).collect();
+    for (i, row) in expected.iter().enumerate() {
+        assert_eq!(row["channel"].as_str().unwrap(), channels[i]);
+        let exact = row["users"].as_i64().unwrap();
+        assert!(
+            ((users[i] - exact) as f64).abs() <= bound,
+            "{}: released {} vs exact {exact}, bound {bound}",
+            channels[i],
+            users[i]
+        );
+    }
+    let field = batches[0].schema().field(1).clone();
+    let ci: f64 = field.metadata()["cleanroom.ci95.half_width"].parse().unwrap();
+    assert!((ci - 5.0 * 20f64.ln()).abs() < 1e-6, "ci {ci}");
+    assert_eq!(batches[0].schema().metadata()["cleanroom.charge.epsilon"], "1");
+
+    let log = server.log();
+    assert!(log.contains(ran_on_engine()), "no run on the {ENGINE} engine in the server log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_rows_hidden_columns_and_undeclared_group_keys_are_refused_by_rule() {
+    let server = Server::start(&state_dir("refuse"));
+    let mut client = server.login("adnetwork").await;
+    let cases = [
+        ("SELECT * FROM impressions", "dp_aggregate_required"),
+        ("SELECT uid FROM impressions", "dp_aggregate_required"),
+        ("SELECT is_return, COUNT(*) FROM conversions GROUP BY is_return", "partition_selection_delta"),
+        ("SELECT uid, COUNT(*) FROM impressions GROUP BY uid", "privacy_unit_in_output"),
+        ("SELECT channel, COUNT(*) FROM impressions i JOIN conversions c ON i.campaign_id = c.affiliate_id GROUP BY channel", "join_on_privacy_unit"),
+        ("SELECT channel, COUNT(*) FROM impressions i CROSS JOIN conversions c GROUP BY channel", "cross_join"),
+        ("SELECT channel, MAX(cost_micros) FROM impressions GROUP BY channel", "supported_aggregates"),
+        ("SELECT channel, COUNT(*) FROM impressions WHERE campaign_id / creative_id = 1 GROUP BY channel", "integer_division"),
+    ];
+    for (sql, rule) in cases {
+        let err = client.execute(sql.into(), None).await.expect_err(sql);
+        assert!(err.to_string().contains(&format!("`{rule}`")), "{sql}: expected rule {rule}, got {err}");
+    }
+    // A hidden column is not in the party's view of the dataset: naming it
+    // fails exactly as naming a column that does not exist, and no error
+    // lists a hidden column.
+    let error = |column: &str| format!("SELECT affiliate_id, COUNT(*) FROM conversions WHERE {column} > 5 GROUP BY affiliate_id");
+    let hidden = client.execute(error("order_id"), None).await.expect_err("a hidden column").to_string();
+    let absent = client.execute(error("no_such_column"), None).await.expect_err("an absent column").to_string();
+    assert_eq!(hidden.replace("order_id", "no_such_column"), absent);
+    assert!(!absent.contains("order_id"), "{absent}");
+    // Planning refusals cost nothing: a full-budget query still fits.
+    query(&mut client, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 5) channel, COUNT(*) FROM impressions GROUP BY channel")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_answers_alike_whether_or_not_any_row_passes_its_filter() {
+    let server = Server::start(&state_dir("empty"));
+    let mut client = server.login("adnetwork").await;
+    // Each person's groups are ranked (max_groups_contributed 1 < 5 channels);
+    // the second filter keeps no row at all.
+    for filter in ["cost_micros > 1000", "cost_micros < 0"] {
+        let sql = format!("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) channel, COUNT(*) FROM impressions WHERE {filter} GROUP BY channel");
+        let started = std::time::Instant::now();
+        let batches = tokio::time::timeout(std::time::Duration::from_secs(60), query(&mut client, &sql))
+            .await
+            .unwrap_or_else(|_| panic!("{filter}: no answer within 60 s"))
+            .unwrap();
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 5, "{filter}");
+        println!("{filter}: answered in {:.2} s", started.elapsed().as_secs_f64());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_person_float_sums_run_in_their_exact_form_on_the_engine() {
+    let server = Server::start(&state_dir("exact"));
+    let mut client = server.login("advertiser").await;
+    // A per-person SUM of revenue (a double), and a sliding window AVG over
+    // each person's rows (its frame retracts rows): both run in their exact,
+    // order-independent forms, which the executors resolve by name.
+    for sql in [
+        "WITH p AS (SELECT uid, SUM(revenue) AS r FROM conversions GROUP BY uid) \
+         SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) COUNT(*) AS people, SUM(LEAST(GREATEST(r, 0), 1000)) AS revenue FROM p",
+        "WITH w AS (SELECT uid, AVG(revenue) OVER (PARTITION BY uid ORDER BY revenue ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS a FROM conversions) \
+         SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, max_contributions_per_group = 5) SUM(LEAST(GREATEST(a, 0), 1000)) AS revenue FROM w",
+    ] {
+        let batches = query(&mut client, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "{sql}");
+        let revenue = batches[0].column(batches[0].num_columns() - 1);
+        let revenue = arrow::compute::cast(revenue, &arrow::datatypes::DataType::Float64).unwrap();
+        assert!(revenue.as_primitive::<arrow::datatypes::Float64Type>().value(0).is_finite(), "{sql}");
+    }
+    assert!(server.log().contains(ran_on_engine()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spent_budget_is_refused_with_the_remainder_and_survives_a_crash() {
+    let state = state_dir("budget");
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    // Different questions each time (a re-run of the same one would be free).
+    let sql = |i: usize| {
+        format!(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 4.5) product_category, SUM(revenue) \
+             FROM conversions WHERE affiliate_id <> {i} GROUP BY product_category"
+        )
+    };
+    // The demo budget is 50: eleven queries of 4.5 leave 0.5.
+    for i in 0..11 {
+        let batches = query(&mut client, &sql(i)).await.unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let remaining: f64 = batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"].parse().unwrap();
+        assert!((remaining - (50.0 - 4.5 * (i + 1) as f64)).abs() < 1e-9, "after query {i}: {remaining}");
+    }
+    let err = query(&mut client, &sql(11)).await.unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 0.5 left"), "{err}");
+    // Another party's budget is its own.
+    let mut other = server.login("adnetwork").await;
+    query(&mut other, &sql(11)).await.unwrap();
+
+    server.kill();
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    let err = query(&mut client, &sql(12)).await.unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 0.5 left"), "after restart: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_shows_the_cost_and_charges_nothing() {
+    let server = Server::start(&state_dir("explain"));
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) channel, COUNT(*) FROM impressions GROUP BY channel";
+    for _ in 0..3 {
+        let batches = query(&mut client, &format!("EXPLAIN {sql}")).await.unwrap();
+        let cost = strings(&batches, 1)[0].clone();
+        assert!(cost.contains("epsilon = 2"), "{cost}");
+    }
+    let err = client.execute(format!("EXPLAIN ANALYZE {sql}"), None).await.unwrap_err();
+    assert!(err.to_string().contains("`explain_analyze`"), "{err}");
+    let batches = query(&mut client, sql).await.unwrap();
+    assert_eq!(batches[0].schema().metadata()["cleanroom.budget.remaining_epsilon"], "48");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_without_public_domain_are_selected_and_their_delta_charged() {
+    let server = Server::start(&state_dir("selection"));
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) is_return, COUNT(DISTINCT uid) AS buyers FROM conversions GROUP BY is_return ORDER BY is_return";
+    let batches = query(&mut client, sql).await.unwrap();
+    let delta: f64 = batches[0].schema().metadata()["cleanroom.charge.delta"].parse().unwrap();
+    assert!(delta > 0.0 && delta <= 1e-6, "{delta}");
+    // Most purchases are not returns: that key has hundreds of buyers at SF 0.01.
+    assert!(strings(&batches, 0).contains(&"false".to_string()), "{:?}", strings(&batches, 0));
+    let budget = query(&mut client, "SELECT spent_epsilon, spent_delta, remaining_delta FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["1.0"]);
+    let spent: f64 = strings(&budget, 1)[0].parse().unwrap();
+    assert_eq!(spent, delta);
+    let remaining: f64 = strings(&budget, 2)[0].parse().unwrap();
+    assert!((remaining - (1e-5 - delta)).abs() < 1e-15, "{remaining}");
+    let history = query(&mut client, "SELECT delta FROM system.queries").await.unwrap();
+    assert_eq!(strings(&history, 0)[0].parse::<f64>().unwrap(), delta);
+    // A δ above the collaboration's per-query cap is refused before anything runs.
+    let err = client.execute(sql.replace("1e-6", "1e-5"), None).await.unwrap_err();
+    assert!(err.to_string().contains("per query"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn system_tables_show_each_party_only_its_own_budget_and_history_for_free() {
+    let server = Server::start(&state_dir("system"));
+    let mut advertiser = server.login("advertiser").await;
+    let mut adnetwork = server.login("adnetwork").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.5) device, COUNT(*) FROM impressions GROUP BY device";
+    query(&mut advertiser, sql).await.unwrap();
+
+    for _ in 0..2 {
+        let budget = query(&mut advertiser, "SELECT party, spent_epsilon, remaining_epsilon FROM system.budget").await.unwrap();
+        assert_eq!(strings(&budget, 0), vec!["advertiser"]);
+        assert_eq!(strings(&budget, 1), vec!["1.5"]);
+        assert_eq!(strings(&budget, 2), vec!["48.5"]);
+    }
+    let history = query(&mut advertiser, "SELECT sql, epsilon FROM system.queries ORDER BY charged_at").await.unwrap();
+    assert_eq!(strings(&history, 0), vec![sql.to_string()]);
+
+    let theirs = query(&mut adnetwork, "SELECT * FROM system.queries").await.unwrap();
+    assert_eq!(theirs.iter().map(|b| b.num_rows()).sum::<usize>(), 0, "another party's history is private");
+    let budget = query(&mut adnetwork, "SELECT spent_epsilon FROM cleanroom.system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["0.0"]);
+
+    let err = advertiser
+        .execute("SELECT COUNT(*) FROM impressions, system.budget".into(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`system_tables_alone`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_question_gets_the_same_answer_at_no_new_cost_even_after_a_restart() {
+    let state = state_dir("cache");
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) country, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY country";
+    let first = query(&mut client, sql).await.unwrap();
+    let again = query(&mut client, sql).await.unwrap();
+    assert_eq!(first, again, "a re-run must return the released answer");
+    let spent = |b: &[RecordBatch]| strings(b, 0);
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["2.0"]);
+
+    // Another option is another question.
+    query(&mut client, &sql.replace("epsilon = 2", "epsilon = 1")).await.unwrap();
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["3.0"]);
+    // Another party asking the same question pays for its own answer.
+    let mut other = server.login("adnetwork").await;
+    query(&mut other, sql).await.unwrap();
+    let budget = query(&mut other, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["2.0"]);
+
+    server.kill();
+    let server = Server::start(&state);
+    let mut client = server.login("advertiser").await;
+    assert_eq!(query(&mut client, sql).await.unwrap(), first);
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(spent(&budget), vec!["3.0"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_collaboration_cap_bounds_what_all_parties_spend_together() {
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let capped = text.replacen("name = \"adbench\"", "name = \"adbench\"\nepsilon_cap = 6.0", 1);
+    assert_ne!(capped, text);
+    let manifest = demo().join("capped-manifest.toml");
+    std::fs::write(&manifest, capped).unwrap();
+    let server = Server::start_with(&manifest, &state_dir("cap"));
+    let mut advertiser = server.login("advertiser").await;
+    let mut adnetwork = server.login("adnetwork").await;
+    query(&mut advertiser, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 5) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap();
+    let err = query(&mut adnetwork, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has only epsilon = 1 left of its cap of 6"), "{err}");
+    query(&mut adnetwork, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1) device, COUNT(*) FROM impressions GROUP BY device")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unfetched_tickets_are_bounded_per_session() {
+    let server = Server::start(&state_dir("bounded"));
+    let mut client = server.login("advertiser").await;
+    let mut tickets = Vec::new();
+    for i in 0..1030 {
+        let info = client.execute(format!("SELECT {i} AS n"), None).await.unwrap();
+        tickets.push(info.endpoint[0].ticket.clone().unwrap());
+    }
+    assert!(client.do_get(tickets[0].clone()).await.is_err(), "the oldest unfetched ticket is forgotten");
+    let last = client.do_get(tickets[1029].clone()).await.unwrap().try_collect::<Vec<_>>().await.unwrap();
+    assert_eq!(strings(&last, 0), vec!["1029"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ticket_only_works_once_and_in_its_own_session() {
+    let server = Server::start(&state_dir("ticket"));
+    let mut alice = server.login("advertiser").await;
+    let mut mallory = server.login("advertiser").await;
+    let info = alice
+        .execute("SELECT channel, COUNT(*) FROM impressions GROUP BY channel".into(), None)
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    assert!(mallory.do_get(ticket.clone()).await.is_err(), "a ticket worked in another session");
+    let stream = alice.do_get(ticket.clone()).await.unwrap();
+    stream.try_collect::<Vec<_>>().await.unwrap();
+    assert!(alice.do_get(ticket).await.is_err(), "a ticket worked twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_and_session_settings_work() {
+    let server = Server::start(&state_dir("prepared"));
+    let mut client = server.login("advertiser").await;
+    client.execute_update("SET cleanroom.epsilon = 0.5".into(), None).await.unwrap();
+    // Sent as a query (as ADBC's cursor.execute does), SET answers with nothing to fetch.
+    let info = client.execute("SET cleanroom.epsilon = 0.25".into(), None).await.unwrap();
+    assert!(info.endpoint.is_empty());
+    let mut prepared = client
+        .prepare("SELECT device, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY device".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(prepared.dataset_schema().unwrap().fields().len(), 2);
+    let info = prepared.execute().await.unwrap();
+    let batches = collect(&mut client, info).await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 4, "one row per device of the domain");
+    assert_eq!(batches[0].schema().metadata()["cleanroom.charge.epsilon"], "0.25");
+    prepared.close().await.unwrap();
+    let err = client.execute_update("SET cleanroom.epsilon = -1".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("epsilon"), "{err}");
+}
+
+async fn collect(client: &mut FlightSqlServiceClient<Channel>, info: arrow_flight::FlightInfo) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    for endpoint in info.endpoint {
+        let stream = client.do_get(endpoint.ticket.unwrap()).await.unwrap();
+        out.extend(stream.try_collect::<Vec<_>>().await.unwrap());
+    }
+    out
+}
+
+fn strings(batches: &[RecordBatch], column: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        let c = arrow::compute::cast(b.column(column), &arrow::datatypes::DataType::Utf8).unwrap();
+        let c = c.as_string::<i32>();
+        for i in 0..c.len() {
+            out.push(c.value(i).to_string());
+        }
+    }
+    out
+}
+
+/// The demo manifest with `settings` added to its `[collaboration]` table,
+/// beside it (its dataset locations are relative to its directory).
+fn demo_manifest_with(name: &str, settings: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(demo().join("manifest.toml")).unwrap();
+    let text = text.replacen("[collaboration]\n", &format!("[collaboration]\n{settings}\n"), 1);
+    let path = demo().join(format!("manifest-{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_held_back_to_the_minimum_response_time() {
+    let manifest = demo_manifest_with("padded", "min_response_seconds = 2");
+    let server = Server::start_with(&manifest, &state_dir("padded"));
+    let mut client = server.login("adnetwork").await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) channel, COUNT(*) FROM impressions GROUP BY channel";
+    let started = std::time::Instant::now();
+    query(&mut client, sql).await.unwrap();
+    let padded = started.elapsed();
+    assert!(padded >= std::time::Duration::from_secs(2), "answered after {padded:?}");
+    // Bad SQL is refused at planning, which reads no data: not held back.
+    let started = std::time::Instant::now();
+    query(&mut client, "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1) COUNT(*) FROM impressions WHERE sqrt(cost_micros) = repeat('x', 3)").await.unwrap_err();
+    println!("answered after {:.2} s (minimum 2 s); a refusal after {:.2} s", padded.as_secs_f64(), started.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_past_the_deadline_is_stopped_with_a_fixed_message_and_its_charge_kept() {
+    let manifest = demo_manifest_with("deadline", "query_deadline_seconds = 1");
+    let server = Server::start_with(&manifest, &state_dir("deadline"));
+    let mut client = server.login("adnetwork").await;
+    // Each person's impressions joined with themselves four times over.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) COUNT(*) FROM impressions a \
+               JOIN impressions b ON a.uid = b.uid JOIN impressions c ON a.uid = c.uid JOIN impressions d ON a.uid = d.uid";
+    let started = std::time::Instant::now();
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert!(err.to_string().contains("did not finish within the collaboration's deadline of 1 s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped after {:?}", started.elapsed());
+    let spent = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    let spent = arrow::compute::cast(spent[0].column(0), &arrow::datatypes::DataType::Float64).unwrap();
+    assert_eq!(spent.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().value(0), 0.5);
+}
