@@ -4,7 +4,7 @@
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use cleanroom_bench::generate::{generate, GenerateOptions};
-use cleanroom_scheduler::serve::{start, ServeOptions};
+use cleanroom_scheduler::serve::{start, EngineChoice, ServeOptions};
 use futures::TryStreamExt;
 use tonic::transport::Channel;
 
@@ -18,6 +18,7 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     let running = start(
         &ServeOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
+            engine: EngineChoice::Ballista,
             state_dir: Some(dir.path().join("state")),
             ..ServeOptions::standalone(dir.path().join("manifest.toml"))
         },
@@ -27,8 +28,9 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     )
     .await
     .unwrap();
-    assert!(running.cluster.scheduler_addr.ip().is_loopback(), "the scheduler must be internal");
-    assert!(running.cluster.jobs().await.unwrap().is_empty());
+    let cluster = running.cluster.clone().expect("a Ballista cluster");
+    assert!(cluster.scheduler_addr.ip().is_loopback(), "the scheduler must be internal");
+    assert!(cluster.jobs().await.unwrap().is_empty());
 
     let credentials: toml::Value = toml::from_str(&std::fs::read_to_string(dir.path().join("credentials.toml")).unwrap()).unwrap();
     let password = credentials["parties"]["adnetwork"]["password"].as_str().unwrap();
@@ -47,7 +49,7 @@ async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     let info = client.execute("SELECT 1 AS one".into(), None).await.unwrap();
     client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap().try_collect::<Vec<_>>().await.unwrap();
 
-    let jobs = running.cluster.jobs().await.unwrap();
+    let jobs = cluster.jobs().await.unwrap();
     assert_eq!(jobs.len(), 2, "{jobs:?}");
     for job in &jobs {
         assert!(job.status == "successful", "{job:?}");
