@@ -31,6 +31,12 @@ struct Args {
     /// In-process Ballista executors for the DP path.
     #[arg(long, default_value_t = 2)]
     executors: usize,
+    /// Only time the plain SQL of every AdBench query on in-process
+    /// DataFusion and print one JSON line per scale factor and query
+    /// (`{"sf", "system": "datafusion", "query", "ms": [...]}`): the
+    /// DataFusion column of `benchmarks/run.py`.
+    #[arg(long)]
+    plain_json: bool,
 }
 
 /// The DP form of Q4: people and impressions per channel, the average
@@ -55,6 +61,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.plain_json {
+        return plain_json(&args).await;
+    }
     let plain_q4 = adbench_queries()
         .into_iter()
         .find(|(name, _)| name == "Q4_reach_frequency")
@@ -159,6 +168,29 @@ async fn main() -> anyhow::Result<()> {
             d.as_secs_f64() / p.as_secs_f64(),
             d.as_secs_f64() / i.as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// Time each AdBench query's plain SQL on in-process DataFusion (one
+/// warm-up run, then `runs` timed runs) on already generated data.
+async fn plain_json(args: &Args) -> anyhow::Result<()> {
+    for sf in &args.sf {
+        let dir = args.data_dir.join(format!("sf-{sf}"));
+        anyhow::ensure!(dir.join("manifest.toml").exists(), "no AdBench data in {}: generate it first", dir.display());
+        let ctx = SessionContext::new();
+        register_adbench_tables(&ctx, &dir).await?;
+        for (name, sql) in adbench_queries() {
+            let mut ms = Vec::new();
+            for run in 0..=args.runs {
+                let start = Instant::now();
+                ctx.sql(&sql).await?.collect().await?;
+                if run > 0 {
+                    ms.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            println!("{}", serde_json::json!({ "sf": sf, "system": "datafusion", "query": name, "ms": ms }));
+        }
     }
     Ok(())
 }

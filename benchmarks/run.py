@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""AdBench benchmark runner: the DP path against plain SQL, in one run on the same files.
+
+For each scale factor it times Q1-Q5 of benchmarks/queries.sql as plain SQL on DuckDB (the
+Python package) and on in-process DataFusion (`cleanroom-bench --plain-json`), and the same
+questions in DP SQL (benchmarks/dp-queries.sql) through Flight SQL (ADBC) against
+`cleanroom serve` on each engine asked for. It prints the median of the timed runs per
+system and query, the DP path's ratio to each plain-SQL system, and the peak memory (max
+RSS) of the DataFusion process and of each server (DuckDB runs inside this
+script's process and is not measured apart); `--json FILE` writes the same figures as JSON.
+
+A benchmark, not a test: run it on a quiet machine with release binaries
+(`cargo build --release -p cleanroom -p cleanroom-bench`). Each DP run asks with a slightly
+different epsilon, so no run is answered from the released-answer cache.
+
+    python3 benchmarks/run.py --sf 0.1,1 --runs 3 --json bench.json
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("impressions", "conversions")
+PARTY = "advertiser"
+
+
+def named(path: Path) -> dict:
+    """name -> SQL for each "-- name: <id>" section of a query file."""
+    queries = {}
+    for section in re.split(r"^-- name: ", path.read_text(), flags=re.M)[1:]:
+        name, body = section.split("\n", 1)
+        lines = [l for l in body.splitlines() if not l.lstrip().startswith("--")]
+        queries[name.strip()] = "\n".join(lines).strip().rstrip(";")
+    return queries
+
+
+def default_bin_dir() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    release = target / "release"
+    return release if (release / "cleanroom").exists() else target / "debug"
+
+
+def run_child(args, **kwargs):
+    """Run a process to its end; (stdout, max RSS in bytes)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kwargs)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} exited with {proc.returncode}")
+    return out, usage.ru_maxrss * 1024
+
+
+def peak_rss(pid: int) -> int:
+    """A running process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def generate(bin_dir: Path, sf: float, data: Path) -> None:
+    if not (data / "manifest.toml").exists():
+        print(f"generating AdBench SF {sf} in {data}", file=sys.stderr)
+        subprocess.run([str(bin_dir / "cleanroom"), "generate", "--sf", str(sf), "--seed", "42", "--quiet", "--out", str(data)], check=True)
+    # The DP path pays epsilon per run: a manifest copy beside the generated one (so relative
+    # locations resolve) with budgets that cannot run out.
+    text = re.sub(r"^(\s*)epsilon_budget\s*=.*$", r"\1epsilon_budget = 1000000000.0", (data / "manifest.toml").read_text(), flags=re.M)
+    (data / "bench-manifest.toml").write_text(text)
+
+
+def password(data: Path, party: str) -> str:
+    text = (data / "credentials.toml").read_text()
+    section = text.split(f"[parties.{party}]", 1)[1]
+    return re.search(r'password\s*=\s*"([^"]+)"', section).group(1)
+
+
+def time_duckdb(data: Path, queries: dict, runs: int) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    for table in TABLES:
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{data}/data/{table}/**/*.parquet')")
+    times = {name: [] for name in queries}
+    for run in range(runs + 1):
+        for name, sql in queries.items():
+            start = time.perf_counter()
+            relation = con.sql(sql)
+            (relation.to_arrow_table if hasattr(relation, "to_arrow_table") else relation.arrow)()
+            if run > 0:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def time_datafusion(bin_dir: Path, sf: float, data_dir: Path, runs: int):
+    out, rss = run_child([str(bin_dir / "cleanroom-bench"), "--plain-json", "--sf", str(sf), "--data-dir", str(data_dir), "--runs", str(runs)])
+    times = {}
+    for line in out.splitlines():
+        row = json.loads(line)
+        times[row["query"]] = row["ms"]
+    return times, rss
+
+
+def time_dp(bin_dir: Path, data: Path, engine: str, queries: dict, runs: int):
+    import adbc_driver_flightsql.dbapi as flight_sql
+
+    state = tempfile.mkdtemp(prefix="cleanroom-bench-")
+    log = open(Path(state) / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(bin_dir / "cleanroom"), "serve", "--manifest", str(data / "bench-manifest.toml"), "--listen", "127.0.0.1:0",
+         "--engine", engine, "--state-dir", str(Path(state) / "state")],
+        stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+    try:
+        uri = None
+        for line in server.stdout:
+            found = re.search(r"(grpc://\S+)", line)
+            if found:
+                uri = found.group(1)
+                break
+        if uri is None:
+            raise RuntimeError(f"cleanroom serve --engine {engine} did not start: see {log.name}")
+        conn = flight_sql.connect(uri, db_kwargs={"username": PARTY, "password": password(data, PARTY)})
+        times = {name: [] for name in queries}
+        with conn.cursor() as cur:
+            for run in range(runs + 1):
+                for name, sql in queries.items():
+                    asked = sql.replace("OPTIONS (epsilon = 1", f"OPTIONS (epsilon = {1 + (run + 1) * 1e-6:.6f}", 1)
+                    start = time.perf_counter()
+                    cur.execute(asked)
+                    cur.fetch_arrow_table()
+                    if run > 0:
+                        times[name].append((time.perf_counter() - start) * 1e3)
+        conn.close()
+        return times, peak_rss(server.pid)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sf", default="0.1,1", help="scale factors, comma-separated (default 0.1,1)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per query after one warm-up (default 3)")
+    parser.add_argument("--engines", default="in-process,ballista", help="engines of the DP path (default in-process,ballista)")
+    parser.add_argument("--data-dir", type=Path, default=Path("bench-data"), help="where generated data is kept between runs")
+    parser.add_argument("--bin-dir", type=Path, default=None, help="where cleanroom and cleanroom-bench are (default: the release build, else debug)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    bin_dir = args.bin_dir or default_bin_dir()
+    plain = named(ROOT / "benchmarks" / "queries.sql")
+    dp = named(ROOT / "benchmarks" / "dp-queries.sql")
+    assert plain.keys() == dp.keys(), "queries.sql and dp-queries.sql name the same queries"
+    engines = [e for e in args.engines.split(",") if e]
+    results = []
+    for sf in [float(s) for s in args.sf.split(",")]:
+        data = args.data_dir / f"sf-{sf}"
+        generate(bin_dir, sf, data)
+        systems = {}
+        systems["duckdb"] = (time_duckdb(data, plain, args.runs), None)
+        systems["datafusion"] = time_datafusion(bin_dir, sf, args.data_dir, args.runs)
+        for engine in engines:
+            systems[f"dp-{engine}"] = time_dp(bin_dir, data, engine, dp, args.runs)
+        for name in plain:
+            row = {"sf": sf, "query": name}
+            for system, (times, _) in systems.items():
+                row[f"{system}_ms"] = statistics.median(times[name])
+            for engine in engines:
+                for base in ("duckdb", "datafusion"):
+                    row[f"dp-{engine}_vs_{base}"] = row[f"dp-{engine}_ms"] / row[f"{base}_ms"]
+            results.append(row)
+        memory = {system: rss for system, (_, rss) in systems.items() if rss is not None}
+        results.append({"sf": sf, "peak_rss_bytes": memory})
+
+    columns = ["duckdb", "datafusion"] + [f"dp-{e}" for e in engines]
+    ratios = [f"dp-{e}_vs_{b}" for e in engines for b in ("duckdb", "datafusion")]
+    print(f"{'sf':>6} {'query':<20} " + " ".join(f"{c + ' ms':>16}" for c in columns) + " " + " ".join(f"{r:>26}" for r in ratios))
+    for row in results:
+        if "query" in row:
+            print(f"{row['sf']:>6} {row['query']:<20} " + " ".join(f"{row[c + '_ms']:>16.1f}" for c in columns) + " " + " ".join(f"{row[r]:>26.2f}" for r in ratios))
+        else:
+            print(f"{row['sf']:>6} peak RSS: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in row["peak_rss_bytes"].items()))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": args.runs, "engines": engines, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
