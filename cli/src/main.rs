@@ -338,7 +338,7 @@ enum AuditCommand {
         /// Only records at or after this time (2026-11-23, 2026-11-23T09:30:00Z, or Unix seconds; UTC).
         #[arg(long)]
         since: Option<String>,
-        /// Only records of this kind (auth, auth_failure, query, answer, query_failure, refusal, budget_grant, manifest, upload, upload_failure, export, retention).
+        /// Only records of this kind (auth, auth_failure, query, answer, query_failure, refusal, budget_grant, manifest, upload, upload_failure, retention).
         #[arg(long)]
         kind: Option<String>,
         /// Print JSON lines instead of a table.

@@ -69,7 +69,7 @@ pub async fn start_in_process(
 }
 
 /// Memory for query execution when none is given: 70 % of the container's
-/// memory limit (cgroup v2 `memory.max`) or else of the host's memory, as
+/// memory limit (cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`) or else of the host's memory, as
 /// Ballista's executors default to; 4 GiB where neither can be read.
 pub fn default_memory_limit() -> u64 {
     let read = |path: &str| std::fs::read_to_string(path).ok();
@@ -78,7 +78,10 @@ pub fn default_memory_limit() -> u64 {
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     });
-    let container = read("/sys/fs/cgroup/memory.max").and_then(|t| t.trim().parse::<u64>().ok());
+    // cgroup v2, else v1 ("max" or a huge number when unlimited).
+    let container = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|t| t.trim().parse::<u64>().ok());
     let total = match (host, container) {
         (Some(h), Some(c)) => h.min(c),
         (h, c) => h.or(c).unwrap_or(4 * 1024 * 1024 * 1024 / 7 * 10),

@@ -242,21 +242,42 @@ impl crate::engine::Engine for EmbeddedCluster {
         let started = std::time::Instant::now();
         let df = ctx.execute_logical_plan(plan).await?;
         let physical = df.create_physical_plan().await?;
-        let job_of = |physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
-            physical.downcast_ref::<DistributedQueryExec<LogicalPlanNode>>().and_then(|d| d.job_id())
-        };
+        fn job_of(physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>) -> Option<String> {
+            physical.downcast_ref::<DistributedQueryExec<LogicalPlanNode>>().and_then(|d| d.job_id()).map(|j| j.to_string())
+        }
+        // A job whose request goes away (a client that hangs up) is cancelled
+        // too, so a run never outlives its request.
+        struct CancelOnDrop {
+            cluster: EmbeddedCluster,
+            physical: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+            finished: bool,
+        }
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                if let (false, Some(job)) = (self.finished, job_of(&self.physical)) {
+                    let cluster = self.cluster.clone();
+                    tokio::spawn(async move { cluster.cancel(&job).await });
+                }
+            }
+        }
+        let mut guard = CancelOnDrop { cluster: self.clone(), physical: physical.clone(), finished: false };
         // Ballista fails a job whose executors are all lost, but not one
         // submitted just after the last was lost: the job is also given up
         // once no executor has been live for the executor timeout. A job
         // still running at the deadline is cancelled.
         let batches = tokio::select! {
-            batches = datafusion::physical_plan::collect(physical.clone(), ctx.task_ctx()) => batches?,
+            batches = datafusion::physical_plan::collect(physical.clone(), ctx.task_ctx()) => {
+                guard.finished = true;
+                batches?
+            }
             () = self.until_no_executor_for_timeout() => {
+                guard.finished = true;
                 return Err(datafusion::error::DataFusionError::Execution("no executor is left in the cluster".into()).into());
             }
             () = tokio::time::sleep(deadline.saturating_sub(started.elapsed())) => {
+                guard.finished = true;
                 if let Some(job) = job_of(&physical) {
-                    self.cancel(&job.to_string()).await;
+                    self.cancel(&job).await;
                 }
                 return Err(crate::engine::RunError::Deadline);
             }

@@ -74,6 +74,18 @@ pub struct InProcess {
     threads: Arc<QueryThreads>,
 }
 
+/// A spawned run, aborted when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if !self.0.is_finished() {
+            tracing::info!("query run stopped before it finished");
+            self.0.abort();
+        }
+    }
+}
+
 /// The tokio runtime query work runs on (one thread per core).
 #[derive(Debug)]
 struct QueryThreads(Option<tokio::runtime::Runtime>);
@@ -130,17 +142,16 @@ impl Engine for InProcess {
         let started = Instant::now();
         let ctx = ctx.clone();
         let threads = self.threads.0.as_ref().expect("the query threads live as long as the engine");
-        let mut run = threads.spawn(async move { ctx.execute_logical_plan(plan).await?.collect().await });
+        // Aborted when this call is dropped too (a client that hangs up), so
+        // a run never outlives its request.
+        let mut run = AbortOnDrop(threads.spawn(async move { ctx.execute_logical_plan(plan).await?.collect().await }));
         // The deadline is checked first: a run is never given time past it.
         // Aborting the run drops its streams, and with them the tasks
         // DataFusion spawned for it.
         let batches = tokio::select! {
             biased;
-            () = tokio::time::sleep(deadline) => {
-                run.abort();
-                return Err(RunError::Deadline);
-            }
-            batches = &mut run => batches.map_err(|e| DataFusionError::Execution(format!("the query task failed: {e}")))??,
+            () = tokio::time::sleep(deadline) => return Err(RunError::Deadline),
+            batches = &mut run.0 => batches.map_err(|e| DataFusionError::Execution(format!("the query task failed: {e}")))??,
         };
         tracing::info!(query = %query_id, seconds = started.elapsed().as_secs_f64(), "query ran in process");
         Ok(batches)
