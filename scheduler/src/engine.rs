@@ -130,7 +130,10 @@ impl Default for InProcess {
 #[async_trait]
 impl Engine for InProcess {
     async fn context(&self, state: SessionState) -> Result<SessionContext, DataFusionError> {
-        let state = SessionStateBuilder::new_from_existing(state).with_runtime_env(self.runtime.clone()).build();
+        let state = SessionStateBuilder::new_from_existing(state)
+            .with_runtime_env(self.runtime.clone())
+            .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
+            .build();
         Ok(SessionContext::new_with_state(state))
     }
 
@@ -171,5 +174,42 @@ impl Engine for InProcess {
             _ => "unlimited".to_string(),
         };
         format!("in-process engine, {limit} query memory")
+    }
+}
+
+/// Wraps every operator that combines inputs (joins) in DataFusion's
+/// `CooperativeExec`, so a task producing a join's output yields to the
+/// runtime every few batches. Without it, a join whose output is large for
+/// few input rows (a self-join of one person's rows) keeps its thread for as
+/// long as that output takes, and a run stopped at its deadline or by a
+/// client that hung up goes on using the CPU until then. The plan computes
+/// the same rows.
+#[derive(Debug, Default)]
+struct YieldAfterJoins;
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for YieldAfterJoins {
+    fn optimize(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        _config: &datafusion::config::ConfigOptions,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, DataFusionError> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use datafusion::physical_plan::coop::CooperativeExec;
+        plan.transform_up(|node| {
+            if node.children().len() >= 2 {
+                Ok(Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn datafusion::physical_plan::ExecutionPlan>))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })
+        .map(|t| t.data)
+    }
+
+    fn name(&self) -> &str {
+        "yield_after_joins"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
     }
 }

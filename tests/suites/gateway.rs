@@ -484,6 +484,20 @@ async fn a_query_past_the_deadline_is_stopped_with_a_fixed_message_and_its_charg
     let err = query(&mut client, sql).await.unwrap_err();
     assert!(err.to_string().contains("did not finish within the collaboration's deadline of 1 s"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped after {:?}", started.elapsed());
+    if ENGINE == "in-process" {
+        // The stopped run gives its threads back: the server is idle, not
+        // still computing the join (CPU time in clock ticks, usually 100/s).
+        let cpu = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.child.id())).unwrap();
+            let fields: Vec<u64> = stat.rsplit(')').next().unwrap().split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+            fields[0] + fields[1]
+        };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let before = cpu();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let used = cpu() - before;
+        assert!(used < 50, "the server used {used} ticks of CPU in the 2 s after the run was stopped");
+    }
     let spent = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
     let spent = arrow::compute::cast(spent[0].column(0), &arrow::datatypes::DataType::Float64).unwrap();
     assert_eq!(spent.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().value(0), 0.5);
