@@ -82,11 +82,10 @@ pub fn default_memory_limit() -> u64 {
     let container = read("/sys/fs/cgroup/memory.max")
         .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
         .and_then(|t| t.trim().parse::<u64>().ok());
-    let total = match (host, container) {
-        (Some(h), Some(c)) => h.min(c),
-        (h, c) => h.or(c).unwrap_or(4 * 1024 * 1024 * 1024 / 7 * 10),
-    };
-    total / 10 * 7
+    match host.into_iter().chain(container).min() {
+        Some(total) => total / 10 * 7,
+        None => 4 << 30,
+    }
 }
 
 /// The runtime of the in-process engine: one memory pool of `memory_limit`

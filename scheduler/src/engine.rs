@@ -113,9 +113,13 @@ impl InProcess {
         InProcess { runtime, threads: Arc::new(QueryThreads(Some(threads))) }
     }
 
-    /// The runtime every session of this engine runs on.
-    pub fn runtime(&self) -> Arc<RuntimeEnv> {
-        self.runtime.clone()
+    /// `state` as this engine runs it: on the engine's runtime (its memory
+    /// pool, spill directory and object stores), with joins that yield.
+    pub fn session_state(&self, state: SessionState) -> SessionState {
+        SessionStateBuilder::new_from_existing(state)
+            .with_runtime_env(self.runtime.clone())
+            .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
+            .build()
     }
 }
 
@@ -130,11 +134,7 @@ impl Default for InProcess {
 #[async_trait]
 impl Engine for InProcess {
     async fn context(&self, state: SessionState) -> Result<SessionContext, DataFusionError> {
-        let state = SessionStateBuilder::new_from_existing(state)
-            .with_runtime_env(self.runtime.clone())
-            .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
-            .build();
-        Ok(SessionContext::new_with_state(state))
+        Ok(SessionContext::new_with_state(self.session_state(state)))
     }
 
     async fn ready(&self, _patience: Duration) -> bool {

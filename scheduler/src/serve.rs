@@ -18,7 +18,6 @@ use tokio_stream::wrappers::TcpListenerStream;
 use cleanroom_storage::catalog::Catalog;
 use crate::cluster::{ClusterOptions, EmbeddedCluster};
 use crate::engine::{Engine, InProcess};
-use datafusion::execution::SessionStateBuilder;
 use crate::gateway::FlightSqlGateway;
 use cleanroom_manifest::Manifest;
 
@@ -183,9 +182,7 @@ pub async fn start(
     let state = match &in_process {
         // The catalog registers the datasets' object stores in the runtime
         // the engine runs every session on.
-        Some(engine) => SessionStateBuilder::new_from_existing(cleanroom_executor::session_state(partitions))
-            .with_runtime_env(engine.runtime())
-            .build(),
+        Some(engine) => engine.session_state(cleanroom_executor::session_state(partitions)),
         None => cleanroom_executor::session_state(partitions),
     };
     let catalog = Arc::new(Catalog::open(manifest.clone(), &state).await?);
