@@ -14,6 +14,7 @@ A benchmark, not a test: run it on a quiet machine with release binaries
 different epsilon, so no run is answered from the released-answer cache.
 
     python3 benchmarks/run.py --sf 0.1,1 --runs 3 --json bench.json
+    python3 benchmarks/run.py --sf 1 --runs 1 --engines in-process --analysts 16
 """
 
 import argparse
@@ -67,17 +68,31 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+# Analyst parties the benchmark manifest adds beside the generated two (each logs in with the
+# advertiser's demo password and reads both datasets), so concurrent analysts come from four.
+EXTRA_PARTIES = ("agency", "publisher")
+
+# Options for the in-process server (--memory-limit, --query-slots), from the command line.
+SERVE_ARGS = []
+
+
 def generate(bin_dir: Path, sf: float, data: Path) -> None:
     if not (data / "manifest.toml").exists():
         print(f"generating AdBench SF {sf} in {data}", file=sys.stderr)
         subprocess.run([str(bin_dir / "cleanroom"), "generate", "--sf", str(sf), "--seed", "42", "--quiet", "--out", str(data)], check=True)
     # The DP path pays epsilon per run: a manifest copy beside the generated one (so relative
-    # locations resolve) with budgets that cannot run out.
+    # locations resolve) with budgets that cannot run out, and two more analyst parties.
     text = re.sub(r"^(\s*)epsilon_budget\s*=.*$", r"\1epsilon_budget = 1000000000.0", (data / "manifest.toml").read_text(), flags=re.M)
+    advertiser = re.search(r'\[\[parties\]\]\nname = "advertiser"\n.*?(?=\n\n)', text, flags=re.S).group(0)
+    extra = "".join("\n\n" + advertiser.replace('name = "advertiser"', f'name = "{p}"') for p in EXTRA_PARTIES)
+    text = text.replace(advertiser, advertiser + extra, 1)
+    readers = ", ".join(f'"{p}"' for p in ("advertiser", "adnetwork") + EXTRA_PARTIES)
+    text = re.sub(r"^readers = \[.*\]$", f"readers = [{readers}]", text, flags=re.M)
     (data / "bench-manifest.toml").write_text(text)
 
 
 def password(data: Path, party: str) -> str:
+    party = "advertiser" if party in EXTRA_PARTIES else party
     text = (data / "credentials.toml").read_text()
     section = text.split(f"[parties.{party}]", 1)[1]
     return re.search(r'password\s*=\s*"([^"]+)"', section).group(1)
@@ -109,45 +124,116 @@ def time_datafusion(bin_dir: Path, sf: float, data_dir: Path, runs: int):
     return times, rss
 
 
-def time_dp(bin_dir: Path, data: Path, engine: str, queries: dict, runs: int):
-    import adbc_driver_flightsql.dbapi as flight_sql
+class Server:
+    """`cleanroom serve` on the benchmark manifest, for the length of a `with` block."""
 
-    state = tempfile.mkdtemp(prefix="cleanroom-bench-")
-    log = open(Path(state) / "serve.log", "w")
-    server = subprocess.Popen(
-        [str(bin_dir / "cleanroom"), "serve", "--manifest", str(data / "bench-manifest.toml"), "--listen", "127.0.0.1:0",
-         "--engine", engine, "--state-dir", str(Path(state) / "state")],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )
-    try:
-        uri = None
-        for line in server.stdout:
+    def __init__(self, bin_dir: Path, data: Path, engine: str):
+        self.state = tempfile.mkdtemp(prefix="cleanroom-bench-")
+        self.log = open(Path(self.state) / "serve.log", "w")
+        self.engine = engine
+        extra = SERVE_ARGS if engine == "in-process" else []
+        self.process = subprocess.Popen(
+            [str(bin_dir / "cleanroom"), "serve", "--manifest", str(data / "bench-manifest.toml"), "--listen", "127.0.0.1:0",
+             "--engine", engine, "--state-dir", str(Path(self.state) / "state"), *extra],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+
+    def __enter__(self):
+        self.uri = None
+        for line in self.process.stdout:
             found = re.search(r"(grpc://\S+)", line)
             if found:
-                uri = found.group(1)
+                self.uri = found.group(1)
                 break
-        if uri is None:
-            raise RuntimeError(f"cleanroom serve --engine {engine} did not start: see {log.name}")
-        conn = flight_sql.connect(uri, db_kwargs={"username": PARTY, "password": password(data, PARTY)})
+        if self.uri is None:
+            self.__exit__()
+            raise RuntimeError(f"cleanroom serve --engine {self.engine} did not start: see {self.log.name}")
+        return self
+
+    def __exit__(self, *_):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+    def connect(self, data: Path, party: str):
+        import adbc_driver_flightsql.dbapi as flight_sql
+
+        return flight_sql.connect(self.uri, db_kwargs={"username": party, "password": password(data, party)})
+
+
+def with_epsilon(sql: str, epsilon: float) -> str:
+    """The DP query asked with this epsilon (a different epsilon is a different question,
+    never answered from the released-answer cache)."""
+    return sql.replace("OPTIONS (epsilon = 1", f"OPTIONS (epsilon = {epsilon:.6f}", 1)
+
+
+def time_dp(bin_dir: Path, data: Path, engine: str, queries: dict, runs: int):
+    with Server(bin_dir, data, engine) as server:
+        conn = server.connect(data, PARTY)
         times = {name: [] for name in queries}
         with conn.cursor() as cur:
             for run in range(runs + 1):
                 for name, sql in queries.items():
-                    asked = sql.replace("OPTIONS (epsilon = 1", f"OPTIONS (epsilon = {1 + (run + 1) * 1e-6:.6f}", 1)
+                    asked = with_epsilon(sql, 1 + (run + 1) * 1e-6)
                     start = time.perf_counter()
                     cur.execute(asked)
                     cur.fetch_arrow_table()
                     if run > 0:
                         times[name].append((time.perf_counter() - start) * 1e3)
         conn.close()
-        return times, peak_rss(server.pid)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        return times, peak_rss(server.process.pid)
+
+
+def analysts(bin_dir: Path, data: Path, engine: str, queries: dict, count: int) -> dict:
+    """`count` analysts of four parties at once, each asking every query once (with its own
+    epsilon): wall time, latency percentiles, errors, and whether each party's spent budget is
+    exactly the sum of what its analysts asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parties = ["advertiser", "adnetwork", *EXTRA_PARTIES]
+    with Server(bin_dir, data, engine) as server:
+        def analyst(i: int):
+            party = parties[i % len(parties)]
+            asked, latencies, errors = 0.0, [], []
+            conn = server.connect(data, party)
+            with conn.cursor() as cur:
+                for q, (name, sql) in enumerate(queries.items()):
+                    epsilon = 1 + (1000 + i * len(queries) + q) * 1e-6
+                    start = time.perf_counter()
+                    try:
+                        cur.execute(with_epsilon(sql, epsilon))
+                        cur.fetch_arrow_table()
+                        asked += float(f"{epsilon:.6f}")
+                        latencies.append((time.perf_counter() - start) * 1e3)
+                    except Exception as e:  # noqa: BLE001 (counted and reported)
+                        errors.append(f"{party} {name}: {e}")
+            conn.close()
+            return party, asked, latencies, errors
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            done = list(pool.map(analyst, range(count)))
+        total = time.perf_counter() - start
+        latencies = sorted(l for _, _, ls, _ in done for l in ls)
+        errors = [e for _, _, _, es in done for e in es]
+        expected = {}
+        for party, asked, _, _ in done:
+            expected[party] = expected.get(party, 0.0) + asked
+        exact = True
+        for party, want in expected.items():
+            conn = server.connect(data, party)
+            with conn.cursor() as cur:
+                cur.execute("SELECT spent_epsilon FROM system.budget")
+                spent = cur.fetch_arrow_table().column(0)[0].as_py()
+            conn.close()
+            exact &= abs(spent - want) <= 1e-9 * max(1.0, want)
+        pct = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+        return {"analysts": count, "parties": len(parties), "queries": len(latencies) + len(errors), "errors": errors,
+                "total_s": total, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "budgets_exact": exact,
+                "peak_rss_bytes": peak_rss(server.process.pid)}
 
 
 def main() -> int:
@@ -157,8 +243,15 @@ def main() -> int:
     parser.add_argument("--engines", default="in-process,ballista", help="engines of the DP path (default in-process,ballista)")
     parser.add_argument("--data-dir", type=Path, default=Path("bench-data"), help="where generated data is kept between runs")
     parser.add_argument("--bin-dir", type=Path, default=None, help="where cleanroom and cleanroom-bench are (default: the release build, else debug)")
+    parser.add_argument("--analysts", type=int, default=0, help="then this many concurrent analysts (of four parties) each ask every DP query once, on the first engine")
+    parser.add_argument("--memory-limit", default=None, help="the in-process server's --memory-limit (e.g. 6GiB)")
+    parser.add_argument("--query-slots", type=int, default=None, help="the in-process server's --query-slots")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
+    if args.memory_limit:
+        SERVE_ARGS.extend(["--memory-limit", args.memory_limit])
+    if args.query_slots:
+        SERVE_ARGS.extend(["--query-slots", str(args.query_slots)])
     bin_dir = args.bin_dir or default_bin_dir()
     plain = named(ROOT / "benchmarks" / "queries.sql")
     dp = named(ROOT / "benchmarks" / "dp-queries.sql")
@@ -166,7 +259,7 @@ def main() -> int:
     engines = [e for e in args.engines.split(",") if e]
     results = []
     for sf in [float(s) for s in args.sf.split(",")]:
-        data = args.data_dir / f"sf-{sf}"
+        data = args.data_dir / f"sf-{sf:g}"
         generate(bin_dir, sf, data)
         systems = {}
         systems["duckdb"] = (time_duckdb(data, plain, args.runs), None)
@@ -183,6 +276,8 @@ def main() -> int:
             results.append(row)
         memory = {system: rss for system, (_, rss) in systems.items() if rss is not None}
         results.append({"sf": sf, "peak_rss_bytes": memory})
+        if args.analysts and engines:
+            results.append({"sf": sf, "engine": engines[0], "concurrent": analysts(bin_dir, data, engines[0], dp, args.analysts)})
 
     columns = ["duckdb", "datafusion"] + [f"dp-{e}" for e in engines]
     ratios = [f"dp-{e}_vs_{b}" for e in engines for b in ("duckdb", "datafusion")]
@@ -190,6 +285,13 @@ def main() -> int:
     for row in results:
         if "query" in row:
             print(f"{row['sf']:>6} {row['query']:<20} " + " ".join(f"{row[c + '_ms']:>16.1f}" for c in columns) + " " + " ".join(f"{row[r]:>26.2f}" for r in ratios))
+        elif "concurrent" in row:
+            c = row["concurrent"]
+            print(f"{row['sf']:>6} {c['analysts']} analysts of {c['parties']} parties on {row['engine']}: {c['queries']} queries in {c['total_s']:.1f} s, "
+                  f"p50 {c['p50_ms']:.0f} ms, p95 {c['p95_ms']:.0f} ms, {len(c['errors'])} errors, budgets exact: {c['budgets_exact']}, "
+                  f"peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB")
+            for e in c["errors"][:5]:
+                print(f"       {e}")
         else:
             print(f"{row['sf']:>6} peak RSS: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in row["peak_rss_bytes"].items()))
     if args.json:

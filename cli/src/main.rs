@@ -47,8 +47,9 @@ enum Command {
         /// cluster runs them).
         #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
         engine: EngineArg,
-        /// Query memory of the in-process engine, shared by all running
-        /// queries, e.g. 4GiB; beyond it, operators spill to --spill-dir
+        /// Query memory of the in-process engine, e.g. 4GiB, shared equally
+        /// by the --query-slots queries that run at once; beyond its share, a
+        /// query's operators spill to --spill-dir
         /// [default: 70 % of the host's or container's memory].
         #[arg(long, value_parser = parse_bytes)]
         memory_limit: Option<u64>,
@@ -56,6 +57,12 @@ enum Command {
         /// temporary directory].
         #[arg(long)]
         spill_dir: Option<PathBuf>,
+        /// Queries the in-process engine runs at once; more wait for a slot
+        /// (within their deadline). Each running query gets an equal share
+        /// of --memory-limit as its own pool, so one query's memory use never
+        /// fails another [default: 4].
+        #[arg(long)]
+        query_slots: Option<usize>,
         /// With --engine ballista: number of in-process Ballista executors [default: 2].
         #[arg(long)]
         executors: Option<usize>,
@@ -447,7 +454,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { manifest, listen, engine, memory_limit, spill_dir, executors, executor_slots, server } => {
+        Command::Serve { manifest, listen, engine, memory_limit, spill_dir, query_slots, executors, executor_slots, server } => {
             let engine = match engine {
                 EngineArg::InProcess => {
                     if executors.is_some() || executor_slots.is_some() {
@@ -456,9 +463,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     EngineChoice::InProcess
                 }
                 EngineArg::Ballista => {
-                    if memory_limit.is_some() || spill_dir.is_some() {
+                    if memory_limit.is_some() || spill_dir.is_some() || query_slots.is_some() {
                         anyhow::bail!(
-                            "--memory-limit and --spill-dir set the in-process engine; with --engine ballista, run `cleanroom scheduler` with `cleanroom executor --memory-limit --work-dir` processes to bound executors' memory"
+                            "--memory-limit, --spill-dir and --query-slots set the in-process engine; with --engine ballista, run `cleanroom scheduler` with `cleanroom executor --memory-limit --work-dir` processes to bound executors' memory"
                         );
                     }
                     EngineChoice::Ballista
@@ -468,6 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine,
                 memory_limit,
                 spill_dir,
+                query_slots: query_slots.unwrap_or(cleanroom_scheduler::serve::DEFAULT_QUERY_SLOTS).max(1),
                 executors: executors.unwrap_or(2).max(1),
                 executor_slots: executor_slots.unwrap_or(2).max(1),
                 ..server_options(manifest, listen, server)?

@@ -710,12 +710,30 @@ fn rewrite(
         .min(input.rows_per_person.unwrap_or(u64::MAX))
         .min(if one_per_group { 1 } else { u64::MAX }) as f64;
     // A person can reach no more groups than the domain has cells (no
-    // bound when keys are selected from the data).
+    // bound when keys are selected from the data), nor more than the rows
+    // the plan's shape gives them.
     let select = groups.iter().any(|(_, g)| g.domain.is_none());
     let cells = groups.iter().fold(1usize, |n, (_, g)| {
         n.saturating_mul(g.domain.as_ref().map(Domain::len).unwrap_or(usize::MAX))
     });
-    let k = (options.max_groups_contributed as usize).min(cells.max(1)) as f64;
+    let reachable = (cells as u64).min(input.rows_per_person.unwrap_or(u64::MAX)).max(1);
+    let k = (options.max_groups_contributed as u64).min(reachable) as f64;
+    // Whether each (person, group) already has at most one input row, so the
+    // per-person aggregate of step 1 would hand every row on unchanged and
+    // can be skipped: one row per person at all, or rows unique per person
+    // and columns the DP aggregate groups by as they are (a key computed
+    // from a column, even a cast, may map two of a person's rows to one
+    // group, which the aggregate then must merge).
+    let keys_as_is = groups.iter().all(|(e, g)| match e.clone().unalias() {
+        Expr::Column(c) => input_schema.qualified_field_from_column(&c).is_ok_and(|(_, f)| match &g.domain {
+            None => true,
+            Some(Domain::Strings(_)) => f.data_type() == &DataType::Utf8,
+            Some(Domain::IntRange { .. }) => f.data_type() == &DataType::Int64,
+            Some(Domain::DateRange { .. }) => f.data_type() == &DataType::Date32,
+        }),
+        _ => false,
+    });
+    let single_rows = input.rows_per_person == Some(1) || (one_per_group && keys_as_is);
 
     // Every cast below is a TRY_CAST: a value that does not convert becomes
     // NULL instead of failing the query, so whether a query fails never
@@ -785,40 +803,47 @@ fn rewrite(
         };
         integral.push(!matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. } | AggregateKind::Quantile { .. }) && grid.unit == 1.0);
         let arg = || r.arg.clone().expect("an aggregate with an argument");
-        let exact_sum = |e: Expr| sum(try_cast(e, DataType::Decimal128(38, 0)));
+        // Each partial as an aggregate over a (person, group)'s rows, and
+        // as what that aggregate gives for a single row (see `single_rows`).
+        let on_decimal = |e: Expr| try_cast(e, DataType::Decimal128(38, 0));
+        let exact_sum = |e: Expr, name: String| Partial { rows: sum(on_decimal(e.clone())).alias(&name), row: on_decimal(e).alias(name) };
+        let count_of = |e: Expr, name: String| -> Result<Partial> {
+            Ok(Partial {
+                rows: count(e.clone()).alias(&name),
+                row: when(e.is_not_null(), lit(1i64)).otherwise(lit(0i64))?.alias(name),
+            })
+        };
         match r.kind {
-            AggregateKind::CountRows => partials.push(count(lit(1i64)).alias(name)),
-            AggregateKind::CountValues => partials.push(count(arg()).alias(name)),
+            AggregateKind::CountRows => partials.push(Partial { rows: count(lit(1i64)).alias(&name), row: lit(1i64).alias(name) }),
+            AggregateKind::CountValues => partials.push(count_of(arg(), name)?),
             // Each kept row has a person: one per (person, group).
             AggregateKind::CountPeople if r.of_unit => {}
             // The unit of an outer join's optional side: this person, or NULL.
-            AggregateKind::CountPeople => partials.push(
-                max(when(arg().is_not_null(), lit(1i64)).otherwise(lit(0i64))?).alias(name),
-            ),
-            AggregateKind::Sum => {
-                partials.push(exact_sum(grid.per_row(arg(), r.bounds)).alias(name));
+            AggregateKind::CountPeople => {
+                let present = when(arg().is_not_null(), lit(1i64)).otherwise(lit(0i64))?;
+                partials.push(Partial { rows: max(present.clone()).alias(&name), row: present.alias(name) });
             }
+            AggregateKind::Sum => partials.push(exact_sum(grid.per_row(arg(), r.bounds), name)),
             AggregateKind::Avg => {
-                partials.push(exact_sum(grid.per_row(arg(), r.bounds)).alias(name));
-                partials.push(count(arg()).alias(format!("__q{j}")));
+                partials.push(exact_sum(grid.per_row(arg(), r.bounds), name));
+                partials.push(count_of(arg(), format!("__q{j}"))?);
             }
             AggregateKind::Variance { .. } => {
                 // Centred on the midpoint, each value is within ±half-width.
                 let mid = (r.bounds.0 + r.bounds.1) / 2.0;
                 let centred = clamp(arg(), r.bounds.0, r.bounds.1, false) - lit(mid);
                 let squares = squares_grid.as_ref().expect("a variance has a grid for its squares");
-                partials.push(exact_sum(grid.per_row(centred.clone(), (-half_width, half_width))).alias(name));
-                partials.push(count(arg()).alias(format!("__q{j}")));
-                partials.push(
-                    exact_sum(squares.per_row(centred.clone() * centred, (0.0, half_width * half_width))).alias(format!("__r{j}")),
-                );
+                partials.push(exact_sum(grid.per_row(centred.clone(), (-half_width, half_width)), name));
+                partials.push(count_of(arg(), format!("__q{j}"))?);
+                partials.push(exact_sum(squares.per_row(centred.clone() * centred, (0.0, half_width * half_width)), format!("__r{j}")));
             }
             AggregateKind::Quantile { .. } => {
                 // Per person and group: values, and values ≤ each candidate.
-                partials.push(count(arg()).alias(name));
+                partials.push(count_of(arg(), name)?);
                 for (i, c) in quantile_candidates(r.bounds).iter().enumerate() {
                     let at_most = when(clamp(arg(), r.bounds.0, r.bounds.1, false).lt_eq(lit(*c)), lit(1i64)).otherwise(lit(0i64))?;
-                    partials.push(sum(at_most).alias(format!("__k{j}_{i}")));
+                    let name = format!("__k{j}_{i}");
+                    partials.push(Partial { rows: sum(at_most.clone()).alias(&name), row: at_most.alias(name) });
                 }
             }
         }
@@ -834,9 +859,15 @@ fn rewrite(
         policy.defaults.max_rows_per_person,
         rand::rngs::OsRng.next_u64() as i64,
     )?;
-    let builder = LogicalPlanBuilder::from(input_plan)
-        .filter(keep)?
-        .aggregate(group_by, partials)?;
+    let builder = LogicalPlanBuilder::from(input_plan).filter(keep)?;
+    let builder = if single_rows {
+        // Every (person, group) has one row: its partials are that row's
+        // values, exactly what the aggregate would compute, bounded below
+        // as any partial is.
+        builder.project(group_by.into_iter().chain(partials.into_iter().map(|p| p.row)))?
+    } else {
+        builder.aggregate(group_by, partials.into_iter().map(|p| p.rows))?
+    };
 
     // Each partial bounded to what `max_contributions_per_group` rows give.
     let salt = rand::rngs::OsRng.next_u64() as i64;
@@ -929,9 +960,9 @@ fn rewrite(
     }
     // 2. At most k groups per person, the ones with the smallest keyed hash.
     // Rows outside the public domain were dropped above, so a person reaches
-    // at most `cells` groups: when k covers them all, nothing needs dropping
-    // and the (costly) ranking is skipped.
-    let builder = if (options.max_groups_contributed as usize) < cells {
+    // at most `cells` groups, and no more than their rows: when k covers
+    // them all, nothing needs dropping and the (costly) ranking is skipped.
+    let builder = if (options.max_groups_contributed as u64) < reachable {
         bounded.push(key_fn.call(key_args).alias("__key"));
         let rank = row_number()
             .partition_by(vec![col("__uid")])
@@ -990,6 +1021,13 @@ fn rewrite(
         other => other,
     })?;
     Ok(PlannedQuery::Dp(Box::new(query)))
+}
+
+/// One partial of step 1, as an aggregate over a (person, group)'s rows and
+/// as its value for a single row.
+struct Partial {
+    rows: Expr,
+    row: Expr,
 }
 
 /// The quantile candidates: evenly spaced over the bounds, ends included.

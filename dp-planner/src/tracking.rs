@@ -1166,7 +1166,18 @@ fn exact_float_sum(e: &Expr, schema: &DFSchema) -> datafusion::error::Result<Exp
 /// person's rows after this step are a function of that person's own rows,
 /// which is what the DP aggregate's contribution bound relies on. The
 /// output schema is unchanged (changed expressions keep their names).
+///
+/// Columns nothing above reads are pruned first (DataFusion's projection
+/// pruning, which keeps the plan's output), so "every readable column"
+/// means every column that can reach the DP aggregate: two rows equal in
+/// all of those are interchangeable in any order, and not carrying (and
+/// sorting on) the others keeps a per-person window as cheap as the plain
+/// query's.
 pub fn guard_per_person(plan: LogicalPlan, policy: &Policy) -> Result<LogicalPlan> {
+    use datafusion::optimizer::{OptimizerContext, OptimizerRule};
+    let plan = datafusion::optimizer::optimize_projections::OptimizeProjections::new()
+        .rewrite(plan, &OptimizerContext::new())?
+        .data;
     Ok(plan
         .transform_up(|node| match node {
             LogicalPlan::Aggregate(aggregate) => {

@@ -402,6 +402,62 @@ async fn explain_shows_the_rewrite_and_the_cost() {
     assert!(!released.batches()[0].column(1).as_string::<i32>().value(1).contains("row_number"));
 }
 
+/// The exact plan's text, to see which steps the rewrite planned.
+fn plan_text(q: &DpQuery) -> String {
+    q.exact_plan.display_indent().to_string()
+}
+
+/// Whether the plan aggregates per person (and group) before bounding.
+fn aggregates_per_person(text: &str) -> bool {
+    text.lines().any(|l| l.trim_start().starts_with("Aggregate:") && l.contains("AS __uid"))
+}
+
+#[tokio::test]
+async fn one_row_per_person_needs_no_per_person_aggregate_and_no_ranking() {
+    // After GROUP BY uid each person has one row, so reaches one group
+    // whatever max_groups_contributed says: k is 1, nothing is ranked, and
+    // the rows are bounded as they are.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3, max_contributions_per_group = 5) \
+               channel, COUNT(*), SUM(cost) FROM (SELECT uid, MIN(channel) AS channel, LEAST(SUM(cost), 100) AS cost FROM events GROUP BY uid) GROUP BY channel";
+    let q = dp(plan(sql).await.unwrap());
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
+    assert_eq!(q.aggregates[1].sensitivity, 100.0);
+    let text = plan_text(&q);
+    assert!(!text.contains("row_number"), "{text}");
+    assert!(!aggregates_per_person(&text), "{text}");
+    // p1 (min a, cost 30), p2 (a, 15), p3 (b, 1000 → 100), p5 (a, 7); p4 outside.
+    assert_eq!(exact_by_group(&q, 0).await, BTreeMap::from([("a".to_string(), 3.0), ("b".to_string(), 1.0)]));
+    assert_eq!(exact_by_group(&q, 1).await["b"], 100.0);
+}
+
+#[tokio::test]
+async fn rows_unique_per_person_and_key_skip_the_per_person_aggregate_but_are_ranked() {
+    // GROUP BY uid, channel gives one row per person and channel: p1 has
+    // three, and with k = 2 two of them are kept.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 2) \
+               channel, COUNT(*) FROM (SELECT uid, channel, COUNT(*) AS n FROM events GROUP BY uid, channel) GROUP BY channel";
+    let q = dp(plan(sql).await.unwrap());
+    let text = plan_text(&q);
+    assert!(text.contains("row_number"), "{text}");
+    assert!(!aggregates_per_person(&text), "{text}");
+    let people = exact_by_group(&q, 0).await;
+    // p2, p5 in a; p3 in b; p1 in two of a, b, c.
+    assert_eq!(people.values().sum::<f64>(), 5.0, "{people:?}");
+    assert_eq!(q.aggregates[0].sensitivity, 2.0);
+}
+
+#[tokio::test]
+async fn a_key_computed_from_the_unique_column_keeps_the_per_person_aggregate() {
+    // Rows unique per person and timestamp can share a day: the per-person
+    // aggregate merges a person's rows of one day before each (person, day)
+    // is bounded.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 3) \
+               CAST(ts AS DATE) AS day, COUNT(*) FROM (SELECT uid, ts FROM orders GROUP BY uid, ts) GROUP BY 1";
+    let q = dp(plan(sql).await.unwrap());
+    let text = plan_text(&q);
+    assert!(aggregates_per_person(&text), "{text}");
+}
+
 #[tokio::test]
 async fn explain_of_a_refused_query_is_refused_by_the_same_rule() {
     assert_eq!(refused_rule("EXPLAIN SELECT * FROM events").await, "dp_aggregate_required");

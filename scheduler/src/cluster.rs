@@ -108,7 +108,9 @@ impl EmbeddedCluster {
         tokio::spawn(
             create_grpc_server(&GrpcServerConfig::default())
                 .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                // Task status and job calls are small messages: TCP_NODELAY
+                // keeps each from waiting for a delayed ACK.
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
         );
         let local = connect_addr(scheduler_addr);
         for _ in 0..options.in_process_executors {

@@ -64,14 +64,21 @@ pub trait Engine: Send + Sync {
 }
 
 /// DataFusion in this process: no job submission, no shuffle files, no
-/// result fetch. Every session runs on one DataFusion runtime, so all
-/// queries share its memory pool and spill directory; query work runs on
-/// its own threads, so a busy query never delays the server's network
-/// I/O, timers and deadlines.
+/// result fetch. At most `slots` queries run at once (others wait for a
+/// slot, within their deadline), and each runs with its own memory pool of
+/// an equal share of the engine's memory, so what one query uses never
+/// makes another fail or spill: whether a party's query fits depends on
+/// that query alone. Every run shares the runtime's spill directory,
+/// object stores and file metadata caches. Query work runs on its own
+/// threads, so a busy query never delays the server's network I/O, timers
+/// and deadlines.
 #[derive(Debug, Clone)]
 pub struct InProcess {
     runtime: Arc<RuntimeEnv>,
     threads: Arc<QueryThreads>,
+    slots: Arc<tokio::sync::Semaphore>,
+    slot_count: usize,
+    run_memory: usize,
 }
 
 /// A spawned run, aborted when dropped.
@@ -101,8 +108,14 @@ impl Drop for QueryThreads {
 
 impl InProcess {
     /// An engine whose queries run on `runtime` (see
-    /// [`cleanroom_executor::in_process_runtime`]).
-    pub fn new(runtime: Arc<RuntimeEnv>) -> Self {
+    /// [`cleanroom_executor::in_process_runtime`]), at most `slots` at once,
+    /// each with `1 / slots` of the runtime's memory limit.
+    pub fn new(runtime: Arc<RuntimeEnv>, slots: usize) -> Self {
+        let slots = slots.max(1);
+        let run_memory = match runtime.memory_pool.memory_limit() {
+            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => bytes / slots,
+            _ => usize::MAX,
+        };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cores)
@@ -110,24 +123,62 @@ impl InProcess {
             .enable_all()
             .build()
             .expect("a tokio runtime for query work");
-        InProcess { runtime, threads: Arc::new(QueryThreads(Some(threads))) }
+        InProcess { runtime, threads: Arc::new(QueryThreads(Some(threads))), slots: Arc::new(tokio::sync::Semaphore::new(slots)), slot_count: slots, run_memory }
+    }
+
+    /// One run's runtime: the engine's, with a memory pool of its own.
+    fn run_runtime(&self) -> Result<Arc<RuntimeEnv>, DataFusionError> {
+        use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool, UnboundedMemoryPool};
+        let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> = if self.run_memory == usize::MAX {
+            Arc::new(UnboundedMemoryPool::default())
+        } else {
+            Arc::new(TrackConsumersPool::new(FairSpillPool::new(self.run_memory), std::num::NonZeroUsize::new(5).expect("non-zero")))
+        };
+        datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(&self.runtime).with_memory_pool(pool).build_arc()
     }
 
     /// `state` as this engine runs it: on the engine's runtime (its memory
     /// pool, spill directory and object stores), with joins that yield.
+    ///
+    /// The session starts from the one every cleanroom process uses, which
+    /// carries Ballista's settings; those that only exist because Ballista
+    /// cuts a plan into stages run by separate tasks are set back to
+    /// DataFusion's own here: hash joins (a sort-merge join costs several
+    /// times more; see [`InProcess::run`] for a build side that does not fit
+    /// in memory), round-robin repartitioning, small build sides collected
+    /// once, and dynamic filters from a join's build side or a top-k into the
+    /// probe side's scan. These choose physical operators only: the logical
+    /// plan, and so the answer, is the one Ballista runs.
     pub fn session_state(&self, state: SessionState) -> SessionState {
-        SessionStateBuilder::new_from_existing(state)
+        let mut state = SessionStateBuilder::new_from_existing(state)
             .with_runtime_env(self.runtime.clone())
             .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
-            .build()
+            .build();
+        let defaults = datafusion::config::OptimizerOptions::default();
+        let optimizer = &mut state.config_mut().options_mut().optimizer;
+        optimizer.prefer_hash_join = true;
+        optimizer.enable_round_robin_repartition = defaults.enable_round_robin_repartition;
+        optimizer.hash_join_single_partition_threshold = defaults.hash_join_single_partition_threshold;
+        optimizer.hash_join_single_partition_threshold_rows = defaults.hash_join_single_partition_threshold_rows;
+        optimizer.enable_dynamic_filter_pushdown = defaults.enable_dynamic_filter_pushdown;
+        optimizer.enable_join_dynamic_filter_pushdown = defaults.enable_join_dynamic_filter_pushdown;
+        optimizer.enable_topk_dynamic_filter_pushdown = defaults.enable_topk_dynamic_filter_pushdown;
+        optimizer.enable_aggregate_dynamic_filter_pushdown = defaults.enable_aggregate_dynamic_filter_pushdown;
+        state
     }
+}
+
+/// Whether a run failed because the memory pool could not give an operator
+/// what it asked for (as opposed to a failure a second plan would repeat).
+fn out_of_memory(e: &DataFusionError) -> bool {
+    matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
 }
 
 impl Default for InProcess {
     /// DataFusion's default runtime: no memory limit, spill files in a
     /// temporary directory.
     fn default() -> Self {
-        InProcess::new(Arc::new(RuntimeEnv::default()))
+        InProcess::new(Arc::new(RuntimeEnv::default()), 4)
     }
 }
 
@@ -143,17 +194,44 @@ impl Engine for InProcess {
 
     async fn run(&self, ctx: &SessionContext, query_id: &str, plan: LogicalPlan, deadline: Duration) -> Result<Vec<RecordBatch>, RunError> {
         let started = Instant::now();
-        let ctx = ctx.clone();
+        // The deadline is checked first, here and below: a run is never
+        // given time past it, waiting for a slot included.
+        let stop = tokio::time::sleep(deadline);
+        tokio::pin!(stop);
+        let slot = tokio::select! {
+            biased;
+            () = &mut stop => return Err(RunError::Deadline),
+            slot = self.slots.clone().acquire_owned() => slot.expect("the engine never closes its slots"),
+        };
+        let ctx = SessionContext::new_with_state(
+            SessionStateBuilder::new_from_existing(ctx.state()).with_runtime_env(self.run_runtime()?).build(),
+        );
         let threads = self.threads.0.as_ref().expect("the query threads live as long as the engine");
         // Aborted when this call is dropped too (a client that hangs up), so
-        // a run never outlives its request.
-        let mut run = AbortOnDrop(threads.spawn(async move { ctx.execute_logical_plan(plan).await?.collect().await }));
-        // The deadline is checked first: a run is never given time past it.
+        // a run never outlives its request; the slot is free when it ends.
+        let mut run = AbortOnDrop(threads.spawn(async move {
+            let _slot = slot;
+            match ctx.execute_logical_plan(plan.clone()).await?.collect().await {
+                // A hash join keeps its whole build side in memory and cannot
+                // spill; sorts, aggregates and sort-merge joins can. A run
+                // that ran out of memory runs once more with sort-merge joins
+                // (same plan, same answer, slower), so a join too large for
+                // the pool does not fail the query. Only memory decides
+                // this, as it decides whether any run fits.
+                Err(e) if out_of_memory(&e) => {
+                    tracing::warn!(error = %e, "the query ran out of memory with hash joins; running it again with sort-merge joins, which spill");
+                    let mut state = ctx.state();
+                    state.config_mut().options_mut().optimizer.prefer_hash_join = false;
+                    SessionContext::new_with_state(state).execute_logical_plan(plan).await?.collect().await
+                }
+                result => result,
+            }
+        }));
         // Aborting the run drops its streams, and with them the tasks
         // DataFusion spawned for it.
         let batches = tokio::select! {
             biased;
-            () = tokio::time::sleep(deadline) => return Err(RunError::Deadline),
+            () = &mut stop => return Err(RunError::Deadline),
             batches = &mut run.0 => batches.map_err(|e| DataFusionError::Execution(format!("the query task failed: {e}")))??,
         };
         tracing::info!(query = %query_id, seconds = started.elapsed().as_secs_f64(), "query ran in process");
@@ -169,11 +247,16 @@ impl Engine for InProcess {
     }
 
     fn describe(&self) -> String {
-        let limit = match self.runtime.memory_pool.memory_limit() {
-            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64),
-            _ => "unlimited".to_string(),
-        };
-        format!("in-process engine, {limit} query memory")
+        let gib = |bytes: usize| format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+        match self.runtime.memory_pool.memory_limit() {
+            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => format!(
+                "in-process engine, {} query memory: {} queries at once, {} each",
+                gib(bytes),
+                self.slot_count,
+                gib(self.run_memory)
+            ),
+            _ => format!("in-process engine, unlimited query memory, {} queries at once", self.slot_count),
+        }
     }
 }
 

@@ -13,7 +13,6 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use cleanroom_ledger::{EtcdLedger, Ledger, RedbLedger};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use cleanroom_storage::catalog::Catalog;
 use crate::cluster::{ClusterOptions, EmbeddedCluster};
@@ -32,6 +31,11 @@ pub enum EngineChoice {
     Ballista,
 }
 
+/// Queries the in-process engine runs at once unless told otherwise: enough
+/// that a short query rarely waits behind long ones on a small machine,
+/// few enough that each keeps a useful share of the memory.
+pub const DEFAULT_QUERY_SLOTS: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub manifest: PathBuf,
@@ -42,6 +46,9 @@ pub struct ServeOptions {
     pub memory_limit: Option<u64>,
     /// Spill files of the in-process engine [default: a temporary directory].
     pub spill_dir: Option<PathBuf>,
+    /// Queries the in-process engine runs at once, each with an equal share
+    /// of `memory_limit`.
+    pub query_slots: usize,
     /// Executors inside this process (0 for `cleanroom scheduler`).
     pub executors: usize,
     /// Task slots per in-process executor.
@@ -82,6 +89,7 @@ impl ServeOptions {
             engine: EngineChoice::InProcess,
             memory_limit: None,
             spill_dir: None,
+            query_slots: DEFAULT_QUERY_SLOTS,
             executors: 2,
             executor_slots: 2,
             internal_bind: "127.0.0.1:0".parse().expect("address"),
@@ -175,7 +183,7 @@ pub async fn start(
     let in_process = match options.engine {
         EngineChoice::InProcess => {
             let limit = options.memory_limit.unwrap_or_else(cleanroom_executor::default_memory_limit);
-            Some(InProcess::new(cleanroom_executor::in_process_runtime(limit, options.spill_dir.as_deref())?))
+            Some(InProcess::new(cleanroom_executor::in_process_runtime(limit, options.spill_dir.as_deref())?, options.query_slots))
         }
         EngineChoice::Ballista => None,
     };
@@ -240,7 +248,9 @@ pub async fn start(
         builder
             .layer(crate::stream_end::layer())
             .add_service(FlightServiceServer::new(gateway))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+            // Answers are small messages: without TCP_NODELAY each waits for
+            // the client's delayed ACK (tens of milliseconds per call).
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown),
     );
     tracing::info!(
         %addr,
