@@ -15,7 +15,7 @@ def test_the_benchmark_runner_times_every_query_on_every_system(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--sf", "0.01", "--runs", "1",
-         "--data-dir", str(tmp_path / "data"), "--bin-dir", str(bin_dir), "--json", str(out)],
+         "--data-dir", str(tmp_path / "data"), "--bin-dir", str(bin_dir), "--json", str(out), "--analysts", "4"],
         check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     figures = json.loads(out.read_text())
@@ -27,3 +27,8 @@ def test_the_benchmark_runner_times_every_query_on_every_system(tmp_path):
         assert row["dp-in-process_vs_duckdb"] == row["dp-in-process_ms"] / row["duckdb_ms"]
     memory = [r for r in figures["results"] if "peak_rss_bytes" in r][0]["peak_rss_bytes"]
     assert set(memory) == {"datafusion", "dp-in-process", "dp-ballista"} and all(v > 0 for v in memory.values()), memory
+    # Four analysts of four parties at once: every query answered, each party charged exactly
+    # what its analysts asked for.
+    concurrent = [r for r in figures["results"] if "concurrent" in r][0]["concurrent"]
+    assert concurrent["errors"] == [] and concurrent["queries"] == 4 * 5, concurrent
+    assert concurrent["budgets_exact"] and concurrent["p95_ms"] >= concurrent["p50_ms"] > 0, concurrent
