@@ -744,7 +744,7 @@ fn rewrite(
     // rows whose group key is outside the public domain (they could never be
     // released, and would use up a person's `max_groups_contributed`).
     let mut keep = unit.clone().is_not_null();
-    let mut group_by = vec![unit.alias("__uid")];
+    let mut group_by = vec![unit.alias(UNIT)];
     let mut group_cols = Vec::new();
     for (i, (expr, key)) in groups.iter().enumerate() {
         let Some(domain) = &key.domain else {
@@ -871,10 +871,10 @@ fn rewrite(
 
     // Each partial bounded to what `max_contributions_per_group` rows give.
     let salt = rand::rngs::OsRng.next_u64() as i64;
-    let mut key_args = vec![lit(salt), col("__uid")];
+    let mut key_args = vec![lit(salt), col(UNIT)];
     key_args.extend(group_cols.iter().cloned());
     let key_fn = datafusion::logical_expr::ScalarUDF::new_from_impl(ContributionKey::new());
-    let mut bounded = vec![col("__uid")];
+    let mut bounded = vec![col(UNIT)];
     bounded.extend(group_cols.iter().cloned());
     let mut aggregates = Vec::new();
     let mut finals = Vec::new();
@@ -963,16 +963,16 @@ fn rewrite(
     // at most `cells` groups, and no more than their rows: when k covers
     // them all, nothing needs dropping and the (costly) ranking is skipped.
     let builder = if (options.max_groups_contributed as u64) < reachable {
-        bounded.push(key_fn.call(key_args).alias("__key"));
+        bounded.push(key_fn.call(key_args).alias(KEY));
         let rank = row_number()
-            .partition_by(vec![col("__uid")])
-            .order_by(vec![col("__key").sort(true, false)])
+            .partition_by(vec![col(UNIT)])
+            .order_by(vec![col(KEY).sort(true, false)])
             .build()?
-            .alias("__rank");
+            .alias(RANK);
         builder
             .project(bounded)?
             .window(vec![rank])?
-            .filter(col("__rank").lt_eq(lit(options.max_groups_contributed as u64)))?
+            .filter(col(RANK).lt_eq(lit(options.max_groups_contributed as u64)))?
     } else {
         builder.project(bounded)?
     };
@@ -1022,6 +1022,14 @@ fn rewrite(
     })?;
     Ok(PlannedQuery::Dp(Box::new(query)))
 }
+
+/// The exact plan's column of the person (step 1 groups by it), of each
+/// (person, group)'s keyed hash, and of its rank among the person's groups
+/// (`ROW_NUMBER() OVER (PARTITION BY UNIT ORDER BY KEY)`, step 2). An engine
+/// may compute that window by another operator with the same result.
+pub const UNIT: &str = "__uid";
+pub const KEY: &str = "__key";
+pub const RANK: &str = "__rank";
 
 /// One partial of step 1, as an aggregate over a (person, group)'s rows and
 /// as its value for a single row.

@@ -152,6 +152,7 @@ impl InProcess {
     pub fn session_state(&self, state: SessionState) -> SessionState {
         let mut state = SessionStateBuilder::new_from_existing(state)
             .with_runtime_env(self.runtime.clone())
+            .with_physical_optimizer_rule(Arc::new(crate::ranking::RankPerPerson))
             .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
             .build();
         let defaults = datafusion::config::OptimizerOptions::default();

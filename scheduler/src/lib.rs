@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
+pub mod ranking;
 pub mod serve;
 pub mod stream_end;
 pub mod system_tables;

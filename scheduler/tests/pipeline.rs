@@ -149,3 +149,31 @@ async fn statements_that_read_no_data_are_free_and_on_the_audit_log() {
     }
     assert_eq!(room.ledger.spent("analyst").unwrap(), 0.0);
 }
+
+/// The in-process engine ranks each person's groups with `RankPerPersonExec`
+/// instead of a window, and keeps exactly the groups the window keeps.
+#[tokio::test]
+async fn ranking_per_person_matches_the_window() {
+    let plain = fixtures::context();
+    let engine = SessionContext::new_with_state(InProcess::default().session_state(plain.state()));
+    for sql in [
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 1) channel, COUNT(*) AS n FROM events GROUP BY channel",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 2, max_contributions_per_group = 2) channel, COUNT(*) AS n, COUNT(DISTINCT uid) AS people FROM events GROUP BY channel",
+    ] {
+        let PlannedQuery::Dp(query) = cleanroom_dp::plan_sql(&plain.state(), sql, &fixtures::policy(), &QueryOptions::default()).await.unwrap() else {
+            panic!("{sql}: not a DP query")
+        };
+        let physical = engine.state().create_physical_plan(&query.exact_plan).await.unwrap();
+        let shown = datafusion::physical_plan::displayable(physical.as_ref()).indent(true).to_string();
+        assert!(shown.contains("RankPerPersonExec") && !shown.contains("BoundedWindowAggExec"), "{shown}");
+        let sorted = |batches: Vec<RecordBatch>| {
+            let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        let ranked = sorted(datafusion::physical_plan::collect(physical, engine.task_ctx()).await.unwrap());
+        let windowed = sorted(plain.execute_logical_plan(query.exact_plan.clone()).await.unwrap().collect().await.unwrap());
+        assert_eq!(ranked, windowed, "{sql}");
+    }
+}
