@@ -88,15 +88,20 @@ pub fn default_memory_limit() -> u64 {
     }
 }
 
-/// The runtime of the in-process engine: one memory pool of `memory_limit`
-/// bytes shared by every running query (fair among the operators that can
-/// spill; one that cannot spill fails its query when the pool is full
-/// rather than grow the process), and spill files in `spill_dir` (a
-/// temporary directory when `None`).
-pub fn in_process_runtime(memory_limit: u64, spill_dir: Option<&std::path::Path>) -> anyhow::Result<std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+/// A memory pool of `bytes` for query work: fair among the operators that
+/// can spill; one that cannot spill fails its query when the pool is full
+/// rather than grow the process. Errors name the largest consumers.
+pub fn query_pool(bytes: usize) -> std::sync::Arc<dyn datafusion::execution::memory_pool::MemoryPool> {
     use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
-    let pool = TrackConsumersPool::new(FairSpillPool::new(memory_limit as usize), std::num::NonZeroUsize::new(5).expect("non-zero"));
-    let mut builder = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_pool(std::sync::Arc::new(pool));
+    std::sync::Arc::new(TrackConsumersPool::new(FairSpillPool::new(bytes), std::num::NonZeroUsize::new(5).expect("non-zero")))
+}
+
+/// The runtime of the in-process engine: a [`query_pool`] of `memory_limit`
+/// bytes (the engine's total; each running query gets its own pool of a
+/// share of it), and spill files in `spill_dir` (a temporary directory when
+/// `None`).
+pub fn in_process_runtime(memory_limit: u64, spill_dir: Option<&std::path::Path>) -> anyhow::Result<std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+    let mut builder = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_pool(query_pool(memory_limit as usize));
     if let Some(dir) = spill_dir {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the spill directory {}: {e}", dir.display()))?;
         builder = builder.with_temp_file_path(dir);

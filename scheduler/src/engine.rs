@@ -78,7 +78,8 @@ pub struct InProcess {
     threads: Arc<QueryThreads>,
     slots: Arc<tokio::sync::Semaphore>,
     slot_count: usize,
-    run_memory: usize,
+    /// Each run's memory, when the runtime's is limited.
+    run_memory: Option<usize>,
 }
 
 /// A spawned run, aborted when dropped.
@@ -113,8 +114,8 @@ impl InProcess {
     pub fn new(runtime: Arc<RuntimeEnv>, slots: usize) -> Self {
         let slots = slots.max(1);
         let run_memory = match runtime.memory_pool.memory_limit() {
-            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => bytes / slots,
-            _ => usize::MAX,
+            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes / slots),
+            _ => None,
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = tokio::runtime::Builder::new_multi_thread()
@@ -128,11 +129,9 @@ impl InProcess {
 
     /// One run's runtime: the engine's, with a memory pool of its own.
     fn run_runtime(&self) -> Result<Arc<RuntimeEnv>, DataFusionError> {
-        use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool, UnboundedMemoryPool};
-        let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> = if self.run_memory == usize::MAX {
-            Arc::new(UnboundedMemoryPool::default())
-        } else {
-            Arc::new(TrackConsumersPool::new(FairSpillPool::new(self.run_memory), std::num::NonZeroUsize::new(5).expect("non-zero")))
+        let pool = match self.run_memory {
+            Some(bytes) => cleanroom_executor::query_pool(bytes),
+            None => Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default()),
         };
         datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(&self.runtime).with_memory_pool(pool).build_arc()
     }
@@ -249,12 +248,12 @@ impl Engine for InProcess {
 
     fn describe(&self) -> String {
         let gib = |bytes: usize| format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
-        match self.runtime.memory_pool.memory_limit() {
-            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => format!(
+        match (self.runtime.memory_pool.memory_limit(), self.run_memory) {
+            (datafusion::execution::memory_pool::MemoryLimit::Finite(total), Some(each)) => format!(
                 "in-process engine, {} query memory: {} queries at once, {} each",
-                gib(bytes),
+                gib(total),
                 self.slot_count,
-                gib(self.run_memory)
+                gib(each)
             ),
             _ => format!("in-process engine, unlimited query memory, {} queries at once", self.slot_count),
         }
