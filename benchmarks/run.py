@@ -4,9 +4,10 @@
 For each scale factor it times Q1-Q5 of benchmarks/queries.sql as plain SQL on DuckDB (the
 Python package) and on in-process DataFusion (`cleanroom-bench --plain-json`), and the same
 questions in DP SQL (benchmarks/dp-queries.sql) through Flight SQL (ADBC) against
-`cleanroom serve` on each engine asked for. It prints the median of the timed runs per
+`cleanroom serve` on each engine asked for (`in-process`, `ballista` embedded in the server,
+or `cluster`: `cleanroom scheduler` and two `cleanroom executor` processes). It prints the median of the timed runs per
 system and query, the DP path's ratio to each plain-SQL system, and the peak memory (max
-RSS) of the DataFusion process and of each server (DuckDB runs inside this
+RSS) of the DataFusion process and of each server (a cluster's processes summed; DuckDB runs inside this
 script's process and is not measured apart); `--json FILE` writes the same figures as JSON.
 
 A benchmark, not a test: run it on a quiet machine with release binaries
@@ -15,6 +16,7 @@ different epsilon, so no run is answered from the released-answer cache.
 
     python3 benchmarks/run.py --sf 0.1,1 --runs 3 --json bench.json
     python3 benchmarks/run.py --sf 1 --runs 1 --engines in-process --analysts 16
+    python3 benchmarks/run.py --sf 1 --engines in-process,cluster
 """
 
 import argparse
@@ -124,19 +126,51 @@ def time_datafusion(bin_dir: Path, sf: float, data_dir: Path, runs: int):
     return times, rss
 
 
+def free_port_pair() -> int:
+    """A loopback port P with P + 1 also free (an executor's shuffle service takes both)."""
+    import socket
+
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+
+
+# The multi-process cluster engine: executor processes beside `cleanroom scheduler`, and the
+# task slots of each (2 x 1 on a 2-core machine: one task per core).
+CLUSTER_EXECUTORS = 2
+CLUSTER_SLOTS = 1
+
+
 class Server:
-    """`cleanroom serve` on the benchmark manifest, for the length of a `with` block."""
+    """The clean room on the benchmark manifest, for the length of a `with` block: `cleanroom
+    serve --engine in-process|ballista`, or for the engine `cluster` a multi-process cluster on
+    this machine (`cleanroom scheduler` and CLUSTER_EXECUTORS `cleanroom executor` processes)."""
 
     def __init__(self, bin_dir: Path, data: Path, engine: str):
         self.state = tempfile.mkdtemp(prefix="cleanroom-bench-")
         self.log = open(Path(self.state) / "serve.log", "w")
         self.engine = engine
-        extra = SERVE_ARGS if engine == "in-process" else []
-        self.process = subprocess.Popen(
-            [str(bin_dir / "cleanroom"), "serve", "--manifest", str(data / "bench-manifest.toml"), "--listen", "127.0.0.1:0",
-             "--engine", engine, "--state-dir", str(Path(self.state) / "state"), *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )
+        self.bin_dir = bin_dir
+        self.executors = []
+        state_dir = str(Path(self.state) / "state")
+        manifest = str(data / "bench-manifest.toml")
+        if engine == "cluster":
+            slots = CLUSTER_EXECUTORS * CLUSTER_SLOTS
+            command = ["scheduler", "--manifest", manifest, "--listen", "127.0.0.1:0", "--internal-bind", f"127.0.0.1:{free_port_pair()}",
+                       "--partitions", str(slots), "--state-dir", state_dir]
+        else:
+            extra = SERVE_ARGS if engine == "in-process" else []
+            command = ["serve", "--manifest", manifest, "--listen", "127.0.0.1:0", "--engine", engine, "--state-dir", state_dir, *extra]
+        self.process = subprocess.Popen([str(bin_dir / "cleanroom"), *command], stdout=subprocess.PIPE, stderr=self.log, text=True)
 
     def __enter__(self):
         self.uri = None
@@ -144,19 +178,33 @@ class Server:
             found = re.search(r"(grpc://\S+)", line)
             if found:
                 self.uri = found.group(1)
+                joins = re.search(r"executors join (\S+?)[,)]", line)
                 break
         if self.uri is None:
             self.__exit__()
-            raise RuntimeError(f"cleanroom serve --engine {self.engine} did not start: see {self.log.name}")
+            raise RuntimeError(f"cleanroom with engine {self.engine} did not start: see {self.log.name}")
+        if self.engine == "cluster":
+            for i in range(CLUSTER_EXECUTORS):
+                work = Path(self.state) / f"executor-{i}"
+                work.mkdir()
+                self.executors.append(subprocess.Popen(
+                    [str(self.bin_dir / "cleanroom"), "executor", "--scheduler", joins.group(1), "--port", str(free_port_pair()),
+                     "--slots", str(CLUSTER_SLOTS), "--work-dir", str(work), "--heartbeat-interval", "5"],
+                    stdout=subprocess.DEVNULL, stderr=self.log))
         return self
 
     def __exit__(self, *_):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in [*self.executors, self.process]:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         self.log.close()
+
+    def peak_rss(self) -> int:
+        """Peak RSS of the server, or the sum over the cluster's processes."""
+        return sum(peak_rss(p.pid) for p in [self.process, *self.executors])
 
     def connect(self, data: Path, party: str):
         import adbc_driver_flightsql.dbapi as flight_sql
@@ -184,7 +232,7 @@ def time_dp(bin_dir: Path, data: Path, engine: str, queries: dict, runs: int):
                     if run > 0:
                         times[name].append((time.perf_counter() - start) * 1e3)
         conn.close()
-        return times, peak_rss(server.process.pid)
+        return times, server.peak_rss()
 
 
 def analysts(bin_dir: Path, data: Path, engine: str, queries: dict, count: int) -> dict:
@@ -233,14 +281,14 @@ def analysts(bin_dir: Path, data: Path, engine: str, queries: dict, count: int) 
         pct = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
         return {"analysts": count, "parties": len(parties), "queries": len(latencies) + len(errors), "errors": errors,
                 "total_s": total, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "budgets_exact": exact,
-                "peak_rss_bytes": peak_rss(server.process.pid)}
+                "peak_rss_bytes": server.peak_rss()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sf", default="0.1,1", help="scale factors, comma-separated (default 0.1,1)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per query after one warm-up (default 3)")
-    parser.add_argument("--engines", default="in-process,ballista", help="engines of the DP path (default in-process,ballista)")
+    parser.add_argument("--engines", default="in-process,ballista", help="engines of the DP path: in-process, ballista (embedded in the server), cluster (scheduler and executor processes) (default in-process,ballista)")
     parser.add_argument("--data-dir", type=Path, default=Path("bench-data"), help="where generated data is kept between runs")
     parser.add_argument("--bin-dir", type=Path, default=None, help="where cleanroom and cleanroom-bench are (default: the release build, else debug)")
     parser.add_argument("--analysts", type=int, default=0, help="then this many concurrent analysts (of four parties) each ask every DP query once, on the first engine")

@@ -489,7 +489,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if executor_timeout == 0 {
                 anyhow::bail!("--executor-timeout must be at least 1 second");
             }
-            if internal_bind.port() == listen.port() && (internal_bind.ip() == listen.ip() || internal_bind.ip().is_unspecified() || listen.ip().is_unspecified()) {
+            if internal_bind.port() == listen.port() && listen.port() != 0 && (internal_bind.ip() == listen.ip() || internal_bind.ip().is_unspecified() || listen.ip().is_unspecified()) {
                 anyhow::bail!("--internal-bind must differ from --listen: parties must never reach the Ballista scheduler");
             }
             let options = ServeOptions {

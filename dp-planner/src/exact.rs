@@ -19,18 +19,21 @@
 //! back at the end. NaN and infinities are counted apart and give NaN, +inf
 //! or -inf as IEEE addition would in any order. Partial states merge and
 //! rows retract exactly, so window frames and multi-phase aggregation give
-//! the same value.
+//! the same value. Grouped aggregation runs [`ExactGroups`], which keeps the
+//! same exact total per group (and so gives the same bits as the row
+//! accumulator, tested below).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, ListArray, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, ListArray, UInt64Array};
+use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type, UInt64Type};
 use datafusion::common::{exec_err, ScalarValue};
 use datafusion::error::Result;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
-use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility};
 
 pub const EXACT_SUM: &str = "cleanroom_exact_sum";
 pub const EXACT_AVG: &str = "cleanroom_exact_avg";
@@ -98,6 +101,14 @@ impl AggregateUDFImpl for ExactSum {
         } else {
             Ok(Box::new(ExactAccumulator { sum: ExactTotal::default(), average: self.average }))
         }
+    }
+
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        !args.is_distinct
+    }
+
+    fn create_groups_accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(ExactGroups { totals: Vec::new(), average: self.average, partials_capacity: 0 }))
     }
 }
 
@@ -295,6 +306,137 @@ impl Accumulator for ExactAccumulator {
     }
 }
 
+/// The partial states of `totals` as the row accumulator's state columns:
+/// the partials as a list, then the NaN, +inf, -inf and value counts.
+fn state_columns(totals: &[ExactTotal]) -> Vec<ArrayRef> {
+    let mut offsets = Vec::with_capacity(totals.len() + 1);
+    offsets.push(0i32);
+    let mut flat = Vec::new();
+    for t in totals {
+        flat.extend_from_slice(&t.partials);
+        offsets.push(flat.len() as i32);
+    }
+    let list = ListArray::new(
+        Arc::new(Field::new_list_field(DataType::Float64, true)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(Float64Array::from(flat)),
+        None,
+    );
+    let counter = |f: fn(&ExactTotal) -> u64| Arc::new(totals.iter().map(|t| Some(f(t))).collect::<UInt64Array>()) as ArrayRef;
+    vec![
+        Arc::new(list),
+        counter(|t| t.nan),
+        counter(|t| t.positive_infinities),
+        counter(|t| t.negative_infinities),
+        counter(|t| t.count),
+    ]
+}
+
+/// Grouped `cleanroom_exact_sum`/`_avg`: one [`ExactTotal`] per group, so
+/// each group's value is the same function of its multiset of values as the
+/// row accumulator's (whatever the batches, partitions and phases).
+#[derive(Debug)]
+struct ExactGroups {
+    totals: Vec<ExactTotal>,
+    average: bool,
+    /// The partials' heap capacity over all groups, kept up to date as they
+    /// grow (DataFusion asks for the size after every batch).
+    partials_capacity: usize,
+}
+
+impl ExactGroups {
+    fn grow(&mut self, total_num_groups: usize) {
+        if self.totals.len() < total_num_groups {
+            self.totals.resize_with(total_num_groups, ExactTotal::default);
+        }
+    }
+
+    fn take(&mut self, emit_to: EmitTo) -> Vec<ExactTotal> {
+        let taken = emit_to.take_needed(&mut self.totals);
+        self.partials_capacity -= taken.iter().map(|t| t.partials.capacity()).sum::<usize>();
+        taken
+    }
+}
+
+impl GroupsAccumulator for ExactGroups {
+    fn update_batch(
+        &mut self,
+        batch: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let values = values(batch)?;
+        self.grow(total_num_groups);
+        for (row, &group) in group_indices.iter().enumerate() {
+            if values.is_null(row) || opt_filter.is_some_and(|f| !(f.is_valid(row) && f.value(row))) {
+                continue;
+            }
+            let total = &mut self.totals[group];
+            let before = total.partials.capacity();
+            total.add(values.value(row), false);
+            self.partials_capacity += total.partials.capacity() - before;
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        let average = self.average;
+        Ok(Arc::new(self.take(emit_to).iter().map(|t| t.value(average)).collect::<Float64Array>()))
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        Ok(state_columns(&self.take(emit_to)))
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> Result<()> {
+        let [partials, nan, positive, negative, count] = states else {
+            return exec_err!("{EXACT_SUM}: a partial state has {} columns, not 5", states.len());
+        };
+        let partials: &ListArray = partials.as_list();
+        let Some(items) = partials.values().as_primitive_opt::<Float64Type>() else {
+            return exec_err!("{EXACT_SUM}: partial sums are not doubles");
+        };
+        let offsets = partials.value_offsets();
+        let counter = |a: &ArrayRef| a.as_primitive::<UInt64Type>().clone();
+        let (nan, positive, negative, count) = (counter(nan), counter(positive), counter(negative), counter(count));
+        self.grow(total_num_groups);
+        for (row, &group) in group_indices.iter().enumerate() {
+            if partials.is_null(row) {
+                continue;
+            }
+            let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+            let total = &mut self.totals[group];
+            let before = total.partials.capacity();
+            let merged = (start..end).filter(|i| items.is_valid(*i)).map(|i| items.value(i));
+            total.merge(merged, nan.value(row), positive.value(row), negative.value(row), count.value(row));
+            self.partials_capacity += total.partials.capacity() - before;
+        }
+        Ok(())
+    }
+
+    /// Each row as the state of a group holding only that row's value (none
+    /// if it is NULL or filtered out): what merging then adds up is the same
+    /// multiset of values.
+    fn convert_to_state(&self, batch: &[ArrayRef], opt_filter: Option<&BooleanArray>) -> Result<Vec<ArrayRef>> {
+        let values = values(batch)?;
+        let totals: Vec<ExactTotal> = (0..values.len())
+            .map(|row| {
+                let mut total = ExactTotal::default();
+                if values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row)) {
+                    total.add(values.value(row), false);
+                }
+                total
+            })
+            .collect();
+        Ok(state_columns(&totals))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.totals.capacity() * std::mem::size_of::<ExactTotal>() + self.partials_capacity * 8
+    }
+}
+
 /// `SUM(DISTINCT x)` / `AVG(DISTINCT x)`: the distinct values in a sorted
 /// map (by their bits, -0.0 as 0.0 and every NaN as one) with the number of
 /// rows holding each (so a window frame can retract rows), summed exactly.
@@ -455,6 +597,75 @@ mod tests {
                 b.merge_batch(&state).unwrap();
                 let ScalarValue::Float64(Some(got)) = b.evaluate().unwrap() else { panic!("no value") };
                 assert_eq!(got.to_bits(), expected.to_bits(), "{values:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_sums_give_the_row_accumulators_bits_in_any_split() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for average in [false, true] {
+            for _ in 0..50 {
+                let groups = rng.gen_range(1..8);
+                let n = rng.gen_range(0..200);
+                let values: Vec<Option<f64>> = (0..n)
+                    .map(|_| match rng.gen_range(0..40) {
+                        0 => None,
+                        1 => Some(f64::INFINITY),
+                        _ => Some(rng.gen_range(-1.0..1.0) * 2f64.powi(rng.gen_range(-60..60))),
+                    })
+                    .collect();
+                let group_of: Vec<usize> = (0..n).map(|_| rng.gen_range(0..groups)).collect();
+                let keep: Vec<bool> = (0..n).map(|_| rng.gen_range(0..5) > 0).collect();
+                // Expected: the row accumulator over each group's kept values.
+                let expected: Vec<Option<f64>> = (0..groups)
+                    .map(|g| {
+                        let mut t = ExactTotal::default();
+                        (0..n).filter(|&i| group_of[i] == g && keep[i]).for_each(|i| {
+                            if let Some(x) = values[i] {
+                                t.add(x, false)
+                            }
+                        });
+                        t.value(average)
+                    })
+                    .collect();
+                // Two partial accumulators over a split of the rows, merged into a third.
+                let cut = rng.gen_range(0..=n);
+                let mut merged = ExactGroups { totals: Vec::new(), average, partials_capacity: 0 };
+                for (lo, hi) in [(0, cut), (cut, n)] {
+                    let mut part = ExactGroups { totals: Vec::new(), average, partials_capacity: 0 };
+                    let batch = vec![Arc::new(Float64Array::from(values[lo..hi].to_vec())) as ArrayRef];
+                    let filter = BooleanArray::from(keep[lo..hi].to_vec());
+                    part.update_batch(&batch, &group_of[lo..hi], Some(&filter), groups).unwrap();
+                    let state = part.state(EmitTo::All).unwrap();
+                    assert_eq!(part.partials_capacity, 0);
+                    merged.merge_batch(&state, &(0..groups).collect::<Vec<_>>(), groups).unwrap();
+                }
+                let first = merged.evaluate(EmitTo::First(1)).unwrap();
+                let rest = merged.evaluate(EmitTo::All).unwrap();
+                let got: Vec<Option<f64>> = [first, rest].iter().flat_map(|a| a.as_primitive::<Float64Type>().iter().collect::<Vec<_>>()).collect();
+                let bits = |v: &[Option<f64>]| v.iter().map(|x| x.map(f64::to_bits)).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&expected), "average {average}");
+                // Rows passed on as states (skipped partial aggregation) merge to the same values.
+                let mut converted = ExactGroups { totals: Vec::new(), average, partials_capacity: 0 };
+                let all = vec![Arc::new(Float64Array::from(values.clone())) as ArrayRef];
+                let state = converted.convert_to_state(&all, Some(&BooleanArray::from(keep.clone()))).unwrap();
+                converted.merge_batch(&state, &group_of, groups).unwrap();
+                let got = converted.evaluate(EmitTo::All).unwrap();
+                assert_eq!(bits(&got.as_primitive::<Float64Type>().iter().collect::<Vec<_>>()), bits(&expected));
+                // The grouped state reads back in the row accumulator.
+                let mut row = ExactAccumulator { sum: ExactTotal::default(), average };
+                let mut one = ExactGroups { totals: Vec::new(), average, partials_capacity: 0 };
+                let all = vec![Arc::new(Float64Array::from(values.clone())) as ArrayRef];
+                one.update_batch(&all, &vec![0; n], None, 1).unwrap();
+                row.merge_batch(&one.state(EmitTo::All).unwrap()).unwrap();
+                let whole = {
+                    let mut t = ExactTotal::default();
+                    values.iter().flatten().for_each(|x| t.add(*x, false));
+                    t.value(average)
+                };
+                assert_eq!(row.evaluate().unwrap(), ScalarValue::Float64(whole));
             }
         }
     }

@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use ballista_core::extension::SessionConfigExt;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use datafusion::execution::{SessionState, SessionStateBuilder};
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::SessionConfig;
 
+pub mod joins;
 pub mod process;
 
 /// Catalog and schema under which every party sees its datasets.
@@ -31,10 +33,14 @@ pub fn session_state(target_partitions: usize) -> SessionState {
         // groups over an empty filtered input never finished, also without
         // its propagate-empty rule): a hang that depends on the data is an
         // answer about it. The static planner runs the same plans.
-        .set_str("ballista.planner.adaptive.enabled", "false");
+        .set_str("ballista.planner.adaptive.enabled", "false")
+        // Hash joins are planned, small build sides are broadcast, and
+        // joins::SpillableJoins makes every other join a sort-merge join.
+        .set_bool("datafusion.optimizer.prefer_hash_join", true);
     let mut builder = SessionStateBuilder::new()
         .with_config(config)
         .with_default_features();
+    *builder.physical_optimizers() = Some(PhysicalOptimizer::with_rules(joins::with_spillable_joins(PhysicalOptimizer::new().rules)));
     let functions = builder.scalar_functions().get_or_insert_with(Vec::new);
     functions.extend(cleanroom_dp::udf::all());
     // Plans that run on protected rows call the total form of every function

@@ -149,7 +149,13 @@ impl InProcess {
     /// probe side's scan. These choose physical operators only: the logical
     /// plan, and so the answer, is the one Ballista runs.
     pub fn session_state(&self, state: SessionState) -> SessionState {
-        let mut state = SessionStateBuilder::new_from_existing(state)
+        let mut builder = SessionStateBuilder::new_from_existing(state);
+        // In process, joins stay hash joins (a run out of memory is rerun
+        // with sort-merge joins): no cluster join rule.
+        if let Some(optimizer) = builder.physical_optimizers() {
+            optimizer.rules.retain(|r| r.name() != cleanroom_executor::joins::SPILLABLE_JOINS);
+        }
+        let mut state = builder
             .with_runtime_env(self.runtime.clone())
             .with_physical_optimizer_rule(Arc::new(crate::ranking::RankPerPerson))
             .with_physical_optimizer_rule(Arc::new(YieldAfterJoins))
