@@ -2,10 +2,13 @@
 //!
 //! A query names them in BigQuery's syntax,
 //! `SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, max_groups_contributed = 2) …`,
-//! or inherits them from the session and the manifest's defaults. The clause is
-//! cut from the SQL text before DataFusion parses the rest; values are checked
-//! here so that a NaN, a non-positive ε or an ε above the per-query cap never
-//! reaches a mechanism.
+//! or, in SQL any parser accepts (what BI tools check before they send), in a
+//! hint comment: `SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 0.5) */ …`; or it
+//! inherits them from the session (`SET cleanroom.…`, Flight session
+//! options), the connection's `x-cleanroom-<option>` headers and the
+//! manifest's defaults. The clause is cut from the SQL text before DataFusion
+//! parses the rest; values are checked here so that a NaN, a non-positive ε or
+//! an ε above the per-query cap never reaches a mechanism.
 
 use crate::error::{DpError, Result};
 use crate::policy::Defaults;
@@ -46,6 +49,15 @@ pub struct QueryOptions {
     pub confidence_intervals: Option<bool>,
     /// `noise = 'laplace' | 'gaussian'`.
     pub noise: Option<NoiseKind>,
+}
+
+/// The value of a set option, typed as a client shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptionValue {
+    Number(f64),
+    Count(u32),
+    Flag(bool),
+    Text(String),
 }
 
 /// Options after defaults were applied and ranges checked.
@@ -122,6 +134,57 @@ impl QueryOptions {
             }
         }
         Ok(())
+    }
+
+    /// Forget one option (back to the default); `name` as for [`Self::set`].
+    pub fn unset(&mut self, name: &str) -> Result<()> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "epsilon" => self.epsilon = None,
+            "delta" => self.delta = None,
+            "max_groups_contributed" => self.max_groups_contributed = None,
+            "max_contributions_per_group" => self.max_contributions_per_group = None,
+            "privacy_unit_column" => self.privacy_unit_column = None,
+            "confidence_intervals" => self.confidence_intervals = None,
+            "noise" => self.noise = None,
+            other => {
+                return Err(DpError::InvalidOption {
+                    option: other.to_string(),
+                    detail: format!("unknown option; known options are {}", OPTION_NAMES.join(", ")),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// The options that are set, by name, with their values.
+    pub fn entries(&self) -> Vec<(&'static str, OptionValue)> {
+        let mut out = Vec::new();
+        if let Some(v) = self.epsilon {
+            out.push(("epsilon", OptionValue::Number(v)));
+        }
+        if let Some(v) = self.delta {
+            out.push(("delta", OptionValue::Number(v)));
+        }
+        if let Some(v) = self.max_groups_contributed {
+            out.push(("max_groups_contributed", OptionValue::Count(v)));
+        }
+        if let Some(v) = self.max_contributions_per_group {
+            out.push(("max_contributions_per_group", OptionValue::Count(v)));
+        }
+        if let Some(v) = &self.privacy_unit_column {
+            out.push(("privacy_unit_column", OptionValue::Text(v.clone())));
+        }
+        if let Some(v) = self.confidence_intervals {
+            out.push(("confidence_intervals", OptionValue::Flag(v)));
+        }
+        if let Some(v) = self.noise {
+            let name = match v {
+                NoiseKind::Laplace => "laplace",
+                NoiseKind::Gaussian => "gaussian",
+            };
+            out.push(("noise", OptionValue::Text(name.into())));
+        }
+        out
     }
 
     /// Options of `self` override those of `base`.
@@ -219,7 +282,72 @@ impl QueryOptions {
 /// or in the final `SELECT` after a `WITH` list of CTEs — and read its
 /// options. SQL without the clause is returned unchanged. Words inside string
 /// literals, quoted identifiers and comments are never taken for the clause.
+///
+/// The same options may instead be given in one hint comment anywhere in the
+/// statement, `/*+ DIFFERENTIAL_PRIVACY(epsilon = 0.5) */` (also with
+/// `OPTIONS`, without the `+`, or as `/* + … */`, the form SQL formatters
+/// write back), which leaves the SQL standard; a statement has the clause or
+/// the hint, not both.
 pub fn split_dp_clause(sql: &str) -> Result<(String, QueryOptions)> {
+    let hint = hint_options(sql)?;
+    let (rest, clause) = split_clause(sql)?;
+    match hint {
+        None => Ok((rest, clause)),
+        Some(_) if clause != QueryOptions::default() || rest != sql => Err(DpError::InvalidOption {
+            option: "DIFFERENTIAL_PRIVACY".into(),
+            detail: "give the options either in the WITH DIFFERENTIAL_PRIVACY clause or in a hint comment, not both".into(),
+        }),
+        Some(options) => Ok((rest, options)),
+    }
+}
+
+/// The word a hint comment starts with.
+const HINT: &str = "DIFFERENTIAL_PRIVACY";
+
+/// The options of the statement's `/*+ DIFFERENTIAL_PRIVACY(…) */` hint, if it
+/// has one. Only block comments count (a string literal or quoted identifier
+/// holding the words does not); a second hint is an error.
+fn hint_options(sql: &str) -> Result<Option<QueryOptions>> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token as T, Tokenizer, Whitespace};
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else { return Ok(None) };
+    let hints: Vec<&str> = tokens
+        .iter()
+        .filter_map(|t| match t {
+            T::Whitespace(Whitespace::MultiLineComment(text)) => {
+                let text = text.trim().trim_start_matches('+').trim_start();
+                let word = text.get(..HINT.len())?;
+                let after = text[HINT.len()..].chars().next();
+                (word.eq_ignore_ascii_case(HINT) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')).then_some(text)
+            }
+            _ => None,
+        })
+        .collect();
+    let hint = match hints.as_slice() {
+        [] => return Ok(None),
+        [one] => *one,
+        _ => {
+            return Err(DpError::InvalidOption {
+                option: HINT.into(),
+                detail: "a query has one DP aggregate, so the hint may appear once".into(),
+            })
+        }
+    };
+    // `DIFFERENTIAL_PRIVACY [OPTIONS] (…)` read as the clause is.
+    let rest = hint[HINT.len()..].trim_start();
+    let clause = if rest.starts_with('(') { format!("SELECT WITH {HINT} OPTIONS {rest}") } else { format!("SELECT WITH {HINT} {rest}") };
+    let (left, options) = split_clause(&clause)?;
+    if !left.trim().eq_ignore_ascii_case("SELECT") {
+        return Err(DpError::InvalidOption {
+            option: HINT.into(),
+            detail: format!("the hint holds only `{HINT}(name = value, …)`"),
+        });
+    }
+    Ok(Some(options))
+}
+
+/// The `WITH DIFFERENTIAL_PRIVACY` clause cut out of `sql`, and its options.
+fn split_clause(sql: &str) -> Result<(String, QueryOptions)> {
     use datafusion::sql::sqlparser::tokenizer::Token as T;
     let mut options = QueryOptions::default();
     // SQL the tokenizer rejects (an unterminated string, say) goes on as it
@@ -385,6 +513,45 @@ mod tests {
         assert_eq!(o.epsilon, Some(3.0));
         assert_eq!(sql, "SELECT 'é' AS x; SELECT  1");
         assert!(split_dp_clause("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon 1) 1").is_err());
+    }
+
+    #[test]
+    fn options_in_a_hint_comment_leave_the_sql_as_it_is() {
+        for sql in [
+            "SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 0.5, max_groups_contributed = 5) */ channel, COUNT(*) FROM t GROUP BY channel",
+            "SELECT /* + differential_privacy OPTIONS (epsilon = 0.5, max_groups_contributed = 5) */ channel, COUNT(*) FROM t GROUP BY channel",
+            "/*+DIFFERENTIAL_PRIVACY(epsilon=0.5,max_groups_contributed=5)*/\nSELECT channel, COUNT(*) FROM t GROUP BY channel",
+        ] {
+            let (rest, o) = split_dp_clause(sql).unwrap();
+            assert_eq!(rest, sql);
+            assert_eq!((o.epsilon, o.max_groups_contributed), (Some(0.5), Some(5)), "{sql}");
+        }
+        // Other comments, and the words in a string, are no hint.
+        let plain = "SELECT /* DIFFERENTIAL_PRIVACYX(epsilon = 1) */ 'DIFFERENTIAL_PRIVACY(epsilon = 1)' -- DIFFERENTIAL_PRIVACY(epsilon = 1)\n";
+        assert_eq!(split_dp_clause(plain).unwrap().1, QueryOptions::default());
+        for bad in [
+            "SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 1) */ /*+ DIFFERENTIAL_PRIVACY(epsilon = 2) */ 1",
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1) /*+ DIFFERENTIAL_PRIVACY(epsilon = 2) */ 1",
+            "SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 1) COUNT(*) */ 1",
+            "SELECT /*+ DIFFERENTIAL_PRIVACY(epsilonn = 1) */ 1",
+        ] {
+            assert!(split_dp_clause(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_are_listed_and_unset_by_name() {
+        let mut o = QueryOptions::default();
+        o.set("epsilon", "0.5").unwrap();
+        o.set("noise", "gaussian").unwrap();
+        o.set("max_groups_contributed", "3").unwrap();
+        assert_eq!(
+            o.entries(),
+            vec![("epsilon", OptionValue::Number(0.5)), ("max_groups_contributed", OptionValue::Count(3)), ("noise", OptionValue::Text("gaussian".into()))]
+        );
+        o.unset("epsilon").unwrap();
+        assert_eq!(o.epsilon, None);
+        assert!(o.unset("epsilonn").is_err());
     }
 
     #[test]

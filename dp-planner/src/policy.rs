@@ -35,7 +35,98 @@ pub enum Domain {
     /// On a timestamp or date column it is the domain of the column's day,
     /// `CAST(col AS DATE)`.
     DateRange { from: i32, to: i32 },
+    /// The periods a date range falls into: the domain of
+    /// `DATE_TRUNC(grain, col)` (and of its `CAST(… AS DATE)`) for a column
+    /// with the domain `DateRange { from, to }`. Its values are the first
+    /// days of the periods from the one holding `from` to the one holding
+    /// `to`, as days since 1970-01-01; derived from the manifest alone.
+    Periods { from: i32, to: i32, grain: Grain },
 }
+
+/// A calendar period `DATE_TRUNC` truncates to (weeks start on Monday, as
+/// DataFusion's do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    Day,
+    Week,
+    Month,
+    Quarter,
+    Year,
+}
+
+impl Grain {
+    /// The grain `DATE_TRUNC` names with `unit` (lower case).
+    pub fn of_unit(unit: &str) -> Option<Grain> {
+        Some(match unit {
+            "day" => Grain::Day,
+            "week" => Grain::Week,
+            "month" => Grain::Month,
+            "quarter" => Grain::Quarter,
+            "year" => Grain::Year,
+            _ => return None,
+        })
+    }
+
+    /// The first day of the period holding `day` (days since 1970-01-01).
+    pub fn start(self, day: i32) -> i32 {
+        use chrono::Datelike;
+        let date = |d: i32| chrono::NaiveDate::from_num_days_from_ce_opt(d + EPOCH_CE_DAYS);
+        let days = |date: chrono::NaiveDate| date.num_days_from_ce() - EPOCH_CE_DAYS;
+        match self {
+            Grain::Day => day,
+            // 1970-01-01 was a Thursday: Monday is 3 days before it.
+            Grain::Week => day - (day + 3).rem_euclid(7),
+            Grain::Month | Grain::Quarter | Grain::Year => {
+                let Some(d) = date(day) else { return day };
+                let month = match self {
+                    Grain::Month => d.month(),
+                    Grain::Quarter => (d.month() - 1) / 3 * 3 + 1,
+                    _ => 1,
+                };
+                chrono::NaiveDate::from_ymd_opt(d.year(), month, 1).map(days).unwrap_or(day)
+            }
+        }
+    }
+
+    /// The first day of the period after the one starting on `start`.
+    fn next(self, start: i32) -> i32 {
+        let months = match self {
+            Grain::Day => return start + 1,
+            Grain::Week => return start + 7,
+            Grain::Month => 1,
+            Grain::Quarter => 3,
+            Grain::Year => 12,
+        };
+        chrono::NaiveDate::from_num_days_from_ce_opt(start + EPOCH_CE_DAYS)
+            .and_then(|d| d.checked_add_months(chrono::Months::new(months)))
+            .map(|d| chrono::Datelike::num_days_from_ce(&d) - EPOCH_CE_DAYS)
+            .unwrap_or(i32::MAX)
+    }
+
+    /// The first days of the periods that meet `from..=to`.
+    pub fn periods(self, from: i32, to: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut start = self.start(from);
+        while start <= to {
+            out.push(start);
+            start = self.next(start);
+        }
+        out
+    }
+}
+
+/// Whether `t` is a timestamp without a time zone or in UTC: one whose
+/// `DATE_TRUNC` and `CAST(… AS DATE)` fall on UTC days, as a day range's do.
+pub fn utc_timestamp(t: &arrow::datatypes::DataType) -> bool {
+    match t {
+        arrow::datatypes::DataType::Timestamp(_, None) => true,
+        arrow::datatypes::DataType::Timestamp(_, Some(zone)) => matches!(zone.as_ref(), "UTC" | "utc" | "Z" | "+00:00" | "Etc/UTC"),
+        _ => false,
+    }
+}
+
+/// Days from 0001-01-01 (chrono's day 1) to 1970-01-01.
+const EPOCH_CE_DAYS: i32 = 719_163;
 
 impl Domain {
     pub fn len(&self) -> usize {
@@ -43,11 +134,28 @@ impl Domain {
             Domain::Strings(v) => v.len(),
             Domain::IntRange { min, max } => (max - min + 1).max(0) as usize,
             Domain::DateRange { from, to } => (*to as i64 - *from as i64 + 1).max(0) as usize,
+            Domain::Periods { from, to, grain } => grain.periods(*from, *to).len(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The days of a date domain (days since 1970-01-01), in order; empty
+    /// for other domains.
+    pub fn days(&self) -> Vec<i32> {
+        match self {
+            Domain::DateRange { from, to } => (*from..=*to).collect(),
+            Domain::Periods { from, to, grain } => grain.periods(*from, *to),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the domain's values are dates (a key of it is matched and
+    /// released as a `Date32`).
+    pub fn is_dates(&self) -> bool {
+        matches!(self, Domain::DateRange { .. } | Domain::Periods { .. })
     }
 
     /// Every value of the domain as text, in domain order (dates as
@@ -56,8 +164,8 @@ impl Domain {
         match self {
             Domain::Strings(v) => v.clone(),
             Domain::IntRange { min, max } => (*min..=*max).map(|v| v.to_string()).collect(),
-            Domain::DateRange { from, to } => {
-                let days = arrow::array::Date32Array::from_iter_values(*from..=*to);
+            Domain::DateRange { .. } | Domain::Periods { .. } => {
+                let days = arrow::array::Date32Array::from_iter_values(self.days());
                 let text = arrow::compute::cast(&days, &arrow::datatypes::DataType::Utf8).expect("dates format as text");
                 let text = text.as_any().downcast_ref::<arrow::array::StringArray>().expect("utf8");
                 text.iter().map(|v| v.unwrap_or_default().to_string()).collect()

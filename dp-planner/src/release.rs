@@ -319,7 +319,10 @@ pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let schema = Arc::new(announced_schema(&query.output_schema()));
     let batches = batches
         .into_iter()
-        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .map(|b| {
+            let columns = b.columns().iter().zip(schema.fields()).map(|(c, f)| cast(c, f.data_type())).collect::<std::result::Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(schema.clone(), columns)
+        })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches })
@@ -331,14 +334,42 @@ pub const MAX_NO_DATA_ROWS: usize = 1_000_000;
 const NO_DATA_MEMORY: usize = 256 << 20;
 
 /// The schema announced for an answer before it runs: every column nullable,
-/// as in the released batches (clients compare the two).
+/// as in the released batches (clients compare the two), and of a type every
+/// client reads ([`plain_type`]).
 pub fn announced_schema(schema: &Schema) -> Schema {
     Schema::new(
         schema
             .fields()
             .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
+            .map(|f| f.as_ref().clone().with_data_type(plain_type(f.data_type())).with_nullable(true))
             .collect::<Vec<_>>(),
+    )
+}
+
+/// `t` as clients of every kind read it: text and bytes in their plain Arrow
+/// forms (`Utf8`, `Binary`), not views or dictionaries, which SQLAlchemy
+/// dialects, ODBC/JDBC type mappings and older Arrow readers do not know;
+/// nested types likewise, field by field. Every value keeps its meaning
+/// (the answer is cast to this type).
+pub fn plain_type(t: &DataType) -> DataType {
+    let field = |f: &arrow::datatypes::FieldRef| Arc::new(f.as_ref().clone().with_data_type(plain_type(f.data_type())));
+    match t {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        DataType::Dictionary(_, value) => plain_type(value),
+        DataType::List(f) | DataType::ListView(f) => DataType::List(field(f)),
+        DataType::LargeList(f) | DataType::LargeListView(f) => DataType::LargeList(field(f)),
+        DataType::FixedSizeList(f, n) => DataType::FixedSizeList(field(f), *n),
+        DataType::Struct(fields) => DataType::Struct(fields.iter().map(field).collect()),
+        other => other.clone(),
+    }
+}
+
+/// `schema` with every field of its [`plain_type`].
+pub fn plain_schema(schema: &Schema) -> Schema {
+    Schema::new_with_metadata(
+        schema.fields().iter().map(|f| f.as_ref().clone().with_data_type(plain_type(f.data_type()))).collect::<Vec<_>>(),
+        schema.metadata().clone(),
     )
 }
 
@@ -412,7 +443,7 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
             Some(Domain::IntRange { .. }) => Arc::new(Int64Array::from_iter_values(
                 cells.iter().map(|c| c[g].parse::<i64>().expect("integer domain key")),
             )),
-            Some(Domain::DateRange { .. }) => Arc::new(arrow::array::Date32Array::from_iter_values(
+            Some(Domain::DateRange { .. } | Domain::Periods { .. }) => Arc::new(arrow::array::Date32Array::from_iter_values(
                 cells.iter().map(|c| crate::policy::parse_date(&c[g]).expect("date domain key")),
             )),
         };

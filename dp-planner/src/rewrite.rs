@@ -302,6 +302,9 @@ pub fn plan_query(
         }));
     }
     refuse_statements(plan)?;
+    if let Some(empty) = provably_empty(plan) {
+        return Ok(PlannedQuery::NoData(NoDataQuery { plan: empty }));
+    }
     let all_scans = table_scans(plan)?;
     let system = all_scans.iter().filter(|t| t.schema() == Some(SYSTEM_SCHEMA)).count();
     if system > 0 && system < all_scans.len() {
@@ -344,6 +347,79 @@ pub fn plan_query(
     let groups = check_group_keys(aggregate, &input, policy, options)?;
     let kinds = check_aggregates(aggregate, &input)?;
     rewrite(&plan, aggregate, &input, datasets, groups, kinds, policy, options)
+}
+
+/// A statement that answers no row whatever the data — a client's probe for
+/// a result's columns (`SELECT * FROM (…) WHERE 1 = 0`, `… LIMIT 0`) — as
+/// the plan that answers just that: no rows, the statement's schema.
+///
+/// Why it is private and free: whether [`no_rows`] holds depends on the
+/// plan's shape and literals only (nothing is evaluated, no data or
+/// statistics read), and the answer holds no value, only the column names
+/// and types the party's catalog already shows.
+fn provably_empty(plan: &LogicalPlan) -> Option<LogicalPlan> {
+    no_rows(plan).then(|| LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation { produce_one_row: false, schema: plan.schema().clone() }))
+}
+
+/// Whether `plan` yields no row on any data: a `LIMIT 0`, a filter that is
+/// false by its literals alone, or an empty input under operators that make
+/// no row out of none (an aggregate only with `GROUP BY`).
+fn no_rows(plan: &LogicalPlan) -> bool {
+    use datafusion::logical_expr::{FetchType, JoinType};
+    match plan {
+        LogicalPlan::EmptyRelation(e) => !e.produce_one_row,
+        LogicalPlan::Limit(limit) => matches!(limit.get_fetch_type(), Ok(FetchType::Literal(Some(0)))) || no_rows(&limit.input),
+        LogicalPlan::Filter(filter) => always_false(&filter.predicate) || no_rows(&filter.input),
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Window(_)
+        | LogicalPlan::Distinct(_) => no_rows(plan.inputs()[0]),
+        LogicalPlan::Aggregate(a) => !a.group_expr.is_empty() && no_rows(&a.input),
+        LogicalPlan::Join(j) => match j.join_type {
+            JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi => no_rows(&j.left) || no_rows(&j.right),
+            JoinType::Left | JoinType::LeftAnti | JoinType::LeftMark => no_rows(&j.left),
+            JoinType::Right | JoinType::RightAnti | JoinType::RightMark => no_rows(&j.right),
+            JoinType::Full => no_rows(&j.left) && no_rows(&j.right),
+        },
+        _ => false,
+    }
+}
+
+/// Whether a condition is false (or NULL) by its literals alone: `false`,
+/// `NULL`, a comparison of two literals of one type that fails (`1 = 0`),
+/// `NOT true`, and `AND`/`OR` of such. Nothing is evaluated but literal
+/// comparisons.
+fn always_false(e: &Expr) -> bool {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    use std::cmp::Ordering;
+    match e {
+        Expr::Literal(ScalarValue::Boolean(Some(false) | None), _) => true,
+        Expr::Literal(v, _) if v.is_null() => true,
+        Expr::Not(inner) => matches!(inner.as_ref(), Expr::Literal(ScalarValue::Boolean(Some(true)), _)),
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => always_false(left) || always_false(right),
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Or, right }) => always_false(left) && always_false(right),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (Expr::Literal(l, _), Expr::Literal(r, _)) = (left.as_ref(), right.as_ref()) else { return false };
+            if l.is_null() || r.is_null() {
+                return matches!(op, Operator::Eq | Operator::NotEq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq);
+            }
+            if l.data_type() != r.data_type() {
+                return false;
+            }
+            let Some(order) = l.partial_cmp(r) else { return false };
+            match op {
+                Operator::Eq => order != Ordering::Equal,
+                Operator::NotEq => order == Ordering::Equal,
+                Operator::Lt => order != Ordering::Less,
+                Operator::LtEq => order == Ordering::Greater,
+                Operator::Gt => order != Ordering::Greater,
+                Operator::GtEq => order == Ordering::Less,
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// Type coercion (the casts DataFusion would add before running the plan),
@@ -498,8 +574,13 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
                 None
             }
         };
+        let domain = domain.map(|d| narrowed(d, expr, &aggregate.input));
         if let Some(domain) = &domain {
-            if matches!(domain, Domain::DateRange { .. }) && expr.get_type(schema)? != DataType::Date32 {
+            // A day range keys dates; periods (DATE_TRUNC) also their
+            // timestamps, which fall on the periods' first midnights.
+            let key_type = expr.get_type(schema)?;
+            let periods_as_timestamps = matches!(domain, Domain::Periods { .. }) && crate::policy::utc_timestamp(&key_type);
+            if domain.is_dates() && key_type != DataType::Date32 && !periods_as_timestamps {
                 return Err(DpError::refused_with(
                     Rule::GroupKeyPublicDomain,
                     format!("GROUP BY `{name}`: the public domain is a range of days, and a timestamp has many values per day"),
@@ -521,6 +602,96 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
         ));
     }
     Ok(keys)
+}
+
+/// The public domain of group key `key`, narrowed to the values the query's
+/// own filter allows: conjuncts of the `WHERE` directly below the DP
+/// aggregate of the form `key = v` or `key IN (v, …)` (text and integer
+/// domains), `key <, <=, >, >= v` and `BETWEEN` (integer domains). A key the
+/// filter rules out could only ever be released as noise around zero.
+///
+/// Why it is private: the narrowed domain is a function of the SQL text and
+/// the manifest only, so the released rows are still the same on any two
+/// neighbouring databases.
+fn narrowed(domain: Domain, key: &Expr, input: &LogicalPlan) -> Domain {
+    use datafusion::logical_expr::{BinaryExpr, Between, Operator};
+    let key = strip_casts(key);
+    let is_key = |e: &Expr| strip_casts(e) == key;
+    let literal = |e: &Expr| match strip_casts(e) {
+        Expr::Literal(v, _) if !v.is_null() => Some(v.clone()),
+        _ => None,
+    };
+    let integer = |v: &ScalarValue| v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+        ScalarValue::Int64(Some(i)) => Some(i),
+        _ => None,
+    });
+    let text = |v: &ScalarValue| match v {
+        ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let mut domain = domain;
+    let mut node = input;
+    while let LogicalPlan::Filter(filter) = node {
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(&filter.predicate) {
+            // The literals `key` must equal, or the integer range it must lie in.
+            let mut values: Option<Vec<ScalarValue>> = None;
+            let mut range: Option<(i64, i64)> = None;
+            match conjunct {
+                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                    let (op, v) = match (is_key(left), is_key(right), literal(left), literal(right)) {
+                        (true, _, _, Some(v)) => (*op, v),
+                        (_, true, Some(v), _) => match op.swap() {
+                            Some(op) => (op, v),
+                            None => continue,
+                        },
+                        _ => continue,
+                    };
+                    match (op, integer(&v)) {
+                        (Operator::Eq, _) => values = Some(vec![v]),
+                        (Operator::Lt, Some(i)) => range = Some((i64::MIN, i.saturating_sub(1))),
+                        (Operator::LtEq, Some(i)) => range = Some((i64::MIN, i)),
+                        (Operator::Gt, Some(i)) => range = Some((i.saturating_add(1), i64::MAX)),
+                        (Operator::GtEq, Some(i)) => range = Some((i, i64::MAX)),
+                        _ => continue,
+                    }
+                }
+                Expr::InList(list) if !list.negated && is_key(&list.expr) => {
+                    let Some(listed) = list.list.iter().map(literal).collect::<Option<Vec<_>>>() else { continue };
+                    values = Some(listed);
+                }
+                Expr::Between(Between { expr, negated: false, low, high }) if is_key(expr) => {
+                    if let (Some(lo), Some(hi)) = (literal(low).as_ref().and_then(integer), literal(high).as_ref().and_then(integer)) {
+                        range = Some((lo, hi));
+                    }
+                }
+                _ => continue,
+            }
+            domain = match (domain, values, range) {
+                (Domain::Strings(keys), Some(values), _) => {
+                    let allowed: Vec<String> = values.iter().filter_map(text).collect();
+                    if allowed.len() < values.len() {
+                        Domain::Strings(keys)
+                    } else {
+                        Domain::Strings(keys.into_iter().filter(|k| allowed.contains(k)).collect())
+                    }
+                }
+                (Domain::IntRange { min, max }, Some(values), _) => {
+                    match values.iter().map(integer).collect::<Option<Vec<i64>>>() {
+                        // Still a range: from the least to the greatest listed value.
+                        Some(listed) if !listed.is_empty() => Domain::IntRange {
+                            min: min.max(*listed.iter().min().expect("not empty")),
+                            max: max.min(*listed.iter().max().expect("not empty")),
+                        },
+                        _ => Domain::IntRange { min, max },
+                    }
+                }
+                (Domain::IntRange { min, max }, None, Some((lo, hi))) => Domain::IntRange { min: min.max(lo), max: max.min(hi) },
+                (other, _, _) => other,
+            };
+        }
+        node = filter.input.as_ref();
+    }
+    domain
 }
 
 /// Key types that survive the release's round trip through text exactly.
@@ -730,6 +901,7 @@ fn rewrite(
             Some(Domain::Strings(_)) => f.data_type() == &DataType::Utf8,
             Some(Domain::IntRange { .. }) => f.data_type() == &DataType::Int64,
             Some(Domain::DateRange { .. }) => f.data_type() == &DataType::Date32,
+            Some(Domain::Periods { .. }) => false,
         }),
         _ => false,
     });
@@ -757,14 +929,16 @@ fn rewrite(
         let (as_type, in_domain): (DataType, Box<dyn Fn(Expr) -> Expr>) = match domain {
             Domain::Strings(values) => {
                 let values: Vec<Expr> = values.iter().map(|v| lit(v.as_str())).collect();
-                (DataType::Utf8, Box::new(move |e: Expr| e.in_list(values.clone(), false)))
+                // A domain the query's filter narrowed to nothing keeps no row.
+                (DataType::Utf8, Box::new(move |e: Expr| if values.is_empty() { lit(false) } else { e.in_list(values.clone(), false) }))
             }
             Domain::IntRange { min, max } => {
                 let (min, max) = (*min, *max);
                 (DataType::Int64, Box::new(move |e: Expr| e.between(lit(min), lit(max))))
             }
-            Domain::DateRange { from, to } => {
-                let (from, to) = (*from, *to);
+            Domain::DateRange { .. } | Domain::Periods { .. } => {
+                let days = domain.days();
+                let (from, to) = (days.first().copied().unwrap_or(0), days.last().copied().unwrap_or(-1));
                 (
                     DataType::Date32,
                     Box::new(move |e: Expr| {

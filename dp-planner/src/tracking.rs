@@ -842,6 +842,20 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
                     merge_non_null(args.iter().cloned().zip(&f.args)).unwrap_or(Lineage::Other)
                 }
                 ("nullif", _) => args[0].clone(),
+                // DATE_TRUNC of a dimension with a day range: the periods of
+                // that range (a function of the manifest), for a timestamp
+                // without a time zone or a date (a zoned timestamp is
+                // truncated in its zone, so its periods are not the range's;
+                // UTC is the range's own).
+                ("date_trunc", _) => match (args.get(1), period_grain(&f.args), f.args.get(1).and_then(|a| a.get_type(schema).ok())) {
+                    (Some(Lineage::Dimension(Some(Domain::DateRange { from, to } | Domain::Periods { from, to, .. }))), Some(grain), Some(t))
+                        if crate::policy::utc_timestamp(&t) || matches!(t, arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Date64) =>
+                    {
+                        Lineage::Dimension(Some(Domain::Periods { from: *from, to: *to, grain }))
+                    }
+                    (Some(Lineage::Dimension(_)), _, _) => Lineage::Dimension(None),
+                    _ => Lineage::Other,
+                },
                 ("abs", Some(n)) if n.len() == 1 => {
                     let (lo, hi) = n[0];
                     let top = lo.abs().max(hi.abs());
@@ -870,6 +884,17 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
     })
 }
 
+/// The grain of a `DATE_TRUNC` whose unit is a literal day, week, month,
+/// quarter or year.
+fn period_grain(args: &[Expr]) -> Option<crate::policy::Grain> {
+    match args.first().map(strip_casts) {
+        Some(Expr::Literal(ScalarValue::Utf8(Some(u)) | ScalarValue::Utf8View(Some(u)) | ScalarValue::LargeUtf8(Some(u)), _)) => {
+            crate::policy::Grain::of_unit(&u.to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
 fn is_null_literal(e: &Expr) -> bool {
     matches!(e, Expr::Literal(v, _) if v.is_null())
 }
@@ -892,7 +917,7 @@ fn cast_lineage(l: Lineage, to: &arrow::datatypes::DataType) -> Lineage {
         (Lineage::Number { lo, hi }, t) if t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..)) => {
             Lineage::Number { lo, hi }
         }
-        (Lineage::Dimension(Some(d @ Domain::DateRange { .. })), DataType::Date32) => Lineage::Dimension(Some(d)),
+        (Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. }))), DataType::Date32) => Lineage::Dimension(Some(d)),
         (Lineage::Dimension(Some(d @ Domain::IntRange { .. })), t) if t.is_integer() => Lineage::Dimension(Some(d)),
         (Lineage::Dimension(Some(d @ Domain::Strings(_))), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) => {
             Lineage::Dimension(Some(d))

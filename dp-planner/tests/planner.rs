@@ -288,6 +288,74 @@ async fn joins_with_public_data_and_date_keys() {
     assert_eq!(refused_rule("SELECT ts, COUNT(*) FROM orders GROUP BY ts").await, "group_key_public_domain");
 }
 
+/// A filter on a group key narrows its public domain: the keys the query
+/// itself rules out are not released (as noisy zeros, negative ones too).
+#[tokio::test]
+async fn a_filter_on_a_group_key_narrows_its_public_domain() {
+    let released = |sql: &'static str| async move {
+        let q = dp(plan(sql).await.unwrap());
+        let answer = charged_release(&q).await;
+        let keys = arrow::compute::cast(answer.batches()[0].column(0), &DataType::Utf8).unwrap();
+        keys.as_string::<i32>().iter().map(|k| k.unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(released("SELECT channel, COUNT(*) FROM events WHERE channel = 'b' GROUP BY channel").await, vec!["b"]);
+    assert_eq!(released("SELECT channel, COUNT(*) FROM events WHERE 'b' = channel AND cost > 1 GROUP BY channel").await, vec!["b"]);
+    assert_eq!(
+        released("SELECT channel, COUNT(*) FROM events WHERE channel IN ('a', 'c', 'nope') GROUP BY channel ORDER BY channel").await,
+        vec!["a", "c"]
+    );
+    // Conditions the narrowing does not read leave the domain whole.
+    assert_eq!(
+        released("SELECT channel, COUNT(*) FROM events WHERE channel = 'b' OR cost > 1 GROUP BY channel ORDER BY channel").await,
+        vec!["a", "b", "c"]
+    );
+    // A key no row can have: nothing to release.
+    let q = dp(plan("SELECT channel, COUNT(*) FROM events WHERE channel = 'nope' GROUP BY channel").await.unwrap());
+    assert_eq!(charged_release(&q).await.num_rows(), 0);
+}
+
+/// Time-grain charts group by `DATE_TRUNC(unit, ts)`: a column with a day
+/// range gets the periods of that range as its public domain, each released
+/// as its first instant (and as a date under `CAST(… AS DATE)`).
+#[tokio::test]
+async fn date_trunc_of_a_day_range_has_the_periods_as_public_domain() {
+    let released_keys = |sql: &'static str| async move {
+        let q = dp(plan(sql).await.unwrap());
+        let released = charged_release(&q).await;
+        let keys = arrow::compute::cast(released.batches()[0].column(0), &DataType::Date32).unwrap();
+        let keys = arrow::compute::cast(&keys, &DataType::Utf8).unwrap();
+        (released.schema().field(0).data_type().clone(), keys.as_string::<i32>().iter().map(|d| d.unwrap().to_string()).collect::<Vec<_>>())
+    };
+    // The orders' days are 2026-01-01 (a Thursday) to 2026-01-03.
+    let (day_type, days) = released_keys("SELECT DATE_TRUNC('day', ts) AS day, COUNT(*) FROM orders GROUP BY 1 ORDER BY 1").await;
+    assert!(matches!(day_type, DataType::Timestamp(..)), "{day_type}");
+    assert_eq!(days, vec!["2026-01-01", "2026-01-02", "2026-01-03"]);
+    let (_, weeks) = released_keys("SELECT DATE_TRUNC('week', ts) AS week, COUNT(*) FROM orders GROUP BY 1").await;
+    assert_eq!(weeks, vec!["2025-12-29"]);
+    let (month_type, months) = released_keys("SELECT CAST(DATE_TRUNC('month', ts) AS DATE) AS month, COUNT(*) FROM orders GROUP BY 1").await;
+    assert_eq!((month_type, months), (DataType::Date32, vec!["2026-01-01".to_string()]));
+    // Exact counts per week: p1's two orders, p2's and p6's (the order
+    // without a person is dropped).
+    let q = dp(plan("SELECT CAST(DATE_TRUNC('week', ts) AS DATE) AS week, COUNT(*) FROM orders GROUP BY 1").await.unwrap());
+    assert_eq!(exact_by_group_dates(&q).await, BTreeMap::from([("2025-12-29".to_string(), 4.0)]));
+    // A unit DATE_TRUNC has no period for stays without a public domain.
+    assert_eq!(refused_rule("SELECT DATE_TRUNC('hour', ts), COUNT(*) FROM orders GROUP BY 1").await, "partition_selection_delta");
+}
+
+/// Like [`exact_by_group`], for a date key.
+async fn exact_by_group_dates(query: &DpQuery) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for b in exact(query).await {
+        let keys = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+        let values = arrow::compute::cast(b.column(1), &DataType::Float64).unwrap();
+        let values = values.as_primitive::<arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            out.insert(keys.as_string::<i32>().value(i).to_string(), values.value(i));
+        }
+    }
+    out
+}
+
 /// A subquery that leaves the privacy unit out of its SELECT list still
 /// feeds the DP aggregate: the unit is carried through it, so each person's
 /// rows are bounded exactly as if the analyst had kept `uid`.
@@ -471,6 +539,33 @@ async fn explain_analyze_is_refused() {
 #[tokio::test]
 async fn query_reading_no_dataset_is_answered_without_charge() {
     assert!(matches!(plan("SELECT 1 AS one").await.unwrap(), PlannedQuery::NoData(_)));
+}
+
+/// BI tools probe a query's or a table's columns with statements that can
+/// answer no row: those answer their schema, free, whatever they read.
+#[tokio::test]
+async fn zero_row_probes_answer_their_schema_for_free() {
+    for probe in [
+        "SELECT * FROM events WHERE 1 = 0",
+        "SELECT * FROM events LIMIT 0",
+        "SELECT t.* FROM (SELECT uid, channel FROM events) t WHERE false",
+        "SELECT * FROM (SELECT channel, COUNT(*) AS n FROM events GROUP BY channel) AS virtual_table WHERE 1 = 0",
+        "SELECT * FROM (SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 0.5) */ channel, COUNT(*) AS n FROM events GROUP BY channel) LIMIT 0",
+        "SELECT channel, SUM(cost) FROM events WHERE 1 = 0 GROUP BY channel",
+    ] {
+        let PlannedQuery::NoData(q) = plan(probe).await.unwrap_or_else(|e| panic!("{probe}: {e}")) else { panic!("{probe}: not answered for free") };
+        let answer = cleanroom_dp::release::without_data(&q).await.unwrap();
+        assert_eq!(answer.num_rows(), 0, "{probe}");
+        assert!(answer.schema().fields().len() >= 2, "{probe}");
+    }
+    let PlannedQuery::NoData(q) = plan("SELECT * FROM events LIMIT 0").await.unwrap() else { unreachable!() };
+    let answer = cleanroom_dp::release::without_data(&q).await.unwrap();
+    let names: Vec<String> = answer.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert!(names.iter().any(|n| n == "channel") && names.iter().any(|n| n == "uid"), "{names:?}");
+    // Not probes: an aggregate without groups answers one row whatever the
+    // filter, and so stays a DP query.
+    assert!(matches!(plan("SELECT COUNT(*) FROM events WHERE 1 = 0").await.unwrap(), PlannedQuery::Dp(_)));
+    assert_eq!(refused_rule("SELECT * FROM events WHERE cost > 1e9").await, "dp_aggregate_required");
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@ use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetCrossReference, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
     CommandPreparedStatementQuery, CommandStatementIngest, CommandStatementQuery, CommandStatementUpdate,
     DoPutPreparedStatementResult, Nullable, ProstMessageExt, Searchable, SqlInfo,
@@ -72,7 +73,7 @@ pub const RECEIPT_HEADER: &str = "x-cleanroom-receipt";
 pub const AUDIT_RECORD_HEADER: &str = "x-cleanroom-audit-record";
 
 /// One authenticated connection of a party.
-struct Session {
+pub(crate) struct Session {
     party: String,
     /// When the session was last used; idle sessions expire.
     last_used: Mutex<Instant>,
@@ -105,11 +106,52 @@ impl Session {
     }
 
     #[allow(clippy::result_large_err)]
-    fn set_option(&self, name: &str, value: &str) -> Result<(), Status> {
+    pub(crate) fn set_option(&self, name: &str, value: &str) -> Result<(), Status> {
         let options = self.with_option(name, value).map_err(dp_status)?;
         *self.options.lock().expect("options lock") = options;
         Ok(())
     }
+
+    /// Reset one option to its default.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn unset_option(&self, name: &str) -> Result<(), Status> {
+        self.options.lock().expect("options lock").unset(name).map_err(dp_status)
+    }
+
+    /// The options set in this session.
+    pub(crate) fn options(&self) -> QueryOptions {
+        self.options.lock().expect("options lock").clone()
+    }
+
+    /// Forget the planned statement of a ticket's `handle`, if it is still
+    /// waiting for its DoGet; whether it was.
+    pub(crate) fn forget_pending(&self, handle: &[u8]) -> bool {
+        let Ok(id) = decode_handle(handle, Kind::Query) else { return false };
+        self.pending.lock().expect("pending lock").remove(&id).is_some()
+    }
+}
+
+/// Request headers that carry privacy options, one per option:
+/// `x-cleanroom-epsilon: 0.5`, `x-cleanroom-max-groups-contributed: 3`
+/// (dashes or underscores). BI tools send a connection string's extra
+/// properties as such headers on every call, so a connection can fix its
+/// options; a `SET`, session options and a query's own options override them.
+pub const OPTION_HEADER_PREFIX: &str = "x-cleanroom-";
+
+/// The options the request's headers give.
+#[allow(clippy::result_large_err)]
+fn header_options(headers: &tonic::metadata::MetadataMap) -> Result<QueryOptions, DpError> {
+    let mut options = QueryOptions::default();
+    for key in headers.keys() {
+        let tonic::metadata::KeyRef::Ascii(key) = key else { continue };
+        let Some(name) = key.as_str().strip_prefix(OPTION_HEADER_PREFIX) else { continue };
+        let value = headers.get(key.as_str()).and_then(|v| v.to_str().ok()).ok_or_else(|| DpError::InvalidOption {
+            option: name.to_string(),
+            detail: format!("the header {key} is not text"),
+        })?;
+        options.set(&name.replace('-', "_"), value)?;
+    }
+    Ok(options)
 }
 
 /// A session unused this long expires; its client must authenticate again.
@@ -165,6 +207,19 @@ fn decode_handle(bytes: &[u8], kind: Kind) -> Result<String, Status> {
         return Err(Status::invalid_argument("statement handle of the wrong kind"));
     }
     Ok(handle.id)
+}
+
+/// The request's Bearer token (from the handshake).
+#[allow(clippy::result_large_err)]
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
+    request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("no credentials: authenticate with the Flight SQL handshake first"))?
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| Status::unauthenticated("expected a Bearer token from the handshake"))
 }
 
 /// Map a planner or ledger error to a gRPC status a party may see.
@@ -267,17 +322,10 @@ impl FlightSqlGateway {
         self.metrics.clone()
     }
 
+    /// The session of the request's Bearer token.
     #[allow(clippy::result_large_err)]
-    fn session<T>(&self, request: &Request<T>) -> Result<Arc<Session>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no credentials: authenticate with the Flight SQL handshake first"))?
-            .to_str()
-            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Status::unauthenticated("expected a Bearer token from the handshake"))?;
+    pub(crate) fn session<T>(&self, request: &Request<T>) -> Result<Arc<Session>, Status> {
+        let token = bearer_token(request)?;
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let session = sessions
             .get(token)
@@ -289,6 +337,38 @@ impl FlightSqlGateway {
         }
         *session.last_used.lock().expect("session clock") = Instant::now();
         Ok(session)
+    }
+
+    /// End the request's session: its token, statements and options are
+    /// forgotten.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn close_session<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let session = self.session(request)?;
+        self.sessions.lock().expect("sessions lock").remove(bearer_token(request)?);
+        info!(party = %session.party, "session closed");
+        Ok(())
+    }
+
+    /// The schema `sql` would answer with in the request's session, planned
+    /// (and refused) as GetFlightInfo plans it; nothing is registered and a
+    /// SET is not applied.
+    pub(crate) async fn statement_schema_of<T>(&self, request: &Request<T>, sql: &str) -> Result<Schema, Status> {
+        let session = self.session(request)?;
+        statement_schema(&self.plan(&session, sql, request.metadata()).await?)
+    }
+
+    /// Likewise for a prepared statement of the session.
+    pub(crate) async fn prepared_schema_of<T>(&self, request: &Request<T>, handle: &[u8]) -> Result<Schema, Status> {
+        let session = self.session(request)?;
+        let id = decode_handle(handle, Kind::Prepared)?;
+        let sql = session
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&id)
+            .map(|(_, sql)| sql.clone())
+            .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
+        statement_schema(&self.plan(&session, &sql, request.metadata()).await?)
     }
 
     async fn open_session(&self, party: &str) -> Result<Session, Status> {
@@ -322,10 +402,10 @@ impl FlightSqlGateway {
         })
     }
 
-    /// Plan `sql` for `session`: parse, check and rewrite. Charges nothing; a
-    /// refusal is audited.
-    async fn plan(&self, session: &Session, sql: &str) -> Result<Statement, Status> {
-        match self.plan_unaudited(session, sql).await {
+    /// Plan `sql` for `session` with the options of the request's `headers`:
+    /// parse, check and rewrite. Charges nothing; a refusal is audited.
+    async fn plan(&self, session: &Session, sql: &str, headers: &tonic::metadata::MetadataMap) -> Result<Statement, Status> {
+        match self.plan_unaudited(session, sql, headers).await {
             Ok(statement) => Ok(statement),
             Err((rule, status)) => Err(self.refused(session, sql, rule, status).await),
         }
@@ -333,30 +413,30 @@ impl FlightSqlGateway {
 
     /// The statement, or the rule its refusal is audited under and the
     /// status the party gets.
-    async fn plan_unaudited(&self, session: &Session, sql: &str) -> Result<Statement, (&'static str, Status)> {
+    async fn plan_unaudited(&self, session: &Session, sql: &str, headers: &tonic::metadata::MetadataMap) -> Result<Statement, (&'static str, Status)> {
         let refusal = |e: DpError| (e.audit_rule(), dp_status(e));
+        let connection = header_options(headers).map_err(refusal)?;
         if let Some(assignment) = parse_set(sql) {
             let (name, value) = assignment.map_err(|status| ("sql", status))?;
             // Checked now, so a bad value fails at prepare time too.
             session.with_option(&name, &value).map_err(refusal)?;
             return Ok(Statement::Set { name, value });
         }
-        let session_options = session.options.lock().expect("options lock").clone();
+        let session_options = session.options.lock().expect("options lock").over(&connection);
         let planned = cleanroom_dp::plan_sql(&session.ctx.state(), sql, &session.policy, &session_options).await.map_err(refusal)?;
         Ok(Statement::Query(planned))
     }
 
     /// Execute a SET, or register a planned query in the session, and
-    /// describe it. A SET has nothing to fetch: its FlightInfo has no endpoint.
+    /// describe it. A SET has nothing to fetch: its one endpoint's ticket
+    /// gives an empty stream (clients fetch every endpoint they are given).
     fn flight_info(&self, session: &Session, sql: &str, statement: Statement, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let schema = statement_schema(&statement)?;
         let planned = match statement {
             Statement::Set { name, value } => {
                 session.set_option(&name, &value)?;
-                return FlightInfo::new()
-                    .try_with_schema(&schema)
-                    .map(|info| info.with_descriptor(descriptor))
-                    .map_err(|e| Status::internal(format!("cannot encode schema: {e}")));
+                let ticket = TicketStatementQuery { statement_handle: encode_handle(&random_id(), Kind::Empty).into() };
+                return schema_only_info(&schema, ticket.as_any().encode_to_vec(), descriptor);
             }
             Statement::Query(planned) => planned,
         };
@@ -449,34 +529,132 @@ impl FlightSqlGateway {
         }
     }
 
+    /// What GetSqlInfo answers: every id Flight SQL defines, so JDBC's
+    /// `DatabaseMetaData` and ODBC's `SQLGetInfo` find a value for each.
     fn sql_info() -> &'static SqlInfoData {
         static INFO: std::sync::OnceLock<SqlInfoData> = std::sync::OnceLock::new();
         INFO.get_or_init(|| {
+            let functions = function_lists();
+            let mut keywords: Vec<&str> = datafusion::sql::sqlparser::keywords::ALL_KEYWORDS.to_vec();
+            keywords.extend(["DIFFERENTIAL_PRIVACY", "OPTIONS"]);
+            keywords.sort_unstable();
+            keywords.dedup();
             let mut b = SqlInfoDataBuilder::new();
+            // The server.
             b.append(SqlInfo::FlightSqlServerName, "cleanroom");
             b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
             b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
             b.append(SqlInfo::FlightSqlServerReadOnly, true);
             b.append(SqlInfo::FlightSqlServerSql, true);
             b.append(SqlInfo::FlightSqlServerSubstrait, false);
+            b.append(SqlInfo::FlightSqlServerSubstraitMinVersion, "");
+            b.append(SqlInfo::FlightSqlServerSubstraitMaxVersion, "");
+            // SqlSupportedTransaction: none.
             b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
             b.append(SqlInfo::FlightSqlServerCancel, false);
+            // Datasets are uploaded with CommandStatementIngest.
+            b.append(SqlInfo::FlightSqlServerBulkIngestion, true);
+            b.append(SqlInfo::FlightSqlServerIngestTransactionsSupported, false);
+            // No timeout of the client's: the collaboration's query deadline.
+            b.append(SqlInfo::FlightSqlServerStatementTimeout, 0i32);
+            b.append(SqlInfo::FlightSqlServerTransactionTimeout, 0i32);
+            // SQL: a read-only dialect with no DDL.
             b.append(SqlInfo::SqlDdlCatalog, false);
             b.append(SqlInfo::SqlDdlSchema, false);
             b.append(SqlInfo::SqlDdlTable, false);
-            b.append(SqlInfo::SqlIdentifierCase, 1i32);
+            // SqlSupportedCaseSensitivity: lowercase, as DataFusion folds
+            // unquoted identifiers; quoted ones are case-sensitive.
+            b.append(SqlInfo::SqlIdentifierCase, 2i32);
             b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
             b.append(SqlInfo::SqlQuotedIdentifierCase, 1i32);
             b.append(SqlInfo::SqlAllTablesAreSelectable, true);
-            b.append(SqlInfo::SqlKeywords, &["DIFFERENTIAL_PRIVACY", "OPTIONS"] as &[&str]);
-            b.append(SqlInfo::SqlNumericFunctions, &[] as &[&str]);
-            b.append(SqlInfo::SqlStringFunctions, &[] as &[&str]);
-            b.append(SqlInfo::SqlSystemFunctions, &[] as &[&str]);
-            b.append(SqlInfo::SqlDatetimeFunctions, &[] as &[&str]);
+            // SqlNullOrdering: NULLs sort high (last ascending, first
+            // descending), DataFusion's default.
+            b.append(SqlInfo::SqlNullOrdering, 0i32);
+            b.append(SqlInfo::SqlKeywords, keywords.as_slice());
+            b.append(SqlInfo::SqlNumericFunctions, functions.numeric);
+            b.append(SqlInfo::SqlStringFunctions, functions.string);
+            b.append(SqlInfo::SqlSystemFunctions, functions.system);
+            b.append(SqlInfo::SqlDatetimeFunctions, functions.datetime);
             b.append(SqlInfo::SqlSearchStringEscape, "\\");
             b.append(SqlInfo::SqlExtraNameCharacters, "");
             b.append(SqlInfo::SqlSupportsColumnAliasing, true);
             b.append(SqlInfo::SqlNullPlusNullIsNull, true);
+            b.append(SqlInfo::SqlSupportsConvert, std::collections::BTreeMap::<i32, Vec<i32>>::new());
+            b.append(SqlInfo::SqlSupportsTableCorrelationNames, true);
+            b.append(SqlInfo::SqlSupportsDifferentTableCorrelationNames, false);
+            b.append(SqlInfo::SqlSupportsExpressionsInOrderBy, true);
+            b.append(SqlInfo::SqlSupportsOrderByUnrelated, true);
+            // SqlSupportedGroupBy: unrelated | beyond select.
+            b.append(SqlInfo::SqlSupportedGroupBy, 0b11i32);
+            b.append(SqlInfo::SqlSupportsLikeEscapeClause, true);
+            b.append(SqlInfo::SqlSupportsNonNullableColumns, true);
+            // SupportedSqlGrammar: minimum | core.
+            b.append(SqlInfo::SqlSupportedGrammar, 0b011i32);
+            // SupportedAnsi92SqlGrammarLevel: entry.
+            b.append(SqlInfo::SqlAnsi92SupportedLevel, 0b001i32);
+            b.append(SqlInfo::SqlSupportsIntegrityEnhancementFacility, false);
+            // SqlOuterJoinsSupportLevel: full outer joins.
+            b.append(SqlInfo::SqlOuterJoinsSupportLevel, 2i32);
+            b.append(SqlInfo::SqlSchemaTerm, "schema");
+            b.append(SqlInfo::SqlProcedureTerm, "procedure");
+            b.append(SqlInfo::SqlCatalogTerm, "catalog");
+            b.append(SqlInfo::SqlCatalogAtStart, true);
+            // Schema and catalog names may qualify names in queries only.
+            b.append(SqlInfo::SqlSchemasSupportedActions, 0b001i32);
+            b.append(SqlInfo::SqlCatalogsSupportedActions, 0b001i32);
+            b.append(SqlInfo::SqlSupportedPositionedCommands, 0i32);
+            b.append(SqlInfo::SqlSelectForUpdateSupported, false);
+            b.append(SqlInfo::SqlStoredProceduresSupported, false);
+            // SqlSupportedSubqueries: comparisons, EXISTS, IN, quantified.
+            b.append(SqlInfo::SqlSupportedSubqueries, 0b1111i32);
+            b.append(SqlInfo::SqlCorrelatedSubqueriesSupported, true);
+            // SqlSupportedUnions: UNION and UNION ALL.
+            b.append(SqlInfo::SqlSupportedUnions, 0b11i32);
+            // Limits: 0 is "no limit or unknown"; statements are bounded by
+            // the gateway's own checks (1 MiB of text).
+            for id in [
+                SqlInfo::SqlMaxBinaryLiteralLength,
+                SqlInfo::SqlMaxCharLiteralLength,
+                SqlInfo::SqlMaxColumnNameLength,
+                SqlInfo::SqlMaxColumnsInGroupBy,
+                SqlInfo::SqlMaxColumnsInIndex,
+                SqlInfo::SqlMaxColumnsInOrderBy,
+                SqlInfo::SqlMaxColumnsInSelect,
+                SqlInfo::SqlMaxColumnsInTable,
+                SqlInfo::SqlMaxConnections,
+                SqlInfo::SqlMaxCursorNameLength,
+                SqlInfo::SqlMaxIndexLength,
+                SqlInfo::SqlDbSchemaNameLength,
+                SqlInfo::SqlMaxProcedureNameLength,
+                SqlInfo::SqlMaxCatalogNameLength,
+                SqlInfo::SqlMaxRowSize,
+                SqlInfo::SqlMaxStatements,
+                SqlInfo::SqlMaxTableNameLength,
+                SqlInfo::SqlMaxTablesInSelect,
+                SqlInfo::SqlMaxUsernameLength,
+            ] {
+                b.append(id, 0i64);
+            }
+            b.append(SqlInfo::SqlMaxStatementLength, cleanroom_dp::limits::MAX_STATEMENT_BYTES as i64);
+            b.append(SqlInfo::SqlMaxRowSizeIncludesBlobs, true);
+            // Transactions: none (SqlTransactionIsolationLevel NONE).
+            b.append(SqlInfo::SqlDefaultTransactionIsolation, 0i32);
+            b.append(SqlInfo::SqlTransactionsSupported, false);
+            b.append(SqlInfo::SqlSupportedTransactionsIsolationLevels, 0i32);
+            b.append(SqlInfo::SqlDataDefinitionCausesTransactionCommit, false);
+            b.append(SqlInfo::SqlDataDefinitionsInTransactionsIgnored, true);
+            // Results: forward-only, read-only.
+            b.append(SqlInfo::SqlSupportedResultSetTypes, 0b10i32);
+            b.append(SqlInfo::SqlSupportedConcurrenciesForResultSetUnspecified, 0i32);
+            b.append(SqlInfo::SqlSupportedConcurrenciesForResultSetForwardOnly, 0b10i32);
+            b.append(SqlInfo::SqlSupportedConcurrenciesForResultSetScrollSensitive, 0i32);
+            b.append(SqlInfo::SqlSupportedConcurrenciesForResultSetScrollInsensitive, 0i32);
+            b.append(SqlInfo::SqlBatchUpdatesSupported, false);
+            b.append(SqlInfo::SqlSavepointsSupported, false);
+            b.append(SqlInfo::SqlNamedParametersSupported, false);
+            b.append(SqlInfo::SqlLocatorsUpdateCopy, false);
+            b.append(SqlInfo::SqlStoredFunctionsUsingCallSyntaxSupported, false);
             b.build().expect("static SQL info")
         })
     }
@@ -521,9 +699,144 @@ impl FlightSqlGateway {
         })
     }
 
+    /// A metadata call's FlightInfo whose answer has `schema` and no rows.
+    #[allow(clippy::result_large_err)]
+    fn no_rows_info(&self, schema: Schema, ticket: Vec<u8>, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.session(&request)?;
+        Ok(Response::new(schema_only_info(&schema, ticket, request.into_inner())?))
+    }
+
+    /// Its answer.
+    #[allow(clippy::result_large_err)]
+    fn no_rows(&self, schema: Schema, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.session(&request)?;
+        Ok(Response::new(batches_stream(Arc::new(schema), Vec::new())))
+    }
+
     fn table_types_batch() -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("table_type", DataType::Utf8, false)]));
         RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["SYSTEM TABLE", "TABLE"]))]).expect("static batch")
+    }
+}
+
+/// GetPrimaryKeys' answer schema (Flight SQL's `CommandGetPrimaryKeys`).
+fn primary_keys_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("catalog_name", DataType::Utf8, true),
+        Field::new("db_schema_name", DataType::Utf8, true),
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("column_name", DataType::Utf8, false),
+        Field::new("key_name", DataType::Utf8, true),
+        Field::new("key_sequence", DataType::Int32, false),
+    ])
+}
+
+/// The answer schema of GetExportedKeys, GetImportedKeys and
+/// GetCrossReference.
+fn foreign_keys_schema() -> Schema {
+    let text = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+    Schema::new(vec![
+        text("pk_catalog_name", true),
+        text("pk_db_schema_name", true),
+        text("pk_table_name", false),
+        text("pk_column_name", false),
+        text("fk_catalog_name", true),
+        text("fk_db_schema_name", true),
+        text("fk_table_name", false),
+        text("fk_column_name", false),
+        Field::new("key_sequence", DataType::Int32, false),
+        text("fk_key_name", true),
+        text("pk_key_name", true),
+        Field::new("update_rule", DataType::UInt8, false),
+        Field::new("delete_rule", DataType::UInt8, false),
+    ])
+}
+
+/// The scalar functions a party's SQL can call, by the kind JDBC lists them
+/// under (DataFusion's documentation sections), without the internal forms
+/// the planner substitutes.
+struct FunctionLists {
+    numeric: Vec<String>,
+    string: Vec<String>,
+    datetime: Vec<String>,
+    system: Vec<String>,
+}
+
+fn function_lists() -> FunctionLists {
+    let state = cleanroom_executor::session_state(1);
+    let mut lists = FunctionLists { numeric: Vec::new(), string: Vec::new(), datetime: Vec::new(), system: Vec::new() };
+    let mut names: Vec<(&String, &Arc<datafusion::logical_expr::ScalarUDF>)> = state.scalar_functions().iter().collect();
+    names.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, udf) in names {
+        if name.starts_with("total_") || name.starts_with("cleanroom_") || name.starts_with("__") {
+            continue;
+        }
+        let section = udf.documentation().map(|d| d.doc_section.label).unwrap_or("");
+        let list = match section {
+            "Math Functions" => &mut lists.numeric,
+            "String Functions" | "Binary String Functions" | "Regular Expression Functions" => &mut lists.string,
+            "Time and Date Functions" => &mut lists.datetime,
+            _ => &mut lists.system,
+        };
+        list.push(name.to_uppercase());
+    }
+    lists
+}
+
+/// A table's schema as GetTables describes it: plain types (as answers
+/// have them) and, on each column, the `ARROW:FLIGHT:SQL:*` metadata JDBC's
+/// and ODBC's column calls read.
+fn described_schema(catalog: &str, schema: &str, table: &str, columns: &Schema) -> Schema {
+    let fields: Vec<Field> = columns
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = release::plain_type(f.data_type());
+            let flag = |b: bool| if b { "1" } else { "0" }.to_string();
+            let mut m = HashMap::from([
+                ("ARROW:FLIGHT:SQL:CATALOG_NAME".to_string(), catalog.to_string()),
+                ("ARROW:FLIGHT:SQL:DB_SCHEMA_NAME".to_string(), schema.to_string()),
+                ("ARROW:FLIGHT:SQL:TABLE_NAME".to_string(), table.to_string()),
+                ("ARROW:FLIGHT:SQL:TYPE_NAME".to_string(), sql_type_name(&t).to_string()),
+                ("ARROW:FLIGHT:SQL:IS_AUTO_INCREMENT".to_string(), flag(false)),
+                ("ARROW:FLIGHT:SQL:IS_CASE_SENSITIVE".to_string(), flag(matches!(t, DataType::Utf8 | DataType::LargeUtf8))),
+                ("ARROW:FLIGHT:SQL:IS_READ_ONLY".to_string(), flag(true)),
+                ("ARROW:FLIGHT:SQL:IS_SEARCHABLE".to_string(), flag(true)),
+            ]);
+            let precision = match &t {
+                DataType::Int8 => Some((3, 0)),
+                DataType::Int16 => Some((5, 0)),
+                DataType::Int32 => Some((10, 0)),
+                DataType::Int64 => Some((19, 0)),
+                DataType::Float32 => Some((7, 0)),
+                DataType::Float64 => Some((15, 0)),
+                DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => Some((*p as i32, *s as i32)),
+                _ => None,
+            };
+            if let Some((p, s)) = precision {
+                m.insert("ARROW:FLIGHT:SQL:PRECISION".to_string(), p.to_string());
+                m.insert("ARROW:FLIGHT:SQL:SCALE".to_string(), s.to_string());
+            }
+            f.as_ref().clone().with_data_type(t).with_metadata(m)
+        })
+        .collect();
+    Schema::new(fields)
+}
+
+/// The SQL name of an Arrow type, as GetXdbcTypeInfo lists it.
+fn sql_type_name(t: &DataType) -> &'static str {
+    match t {
+        DataType::Boolean => "BOOLEAN",
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::UInt8 | DataType::UInt16 => "INTEGER",
+        DataType::Int64 | DataType::UInt32 | DataType::UInt64 => "BIGINT",
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => "DOUBLE",
+        DataType::Decimal128(..) | DataType::Decimal256(..) => "DECIMAL",
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "VARCHAR",
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) => "VARBINARY",
+        DataType::Date32 | DataType::Date64 => "DATE",
+        DataType::Timestamp(..) => "TIMESTAMP",
+        DataType::Time32(_) | DataType::Time64(_) => "TIME",
+        _ => "OTHER",
     }
 }
 
@@ -638,7 +951,7 @@ impl FlightSqlService for FlightSqlGateway {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let session = self.session(&request)?;
-        let statement = self.plan(&session, &query.query).await?;
+        let statement = self.plan(&session, &query.query, request.metadata()).await?;
         let info = self.flight_info(&session, &query.query, statement, request.into_inner())?;
         Ok(Response::new(info))
     }
@@ -657,13 +970,16 @@ impl FlightSqlService for FlightSqlGateway {
             .get(&id)
             .map(|(_, sql)| sql.clone())
             .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
-        let statement = self.plan(&session, &sql).await?;
+        let statement = self.plan(&session, &sql, request.metadata()).await?;
         let info = self.flight_info(&session, &sql, statement, request.into_inner())?;
         Ok(Response::new(info))
     }
 
     async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         let session = self.session(&request)?;
+        if StatementHandle::decode(ticket.statement_handle.as_ref()).is_ok_and(|h| h.kind == Kind::Empty as i32) {
+            return Ok(Response::new(batches_stream(Arc::new(Schema::empty()), Vec::new())));
+        }
         let id = decode_handle(&ticket.statement_handle, Kind::Query)?;
         // Removed on use: a ticket executes (and is charged) once, and only in
         // the session that planned it.
@@ -701,7 +1017,7 @@ impl FlightSqlService for FlightSqlGateway {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         let session = self.session(&request)?;
-        match self.plan(&session, &command.query).await? {
+        match self.plan(&session, &command.query, request.metadata()).await? {
             Statement::Set { name, value } => {
                 session.set_option(&name, &value)?;
                 Ok(0)
@@ -798,7 +1114,7 @@ impl FlightSqlService for FlightSqlGateway {
         let session = self.session(&request)?;
         // Planned now so that a refused statement fails at prepare time and the
         // client learns the result schema; nothing runs and nothing is charged.
-        let schema = statement_schema(&self.plan(&session, &query.query).await?)?;
+        let schema = statement_schema(&self.plan(&session, &query.query, request.metadata()).await?)?;
         let id = random_id();
         insert_bounded(
             &mut session.prepared.lock().expect("prepared lock"),
@@ -889,13 +1205,47 @@ impl FlightSqlService for FlightSqlGateway {
                         datafusion::datasource::TableType::Temporary => "LOCAL TEMPORARY",
                         datafusion::datasource::TableType::Base => "TABLE",
                     };
-                    builder.append(&catalog_name, &schema_name, &table_name, kind, &table.schema())?;
+                    builder.append(&catalog_name, &schema_name, &table_name, kind, &described_schema(&catalog_name, &schema_name, &table_name, &table.schema()))?;
                 }
             }
         }
         let schema = builder.schema();
         let batch = builder.build()?;
         Ok(Response::new(batches_stream(schema, vec![batch])))
+    }
+
+    // Datasets have no primary or foreign keys: the key calls answer with
+    // no rows, in the schemas Flight SQL gives them.
+    async fn get_flight_info_primary_keys(&self, query: CommandGetPrimaryKeys, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.no_rows_info(primary_keys_schema(), query.as_any().encode_to_vec(), request)
+    }
+
+    async fn do_get_primary_keys(&self, _query: CommandGetPrimaryKeys, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.no_rows(primary_keys_schema(), request)
+    }
+
+    async fn get_flight_info_exported_keys(&self, query: CommandGetExportedKeys, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.no_rows_info(foreign_keys_schema(), query.as_any().encode_to_vec(), request)
+    }
+
+    async fn do_get_exported_keys(&self, _query: CommandGetExportedKeys, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.no_rows(foreign_keys_schema(), request)
+    }
+
+    async fn get_flight_info_imported_keys(&self, query: CommandGetImportedKeys, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.no_rows_info(foreign_keys_schema(), query.as_any().encode_to_vec(), request)
+    }
+
+    async fn do_get_imported_keys(&self, _query: CommandGetImportedKeys, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.no_rows(foreign_keys_schema(), request)
+    }
+
+    async fn get_flight_info_cross_reference(&self, query: CommandGetCrossReference, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        self.no_rows_info(foreign_keys_schema(), query.as_any().encode_to_vec(), request)
+    }
+
+    async fn do_get_cross_reference(&self, _query: CommandGetCrossReference, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        self.no_rows(foreign_keys_schema(), request)
     }
 
     async fn get_flight_info_table_types(&self, query: CommandGetTableTypes, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod flight;
 pub mod gateway;
 pub mod ingest;
 pub mod metrics;

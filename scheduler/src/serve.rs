@@ -247,7 +247,7 @@ pub async fn start(
     let server = tokio::spawn(
         builder
             .layer(crate::stream_end::layer())
-            .add_service(FlightServiceServer::new(gateway))
+            .add_service(FlightServiceServer::new(crate::flight::Door(gateway)))
             // Answers are small messages: without TCP_NODELAY each waits for
             // the client's delayed ACK (tens of milliseconds per call).
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown),

@@ -408,9 +408,11 @@ async fn prepared_statements_and_session_settings_work() {
     let server = Server::start(&state_dir("prepared"));
     let mut client = server.login("advertiser").await;
     client.execute_update("SET cleanroom.epsilon = 0.5".into(), None).await.unwrap();
-    // Sent as a query (as ADBC's cursor.execute does), SET answers with nothing to fetch.
+    // Sent as a query (as ADBC's cursor.execute does), SET answers with one
+    // endpoint whose stream is empty (clients fetch every endpoint).
     let info = client.execute("SET cleanroom.epsilon = 0.25".into(), None).await.unwrap();
-    assert!(info.endpoint.is_empty());
+    assert_eq!(info.endpoint.len(), 1);
+    assert!(collect(&mut client, info).await.iter().all(|b| b.num_rows() == 0));
     let mut prepared = client
         .prepare("SELECT device, COUNT(DISTINCT uid) AS people FROM impressions GROUP BY device".into(), None)
         .await
