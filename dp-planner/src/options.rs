@@ -318,7 +318,11 @@ fn hint_options(sql: &str) -> Result<Option<QueryOptions>> {
                 let text = text.trim().trim_start_matches('+').trim_start();
                 let word = text.get(..HINT.len())?;
                 let after = text[HINT.len()..].chars().next();
-                (word.eq_ignore_ascii_case(HINT) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')).then_some(text)
+                // The word, then its options: `(` or `OPTIONS` (a comment
+                // that merely mentions the word is no hint).
+                let rest = text[HINT.len()..].trim_start();
+                let options_follow = rest.starts_with('(') || rest.get(..7).is_some_and(|w| w.eq_ignore_ascii_case("OPTIONS"));
+                (word.eq_ignore_ascii_case(HINT) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_') && options_follow).then_some(text)
             }
             _ => None,
         })
@@ -527,7 +531,7 @@ mod tests {
             assert_eq!((o.epsilon, o.max_groups_contributed), (Some(0.5), Some(5)), "{sql}");
         }
         // Other comments, and the words in a string, are no hint.
-        let plain = "SELECT /* DIFFERENTIAL_PRIVACYX(epsilon = 1) */ 'DIFFERENTIAL_PRIVACY(epsilon = 1)' -- DIFFERENTIAL_PRIVACY(epsilon = 1)\n";
+        let plain = "SELECT /* DIFFERENTIAL_PRIVACYX(epsilon = 1) */ /* differential_privacy notes */ 'DIFFERENTIAL_PRIVACY(epsilon = 1)' -- DIFFERENTIAL_PRIVACY(epsilon = 1)\n";
         assert_eq!(split_dp_clause(plain).unwrap().1, QueryOptions::default());
         for bad in [
             "SELECT /*+ DIFFERENTIAL_PRIVACY(epsilon = 1) */ /*+ DIFFERENTIAL_PRIVACY(epsilon = 2) */ 1",

@@ -614,17 +614,33 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
 /// the manifest only, so the released rows are still the same on any two
 /// neighbouring databases.
 fn narrowed(domain: Domain, key: &Expr, input: &LogicalPlan) -> Domain {
-    use datafusion::logical_expr::{BinaryExpr, Between, Operator};
-    let key = strip_casts(key);
-    let is_key = |e: &Expr| strip_casts(e) == key;
-    let literal = |e: &Expr| match strip_casts(e) {
+    use datafusion::logical_expr::{BinaryExpr, Between, Operator, TryCast};
+    // The key itself, not a cast of it: a comparison in another type (text
+    // order, a narrower integer) may let other keys through.
+    let key = key.clone().unalias();
+    let is_key = |e: &Expr| e.clone().unalias() == key;
+    let is_text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8);
+    // A literal as written; text may be cast between text types (the
+    // value stays the same).
+    let literal = |e: &Expr| match e {
         Expr::Literal(v, _) if !v.is_null() => Some(v.clone()),
+        Expr::Cast(datafusion::logical_expr::Cast { expr, field }) | Expr::TryCast(TryCast { expr, field }) if is_text(field.data_type()) => match expr.as_ref() {
+            Expr::Literal(v, _) if !v.is_null() && is_text(&v.data_type()) => Some(v.clone()),
+            _ => None,
+        },
         _ => None,
     };
-    let integer = |v: &ScalarValue| v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
-        ScalarValue::Int64(Some(i)) => Some(i),
-        _ => None,
-    });
+    // Only integer literals bound an integer range (a fraction would be
+    // truncated).
+    let integer = |v: &ScalarValue| {
+        if !v.data_type().is_integer() {
+            return None;
+        }
+        v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+            ScalarValue::Int64(Some(i)) => Some(i),
+            _ => None,
+        })
+    };
     let text = |v: &ScalarValue| match v {
         ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)) => Some(t.clone()),
         _ => None,

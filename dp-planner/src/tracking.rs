@@ -847,11 +847,15 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
                 // without a time zone or a date (a zoned timestamp is
                 // truncated in its zone, so its periods are not the range's;
                 // UTC is the range's own).
-                ("date_trunc", _) => match (args.get(1), period_grain(&f.args), f.args.get(1).and_then(|a| a.get_type(schema).ok())) {
-                    (Some(Lineage::Dimension(Some(Domain::DateRange { from, to } | Domain::Periods { from, to, .. }))), Some(grain), Some(t))
+                ("date_trunc", _) => match (date_argument_lineage(f.args.get(1), schema, columns)?.as_ref().or(args.get(1)), period_grain(&f.args), f.args.get(1).and_then(|a| a.get_type(schema).ok())) {
+                    (Some(Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. })))), Some(grain), Some(t))
                         if crate::policy::utc_timestamp(&t) || matches!(t, arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Date64) =>
                     {
-                        Lineage::Dimension(Some(Domain::Periods { from: *from, to: *to, grain }))
+                        // Of periods (a nested DATE_TRUNC), the coarser
+                        // periods of the inner ones' days.
+                        let days = d.days();
+                        let (from, to) = (days.first().copied().unwrap_or(0), days.last().copied().unwrap_or(-1));
+                        Lineage::Dimension(Some(Domain::Periods { from, to, grain }))
                     }
                     (Some(Lineage::Dimension(_)), _, _) => Lineage::Dimension(None),
                     _ => Lineage::Other,
@@ -882,6 +886,17 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
             return Err(DpError::refused(Rule::UnsupportedExpression, format!("`{other}` is not supported")));
         }
     })
+}
+
+/// DATE_TRUNC takes a date as a timestamp (a cast the analyzer adds): the
+/// lineage of the date itself, whose days the timestamp keeps.
+fn date_argument_lineage(arg: Option<&Expr>, schema: &DFSchema, columns: &[Lineage]) -> Result<Option<Lineage>> {
+    let Some(Expr::Cast(datafusion::logical_expr::Cast { expr, field }) | Expr::TryCast(TryCast { expr, field })) = arg else { return Ok(None) };
+    let from_date = matches!(expr.get_type(schema), Ok(arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Date64));
+    if !from_date || !matches!(field.data_type(), arrow::datatypes::DataType::Timestamp(_, None)) {
+        return Ok(None);
+    }
+    Ok(Some(lineage(expr, schema, columns)?))
 }
 
 /// The grain of a `DATE_TRUNC` whose unit is a literal day, week, month,

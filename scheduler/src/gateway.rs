@@ -145,6 +145,13 @@ fn header_options(headers: &tonic::metadata::MetadataMap) -> Result<QueryOptions
     for key in headers.keys() {
         let tonic::metadata::KeyRef::Ascii(key) = key else { continue };
         let Some(name) = key.as_str().strip_prefix(OPTION_HEADER_PREFIX) else { continue };
+        // The answer's own headers, if a client echoes them.
+        if key.as_str() == RECEIPT_HEADER || key.as_str() == AUDIT_RECORD_HEADER {
+            continue;
+        }
+        if headers.get_all(key.as_str()).iter().count() > 1 {
+            return Err(DpError::InvalidOption { option: name.to_string(), detail: format!("the header {key} is given more than once") });
+        }
         let value = headers.get(key.as_str()).and_then(|v| v.to_str().ok()).ok_or_else(|| DpError::InvalidOption {
             option: name.to_string(),
             detail: format!("the header {key} is not text"),
@@ -562,9 +569,9 @@ impl FlightSqlGateway {
             b.append(SqlInfo::SqlDdlCatalog, false);
             b.append(SqlInfo::SqlDdlSchema, false);
             b.append(SqlInfo::SqlDdlTable, false);
-            // SqlSupportedCaseSensitivity: lowercase, as DataFusion folds
-            // unquoted identifiers; quoted ones are case-sensitive.
-            b.append(SqlInfo::SqlIdentifierCase, 2i32);
+            // SqlSupportedCaseSensitivity: lowercase (3), as DataFusion
+            // folds unquoted identifiers; quoted ones are kept as written.
+            b.append(SqlInfo::SqlIdentifierCase, 3i32);
             b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
             b.append(SqlInfo::SqlQuotedIdentifierCase, 1i32);
             b.append(SqlInfo::SqlAllTablesAreSelectable, true);
