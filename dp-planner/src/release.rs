@@ -319,13 +319,16 @@ pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
     let schema = Arc::new(announced_schema(&query.output_schema()));
     let batches = batches
         .into_iter()
-        .map(|b| {
-            let columns = b.columns().iter().zip(schema.fields()).map(|(c, f)| cast(c, f.data_type())).collect::<std::result::Result<Vec<_>, _>>()?;
-            RecordBatch::try_new(schema.clone(), columns)
-        })
+        .map(|b| RecordBatch::try_new(schema.clone(), columns_as(&b, &schema)?))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| DpError::Mechanism(e.to_string()))?;
     Ok(Released { schema, batches })
+}
+
+/// The columns of `batch` cast to the types of the first fields of
+/// `schema` (the announced types).
+fn columns_as(batch: &RecordBatch, schema: &Schema) -> std::result::Result<Vec<ArrayRef>, arrow::error::ArrowError> {
+    batch.columns().iter().zip(schema.fields()).map(|(c, f)| cast(c, f.data_type())).collect()
 }
 
 /// Most rows a statement that reads no dataset may answer with.
@@ -730,12 +733,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     let batches = batches
         .into_iter()
         .map(|b| {
-            let mut columns = b
-                .columns()
-                .iter()
-                .zip(schema.fields())
-                .map(|(c, f)| cast(c, f.data_type()))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut columns = columns_as(&b, &schema)?;
             // Interval bounds are computed from the released values only.
             for (_, (index, half)) in &intervals {
                 let values = cast(&columns[*index], &DataType::Float64)?;

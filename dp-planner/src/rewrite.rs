@@ -641,10 +641,7 @@ fn narrowed(domain: Domain, key: &Expr, input: &LogicalPlan) -> Domain {
             _ => None,
         })
     };
-    let text = |v: &ScalarValue| match v {
-        ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)) => Some(t.clone()),
-        _ => None,
-    };
+    let text = |v: &ScalarValue| crate::tracking::text_of(v).map(str::to_string);
     let mut domain = domain;
     let mut node = input;
     while let LogicalPlan::Filter(filter) = node {

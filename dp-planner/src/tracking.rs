@@ -655,10 +655,7 @@ const DATE_UNITS: &[&str] = &[
 /// pattern, or a longer replacement, could multiply a value's size).
 fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
     if name == "replace" {
-        let text = |e: Option<&Expr>| match e.map(strip_casts) {
-            Some(Expr::Literal(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)), _)) => Some(t.len()),
-            _ => None,
-        };
+        let text = |e: Option<&Expr>| literal_text(e).map(str::len);
         return match (text(args.get(1)), text(args.get(2))) {
             (Some(from), Some(to)) if from > 0 && to <= from => Ok(()),
             _ => Err(refuse(
@@ -671,13 +668,7 @@ fn check_function_literals(name: &str, args: &[Expr]) -> Result<()> {
     if !matches!(name, "date_trunc" | "date_part" | "datepart") {
         return Ok(());
     }
-    let unit = match args.first().map(strip_casts) {
-        Some(Expr::Literal(ScalarValue::Utf8(Some(u)) | ScalarValue::Utf8View(Some(u)) | ScalarValue::LargeUtf8(Some(u)), _)) => {
-            Some(u.to_ascii_lowercase())
-        }
-        _ => None,
-    };
-    match unit {
+    match literal_text(args.first()).map(str::to_ascii_lowercase) {
         Some(u) if DATE_UNITS.contains(&u.as_str()) && !(name == "date_trunc" && matches!(u.as_str(), "dow" | "doy" | "epoch" | "isodow" | "nanosecond")) => Ok(()),
         _ => Err(refuse(
             Rule::FunctionNotAllowed,
@@ -902,10 +893,21 @@ fn date_argument_lineage(arg: Option<&Expr>, schema: &DFSchema, columns: &[Linea
 /// The grain of a `DATE_TRUNC` whose unit is a literal day, week, month,
 /// quarter or year.
 fn period_grain(args: &[Expr]) -> Option<crate::policy::Grain> {
-    match args.first().map(strip_casts) {
-        Some(Expr::Literal(ScalarValue::Utf8(Some(u)) | ScalarValue::Utf8View(Some(u)) | ScalarValue::LargeUtf8(Some(u)), _)) => {
-            crate::policy::Grain::of_unit(&u.to_ascii_lowercase())
-        }
+    crate::policy::Grain::of_unit(&literal_text(args.first())?.to_ascii_lowercase())
+}
+
+/// The text of a text value (of any of Arrow's string types).
+pub(crate) fn text_of(v: &ScalarValue) -> Option<&str> {
+    match v {
+        ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)) => Some(t),
+        _ => None,
+    }
+}
+
+/// The text of a text literal, through casts.
+fn literal_text(e: Option<&Expr>) -> Option<&str> {
+    match e.map(strip_casts) {
+        Some(Expr::Literal(v, _)) => text_of(v),
         _ => None,
     }
 }

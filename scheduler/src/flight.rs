@@ -19,7 +19,7 @@ use arrow_flight::{
     Action, ActionType, CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, Criteria, Empty, FlightData,
     FlightDescriptor, FlightInfo, HandshakeRequest, PollInfo, SchemaResult, Ticket,
 };
-use cleanroom_dp::options::OptionValue;
+use cleanroom_dp::options::{OptionValue, OPTION_NAMES};
 use cleanroom_proto::v1::session_option_value::OptionValue as Value;
 use cleanroom_proto::v1::set_session_options_result::{Error as OptionError, ErrorValue};
 use cleanroom_proto::v1::{
@@ -82,15 +82,10 @@ impl Door {
             let value = &asked.session_options[name];
             let option = name.strip_prefix("cleanroom.").unwrap_or(name);
             let outcome = match (value.option_value.as_ref(), option_text(value)) {
+                _ if !OPTION_NAMES.contains(&option.to_ascii_lowercase().as_str()) => Err(ErrorValue::InvalidName),
                 (None, _) => session.unset_option(option).map_err(|_| ErrorValue::InvalidName),
                 (Some(_), None) => Err(ErrorValue::InvalidValue),
-                (Some(_), Some(text)) => session.set_option(option, &text).map_err(|status| {
-                    if status.message().contains("unknown option") {
-                        ErrorValue::InvalidName
-                    } else {
-                        ErrorValue::InvalidValue
-                    }
-                }),
+                (Some(_), Some(text)) => session.set_option(option, &text).map_err(|_| ErrorValue::InvalidValue),
             };
             if let Err(kind) = outcome {
                 errors.insert(name.clone(), OptionError { value: kind as i32 });

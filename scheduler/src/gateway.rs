@@ -123,6 +123,18 @@ impl Session {
         self.options.lock().expect("options lock").clone()
     }
 
+    /// The SQL of this session's prepared statement `handle`.
+    #[allow(clippy::result_large_err)]
+    fn prepared_sql(&self, handle: &[u8]) -> Result<String, Status> {
+        let id = decode_handle(handle, Kind::Prepared)?;
+        self.prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&id)
+            .map(|(_, sql)| sql.clone())
+            .ok_or_else(|| Status::not_found("no such prepared statement in this session"))
+    }
+
     /// Forget the planned statement of a ticket's `handle`, if it is still
     /// waiting for its DoGet; whether it was.
     pub(crate) fn forget_pending(&self, handle: &[u8]) -> bool {
@@ -367,14 +379,7 @@ impl FlightSqlGateway {
     /// Likewise for a prepared statement of the session.
     pub(crate) async fn prepared_schema_of<T>(&self, request: &Request<T>, handle: &[u8]) -> Result<Schema, Status> {
         let session = self.session(request)?;
-        let id = decode_handle(handle, Kind::Prepared)?;
-        let sql = session
-            .prepared
-            .lock()
-            .expect("prepared lock")
-            .get(&id)
-            .map(|(_, sql)| sql.clone())
-            .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
+        let sql = session.prepared_sql(handle)?;
         statement_schema(&self.plan(&session, &sql, request.metadata()).await?)
     }
 
@@ -969,14 +974,7 @@ impl FlightSqlService for FlightSqlGateway {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let session = self.session(&request)?;
-        let id = decode_handle(&cmd.prepared_statement_handle, Kind::Prepared)?;
-        let sql = session
-            .prepared
-            .lock()
-            .expect("prepared lock")
-            .get(&id)
-            .map(|(_, sql)| sql.clone())
-            .ok_or_else(|| Status::not_found("no such prepared statement in this session"))?;
+        let sql = session.prepared_sql(&cmd.prepared_statement_handle)?;
         let statement = self.plan(&session, &sql, request.metadata()).await?;
         let info = self.flight_info(&session, &sql, statement, request.into_inner())?;
         Ok(Response::new(info))
