@@ -1005,15 +1005,18 @@ format = "parquet"
 privacy_unit = "uid"
 readers = ["advertiser", "adnetwork"]
 
+# groups_per_person: how many values of a dimension one person may have ("all":
+# any of the domain). A query that sets no max_groups_contributed lets a person
+# count in that many groups, so no one's groups are dropped.
 [datasets.columns]
 uid = {{ role = "join_key" }}
-ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-03-31" }} }}
-campaign_id = {{ role = "dimension", domain = {{ min = 1, max = {CAMPAIGNS} }} }}
-creative_id = {{ role = "dimension", domain = {{ min = 1, max = {creatives} }} }}
-channel = {{ role = "dimension", domain = {channels} }}
-country = {{ role = "dimension", domain = {countries} }}
-device = {{ role = "dimension", domain = {devices} }}
-test_group = {{ role = "dimension", domain = {test_groups} }}
+ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-03-31" }}, groups_per_person = "all" }}
+campaign_id = {{ role = "dimension", domain = {{ min = 1, max = {CAMPAIGNS} }}, groups_per_person = "all" }}
+creative_id = {{ role = "dimension", domain = {{ min = 1, max = {creatives} }}, groups_per_person = "all" }}
+channel = {{ role = "dimension", domain = {channels}, groups_per_person = "all" }}
+country = {{ role = "dimension", domain = {countries}, groups_per_person = 1 }}
+device = {{ role = "dimension", domain = {devices}, groups_per_person = "all" }}
+test_group = {{ role = "dimension", domain = {test_groups}, groups_per_person = 1 }}
 cost_micros = {{ role = "measure", bounds = [0, {max_cost}] }}
 
 [[datasets]]
@@ -1027,12 +1030,12 @@ readers = ["advertiser", "adnetwork"]
 [datasets.columns]
 uid = {{ role = "join_key" }}
 # A purchase follows an impression by at most 30 days and a second.
-ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-05-01" }} }}
+ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-05-01" }}, groups_per_person = "all" }}
 order_id = {{ role = "hidden" }}
 revenue = {{ role = "measure", bounds = [0, 500] }}
-product_category = {{ role = "dimension", domain = {categories} }}
-affiliate_id = {{ role = "dimension", domain = {{ min = 1, max = {AFFILIATES} }} }}
-is_return = {{ role = "dimension" }}
+product_category = {{ role = "dimension", domain = {categories}, groups_per_person = "all" }}
+affiliate_id = {{ role = "dimension", domain = {{ min = 1, max = {AFFILIATES} }}, groups_per_person = "all" }}
+is_return = {{ role = "dimension", groups_per_person = 2 }}
 "#,
         creatives = CAMPAIGNS * CREATIVES_PER_CAMPAIGN,
         max_cost = MAX_COST_MICROS as i64,

@@ -22,6 +22,7 @@ pub const OPTION_NAMES: &[&str] = &[
     "privacy_unit_column",
     "confidence_intervals",
     "noise",
+    "clamp_counts",
 ];
 
 /// The noise a query's columns get.
@@ -49,6 +50,8 @@ pub struct QueryOptions {
     pub confidence_intervals: Option<bool>,
     /// `noise = 'laplace' | 'gaussian'`.
     pub noise: Option<NoiseKind>,
+    /// Report a noisy count below 0 (and its interval's ends) as 0.
+    pub clamp_counts: Option<bool>,
 }
 
 /// The value of a set option, typed as a client shows it.
@@ -69,14 +72,28 @@ pub struct ResolvedOptions {
     pub delta: f64,
     pub max_groups_contributed: u32,
     pub max_contributions_per_group: u32,
+    /// Whether the query, session or connection chose each bound; when not,
+    /// the planner derives it from the manifest's declarations for the
+    /// columns and datasets the query reads (`groups_per_person`, a
+    /// dataset's `max_contributions_per_group`), falling back to the
+    /// defaults above.
+    pub bounds_chosen: BoundsChosen,
     pub privacy_unit_column: Option<String>,
     pub confidence_intervals: bool,
     pub noise: NoiseKind,
+    pub clamp_counts: bool,
+}
+
+/// Which contribution bounds a query, session or connection set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BoundsChosen {
+    pub groups: bool,
+    pub rows: bool,
 }
 
 /// Largest per-person group or row bound a query may ask for: beyond it the
 /// noise would drown every answer, and it keeps sensitivities far from overflow.
-const MAX_CONTRIBUTION_BOUND: u32 = 10_000;
+pub(crate) const MAX_CONTRIBUTION_BOUND: u32 = 10_000;
 
 impl QueryOptions {
     /// Set one option from its SQL spelling; used for the OPTIONS clause and for
@@ -96,24 +113,21 @@ impl QueryOptions {
                 detail: format!("`{value}` is not a positive whole number"),
             })
         };
+        let flag = || -> Result<bool> {
+            match value.to_ascii_lowercase().as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(DpError::InvalidOption { option: name.clone(), detail: format!("`{value}` is not true or false") }),
+            }
+        };
         match name.as_str() {
             "epsilon" => self.epsilon = Some(number()?),
             "delta" => self.delta = Some(number()?),
             "max_groups_contributed" => self.max_groups_contributed = Some(count()?),
             "max_contributions_per_group" => self.max_contributions_per_group = Some(count()?),
             "privacy_unit_column" => self.privacy_unit_column = Some(value.to_string()),
-            "confidence_intervals" => {
-                self.confidence_intervals = Some(match value.to_ascii_lowercase().as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(DpError::InvalidOption {
-                            option: name.clone(),
-                            detail: format!("`{value}` is not true or false"),
-                        })
-                    }
-                })
-            }
+            "confidence_intervals" => self.confidence_intervals = Some(flag()?),
+            "clamp_counts" => self.clamp_counts = Some(flag()?),
             "noise" => {
                 self.noise = Some(match value.to_ascii_lowercase().as_str() {
                     "laplace" => NoiseKind::Laplace,
@@ -146,6 +160,7 @@ impl QueryOptions {
             "privacy_unit_column" => self.privacy_unit_column = None,
             "confidence_intervals" => self.confidence_intervals = None,
             "noise" => self.noise = None,
+            "clamp_counts" => self.clamp_counts = None,
             other => {
                 return Err(DpError::InvalidOption {
                     option: other.to_string(),
@@ -184,6 +199,9 @@ impl QueryOptions {
             };
             out.push(("noise", OptionValue::Text(name.into())));
         }
+        if let Some(v) = self.clamp_counts {
+            out.push(("clamp_counts", OptionValue::Flag(v)));
+        }
         out
     }
 
@@ -202,6 +220,7 @@ impl QueryOptions {
                 .or_else(|| base.privacy_unit_column.clone()),
             confidence_intervals: self.confidence_intervals.or(base.confidence_intervals),
             noise: self.noise.or(base.noise),
+            clamp_counts: self.clamp_counts.or(base.clamp_counts),
         }
     }
 
@@ -273,6 +292,11 @@ impl QueryOptions {
                 self.max_contributions_per_group
                     .unwrap_or(defaults.max_contributions_per_group),
             )?,
+            bounds_chosen: BoundsChosen {
+                groups: self.max_groups_contributed.is_some(),
+                rows: self.max_contributions_per_group.is_some(),
+            },
+            clamp_counts: self.clamp_counts.unwrap_or(false),
         })
     }
 }

@@ -17,7 +17,13 @@ pub enum ColumnRole {
     /// It may be counted distinctly and joined on, never output or grouped by.
     JoinKey,
     /// A column that may be grouped by and compared with literals.
-    Dimension { domain: Option<Domain> },
+    /// `groups_per_person`: how many of its values one person may have, as
+    /// the manifest declares; a query that groups by it and sets no
+    /// `max_groups_contributed` lets each person contribute to that many
+    /// groups, so no person's groups are dropped when the declaration
+    /// holds. (The bound is still enforced: a declaration the data breaks
+    /// costs accuracy, never privacy.)
+    Dimension { domain: Option<Domain>, groups_per_person: Option<u32> },
     /// A numeric column that may be aggregated, clamped to `[lower, upper]`.
     Measure { lower: f64, upper: f64 },
     /// A column that no query may reference.
@@ -193,6 +199,9 @@ pub struct DatasetPolicy {
     pub privacy_unit: Option<String>,
     /// Declared columns; a column that is not declared is treated as hidden.
     pub columns: BTreeMap<String, ColumnRole>,
+    /// The dataset's default bound on a person's rows per group, for
+    /// queries that set none (enforced like the option).
+    pub max_contributions_per_group: Option<u32>,
 }
 
 impl DatasetPolicy {

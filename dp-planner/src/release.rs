@@ -42,11 +42,76 @@ pub const META_RECEIPT: &str = "cleanroom.receipt";
 /// `SEQ:HASH` of the charge's record in the audit log: a party can keep it and
 /// later prove the log still holds it (`cleanroom audit verify --expect`).
 pub const META_AUDIT_RECORD: &str = "cleanroom.audit.record";
+/// The contribution bounds the answer was computed with, and what they may
+/// have dropped: `none`, `groups` (a person's groups beyond the bound),
+/// `rows` (a person's rows in a group beyond the bound) or `groups,rows`.
+pub const META_GROUPS_PER_PERSON: &str = "cleanroom.contribution.max_groups_contributed";
+pub const META_ROWS_PER_GROUP: &str = "cleanroom.contribution.max_contributions_per_group";
+pub const META_CLIPPING: &str = "cleanroom.contribution.clipping";
+/// `query` when the query, session or connection set both bounds,
+/// `manifest` when a bound comes from the manifest's declarations.
+pub const META_BOUNDS_FROM: &str = "cleanroom.contribution.bounds_from";
+/// `true` when noisy counts below 0 are reported as 0.
+pub const META_CLAMP_COUNTS: &str = "cleanroom.clamp_counts";
 
-/// Noisy values of the DP aggregate, one row per cell of the public domain.
+/// Noisy values of the DP aggregate, one row per cell of the public domain,
+/// and the charge that paid for them.
+#[derive(Debug, Clone)]
 pub struct NoisyAggregate {
     batch: RecordBatch,
-    receipt: Receipt,
+    paid: Paid,
+}
+
+/// What an answer says about the charge that paid for its release.
+#[derive(Debug, Clone)]
+struct Paid {
+    receipt: String,
+    remaining: f64,
+    remaining_delta: f64,
+    audit_record: String,
+}
+
+impl NoisyAggregate {
+    /// The release as kept in the released-answer store (Arrow IPC, the
+    /// charge in the schema metadata).
+    pub fn to_stored(&self) -> Result<Vec<u8>> {
+        let mut metadata = self.batch.schema().metadata().clone();
+        metadata.insert(META_RECEIPT.to_string(), self.paid.receipt.clone());
+        metadata.insert(META_REMAINING.to_string(), format!("{}", self.paid.remaining));
+        metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", self.paid.remaining_delta));
+        metadata.insert(META_AUDIT_RECORD.to_string(), self.paid.audit_record.clone());
+        let schema = Arc::new(self.batch.schema().as_ref().clone().with_metadata(metadata));
+        let batch = self.batch.clone().with_schema(schema.clone()).map_err(|e| DpError::Ledger(format!("cannot store the release: {e}")))?;
+        Released { schema, batches: vec![batch] }.to_stored()
+    }
+
+    /// A release [`Self::to_stored`] wrote, read back from the store (which
+    /// only ever holds releases that were paid for).
+    pub fn from_stored(bytes: &[u8]) -> Result<NoisyAggregate> {
+        let stored = Released::from_stored(bytes)?;
+        let metadata = stored.schema.metadata().clone();
+        let field = |key: &str| {
+            metadata.get(key).cloned().ok_or_else(|| DpError::Ledger(format!("the stored release has no {key}")))
+        };
+        let number = |key: &str| -> Result<f64> {
+            field(key)?.parse().map_err(|_| DpError::Ledger(format!("the stored release has an unreadable {key}")))
+        };
+        let paid = Paid {
+            receipt: field(META_RECEIPT)?,
+            remaining: number(META_REMAINING)?,
+            remaining_delta: number(META_REMAINING_DELTA)?,
+            audit_record: field(META_AUDIT_RECORD)?,
+        };
+        let schema = Arc::new(stored.schema.as_ref().clone().with_metadata(HashMap::new()));
+        let batch = arrow::compute::concat_batches(&schema, &stored.batches)
+            .map_err(|e| DpError::Ledger(format!("unreadable stored release: {e}")))?;
+        Ok(NoisyAggregate { batch, paid })
+    }
+
+    /// The receipt of the charge that paid for this release.
+    pub fn receipt(&self) -> &str {
+        &self.paid.receipt
+    }
 }
 
 /// An answer a party may see: every value in it went through [`release`].
@@ -93,30 +158,42 @@ impl Released {
     }
 }
 
-/// The key under which `party`'s released answer to `query` is kept: the
-/// party, the analysed plan (not the rewrite, whose keyed-hash salt is fresh
-/// each time), the privacy options, the policy it was checked against, the
-/// files of every table the plan resolved, and the data versions the
-/// gateway read.
+/// The key under which the release of `query`'s DP aggregate for `party` is
+/// kept: the party, the DP aggregate as checked (its structural `Debug`
+/// form, not the rewrite, whose keyed-hash salt is fresh each time), its
+/// group keys with their public domains, its aggregates with their
+/// sensitivities and shares, the partition selection, the calibrated
+/// mechanisms, the privacy options that shape the release, the policy it
+/// was checked against, the files of every table the aggregate resolved,
+/// and the data versions the gateway read.
 ///
-/// The plan enters through its structural (`Debug`) form, which holds every
-/// field of every node and quotes and escapes literals, so two different
-/// plans never share a key; the parts are length-prefixed. The files come
-/// from the plan's own table scans, so an answer is never filed under a
-/// version other than the one it was computed on.
+/// What surrounds the DP aggregate — projections, `ORDER BY`, `LIMIT`,
+/// filters, outer aggregates, a client's wrapper around the question — is
+/// not part of the key: those run on the kept release again ([`finish`]).
+/// The parts are length-prefixed; the files come from the aggregate's own
+/// table scans, so a release is never filed under a version other than the
+/// one it was computed on.
 ///
-/// Why the released-answer cache is private: an answer, once released to a
-/// party, is public to that party; handing the same bytes back to the same
-/// party for the same question on the same data reveals nothing new, so it
-/// costs nothing. Any change of party, plan, option, policy or data is a
-/// new key.
-pub fn answer_key(query: &DpQuery, party: &str, policy: &crate::policy::Policy, data_version: &str) -> String {
+/// Why the cache is private: a release, once paid for by a party, is that
+/// party's; computing anything from the same noisy values again is
+/// post-processing, which costs nothing and reveals nothing new (a fresh
+/// draw would instead give an averaging attack another sample). Any change
+/// of party, DP aggregate, option, mechanism, policy or data is a new key.
+pub fn release_key(query: &DpQuery, party: &str, policy: &crate::policy::Policy, data_version: &str) -> String {
     use sha2::{Digest, Sha256};
+    // Only the companion interval columns, computed after the release.
+    let options = crate::options::ResolvedOptions { confidence_intervals: false, ..query.options.clone() };
     let mut h = Sha256::new();
     for part in [
+        "noisy aggregate 1".to_string(),
         party.to_string(),
-        format!("{:?}", query.original),
-        format!("{:?}", query.options),
+        query.core.clone(),
+        format!("{:?}", query.groups),
+        format!("{:?}", query.aggregates),
+        format!("{:?}", query.selection),
+        format!("{:?}", query.mechanisms),
+        format!("{:?}", (query.epsilon, query.delta)),
+        format!("{options:?}"),
         format!("{policy:?}"),
         resolved_files(&query.original).join("\n"),
         data_version.to_string(),
@@ -199,6 +276,15 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                     t.max_groups
                 )),
             }
+            let c = &q.clipping;
+            cost.push_str(&format!(
+                "contribution bounds{}: at most {} group(s) per person ({}), at most {} row(s) per person and group ({})\n",
+                if c.derived { " (the query set none: the manifest's)" } else { "" },
+                c.groups_per_person,
+                if c.groups { "a person's further groups are dropped" } else { "no person can reach more, nothing dropped" },
+                c.rows_per_group,
+                if c.rows { "further rows are dropped" } else { "nothing dropped" },
+            ));
             if let Share::Rho(rho) = q.aggregates[0].share {
                 // The columns' δ: the query's, less the selection's.
                 let (total, delta) = (rho * q.aggregates.len() as f64, q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0));
@@ -482,8 +568,14 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
                 continue;
             }
             Mechanism::Total(noise) if agg.integral => {
-                // Whole numbers stay integers from the exact sum to the answer.
-                let array: ArrayRef = Arc::new(Int64Array::from(noise.apply_steps(sums)?));
+                // Whole numbers stay integers from the exact sum to the
+                // answer; a noisy count below 0 becomes 0 when asked
+                // (post-processing of the noisy value alone).
+                let mut values = noise.apply_steps(sums)?;
+                if clamped_count(query, agg) {
+                    values.iter_mut().for_each(|v| *v = (*v).max(0));
+                }
+                let array: ArrayRef = Arc::new(Int64Array::from(values));
                 columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
                 continue;
             }
@@ -533,7 +625,18 @@ pub fn release(query: &DpQuery, exact: &[RecordBatch], receipt: &Receipt) -> Res
         columns.push(cast(&array, schema.field(groups + j).data_type()).map_err(|e| DpError::Mechanism(e.to_string()))?);
     }
     let batch = RecordBatch::try_new(schema, columns).map_err(|e| DpError::Mechanism(e.to_string()))?;
-    Ok(NoisyAggregate { batch, receipt: receipt.clone() })
+    let paid = Paid {
+        receipt: receipt.id().to_string(),
+        remaining: round_for_display(receipt.remaining()),
+        remaining_delta: receipt.remaining_delta(),
+        audit_record: receipt.audit_record(),
+    };
+    Ok(NoisyAggregate { batch, paid })
+}
+
+/// Whether `agg` is a count the query asked to report at 0 or above.
+fn clamped_count(query: &DpQuery, agg: &crate::rewrite::DpAggregate) -> bool {
+    query.options.clamp_counts && matches!(agg.kind, AggregateKind::CountRows | AggregateKind::CountValues | AggregateKind::CountPeople)
 }
 
 /// The group keys of the exact rows (as text), NULL when a key is NULL.
@@ -667,7 +770,7 @@ fn calibrations(query: &DpQuery) -> Result<Vec<(String, Noise)>> {
 /// its mechanism, noise standard deviation, 95 % interval half-width and ε in
 /// its field metadata, and the query's charge in the schema metadata.
 pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
-    let noise = noisy_outputs(&query.original, &calibrations(query)?);
+    let noise = noisy_outputs(query, &calibrations(query)?);
     let base = announced_schema(&query.output_schema());
     let fields: Vec<Field> = base
         .fields()
@@ -688,28 +791,49 @@ pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
         fields.push(Field::new(format!("{name}_ci_low"), DataType::Float64, true));
         fields.push(Field::new(format!("{name}_ci_high"), DataType::Float64, true));
     }
+    let c = &query.clipping;
+    let clipping = match (c.groups, c.rows) {
+        (false, false) => "none",
+        (true, false) => "groups",
+        (false, true) => "rows",
+        (true, true) => "groups,rows",
+    };
     Ok(Schema::new_with_metadata(
         fields,
         HashMap::from([
             (META_CHARGE.to_string(), format!("{}", round_for_display(query.epsilon))),
             (META_CHARGE_DELTA.to_string(), format!("{}", query.delta)),
+            (META_GROUPS_PER_PERSON.to_string(), c.groups_per_person.to_string()),
+            (META_ROWS_PER_GROUP.to_string(), c.rows_per_group.to_string()),
+            (META_CLIPPING.to_string(), clipping.to_string()),
+            (META_BOUNDS_FROM.to_string(), if c.derived { "manifest" } else { "query" }.to_string()),
+            (META_CLAMP_COUNTS.to_string(), query.options.clamp_counts.to_string()),
         ]),
     ))
 }
 
 /// When the query asked for `confidence_intervals`, the noisy output columns
 /// among `fields` (those carrying a 95 % half-width) as (name, (index,
-/// half-width)), in output order.
-fn companion_intervals<F: std::borrow::Borrow<Field>>(query: &DpQuery, fields: &[F]) -> Result<Vec<(String, (usize, f64))>> {
+/// half-width, whether it is a count reported at 0 or above)), in output
+/// order.
+fn companion_intervals<F: std::borrow::Borrow<Field>>(query: &DpQuery, fields: &[F]) -> Result<Vec<(String, (usize, f64, bool))>> {
     if !query.options.confidence_intervals {
         return Ok(Vec::new());
     }
-    let noise = noisy_outputs(&query.original, &calibrations(query)?);
+    let all = calibrations(query)?;
+    let noise = noisy_outputs(query, &all);
+    let counts: Vec<(String, Noise)> = all
+        .iter()
+        .filter(|(name, _)| query.aggregates.iter().any(|a| &a.output_name == name && clamped_count(query, a)))
+        .cloned()
+        .collect();
+    let clamped = noisy_outputs(query, &counts);
     Ok(fields
         .iter()
         .zip(noise)
+        .zip(clamped)
         .enumerate()
-        .filter_map(|(i, (f, n))| n.map(|l| (f.borrow().name().clone(), (i, l.ci95_half_width()))))
+        .filter_map(|(i, ((f, n), c))| n.map(|l| (f.borrow().name().clone(), (i, l.ci95_half_width(), c.is_some()))))
         .collect())
 }
 
@@ -724,21 +848,25 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
 
     let announced = announced_dp_schema(query)?;
     let mut metadata = announced.metadata().clone();
-    metadata.insert(META_REMAINING.to_string(), format!("{}", round_for_display(noisy.receipt.remaining())));
-    metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", noisy.receipt.remaining_delta()));
-    metadata.insert(META_RECEIPT.to_string(), noisy.receipt.id().to_string());
-    metadata.insert(META_AUDIT_RECORD.to_string(), noisy.receipt.audit_record());
+    metadata.insert(META_REMAINING.to_string(), format!("{}", noisy.paid.remaining));
+    metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", noisy.paid.remaining_delta));
+    metadata.insert(META_RECEIPT.to_string(), noisy.paid.receipt.clone());
+    metadata.insert(META_AUDIT_RECORD.to_string(), noisy.paid.audit_record.clone());
     let schema = Arc::new(announced.with_metadata(metadata));
     let intervals = companion_intervals(query, schema.fields())?;
     let batches = batches
         .into_iter()
         .map(|b| {
             let mut columns = columns_as(&b, &schema)?;
-            // Interval bounds are computed from the released values only.
-            for (_, (index, half)) in &intervals {
+            // Interval bounds are computed from the released values only. A
+            // count reported at 0 or above keeps its interval at 0 or above:
+            // the true count is never negative, so this covers it whenever
+            // the unclamped interval did.
+            for (_, (index, half, nonnegative)) in &intervals {
                 let values = cast(&columns[*index], &DataType::Float64)?;
                 let values = values.as_any().downcast_ref::<Float64Array>().expect("f64");
-                let low: Float64Array = values.iter().map(|v| v.map(|v| v - half)).collect();
+                let floor = if *nonnegative { 0.0 } else { f64::NEG_INFINITY };
+                let low: Float64Array = values.iter().map(|v| v.map(|v| (v - half).max(floor))).collect();
                 let high: Float64Array = values.iter().map(|v| v.map(|v| v + half)).collect();
                 columns.push(Arc::new(low));
                 columns.push(Arc::new(high));
@@ -750,9 +878,15 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
     Ok(Released { schema, batches })
 }
 
-/// For each output column of `plan`, the noise of the DP aggregate column it
-/// shows unchanged (through aliases), if any.
-fn noisy_outputs(plan: &LogicalPlan, noise: &[(String, Noise)]) -> Vec<Option<Noise>> {
+/// For each output column of `query`, the noise of the DP aggregate column
+/// it shows unchanged (through aliases), if any.
+fn noisy_outputs(query: &DpQuery, noise: &[(String, Noise)]) -> Vec<Option<Noise>> {
+    let plan = &query.original;
+    // Below an aggregate of the released rows, no output shows one
+    // aggregate column's noise as it is.
+    if query.post_aggregates > 0 {
+        return vec![None; plan.schema().fields().len()];
+    }
     let mut node = plan;
     while matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_)) {
         node = node.inputs()[0];

@@ -161,6 +161,9 @@ pub struct DpAggregate {
 pub struct GroupKey {
     pub name: String,
     pub domain: Option<Domain>,
+    /// The most keys one person has, as the manifest declares for the
+    /// column(s) it is computed from (`groups_per_person`), when it does.
+    pub per_person: Option<u32>,
 }
 
 /// A column of a DP query's exact plan: how the rewrite names what it
@@ -242,6 +245,71 @@ pub struct DpQuery {
     /// values before the post-processing above it runs.
     pub(crate) original: LogicalPlan,
     pub(crate) aggregate_schema: DFSchemaRef,
+    /// What the contribution bounds may drop; announced with the answer.
+    pub clipping: Clipping,
+    /// How many aggregates of the analyst's plan stand above the DP
+    /// aggregate (post-processing of its release).
+    pub(crate) post_aggregates: usize,
+    /// The DP aggregate as checked (its structural form): with the options
+    /// and mechanisms, what the noisy release depends on, whatever
+    /// post-processing surrounds it.
+    pub(crate) core: String,
+}
+
+/// The contribution bounds a DP query runs with and whether they can drop
+/// anything, from the plan's shape and the manifest alone (public).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clipping {
+    /// Groups one person contributes to at most (k after tightening).
+    pub groups_per_person: u32,
+    /// Rows one person contributes to one group at most.
+    pub rows_per_group: u32,
+    /// A person may reach more groups than k: the rest are dropped.
+    pub groups: bool,
+    /// A person may have more rows in a group than the bound: the rest are
+    /// dropped (counts and sums may come out low).
+    pub rows: bool,
+    /// A bound came from the manifest rather than the query or session.
+    pub derived: bool,
+}
+
+/// The contribution bounds of a query whose options, session and connection
+/// set none: `max_groups_contributed` is the product over the group keys of
+/// the groups each lets one person have (`groups_per_person` in the
+/// manifest, at most the key's domain), when every key declares it — so no
+/// group of a person who keeps to the declarations is dropped, and the
+/// answer is not biased; `max_contributions_per_group` is the largest
+/// default of the protected datasets read (a dataset's own, else the
+/// collaboration's).
+///
+/// Why it is private: both are functions of the SQL and the manifest, never
+/// of the data, and the plan enforces them exactly as it enforces bounds a
+/// query sets (ranking drops a person's groups beyond k, clipping their rows
+/// beyond the per-group bound), and the noise is calibrated to them.
+fn derived_bounds(options: &ResolvedOptions, groups: &[(Expr, GroupKey)], datasets: &[String], policy: &Policy) -> ResolvedOptions {
+    let mut out = options.clone();
+    if !options.bounds_chosen.groups && !groups.is_empty() {
+        let declared: Option<Vec<u64>> = groups
+            .iter()
+            .map(|(_, g)| g.per_person.map(|p| g.domain.as_ref().map_or(p as u64, |d| (p as u64).min(d.len() as u64))))
+            .collect();
+        if let Some(per_key) = declared {
+            let k = per_key.iter().fold(1u64, |k, p| k.saturating_mul(*p));
+            out.max_groups_contributed = k.clamp(1, crate::options::MAX_CONTRIBUTION_BOUND as u64) as u32;
+        }
+    }
+    if !options.bounds_chosen.rows {
+        let declared = datasets
+            .iter()
+            .filter_map(|d| policy.dataset(d))
+            .filter(|d| d.privacy_unit.is_some())
+            .map(|d| d.max_contributions_per_group.unwrap_or(policy.defaults.max_contributions_per_group))
+            .max();
+        if let Some(m) = declared {
+            out.max_contributions_per_group = m;
+        }
+    }
+    out
 }
 
 impl DpQuery {
@@ -271,16 +339,22 @@ impl DpQuery {
         let substitute = LogicalPlanBuilder::scan(RELEASE_TABLE, source, None)?
             .project(projection)?
             .build()?;
+        let mut seen = 0;
         let plan = self
             .original
             .clone()
             .transform_down(|node| {
-                if matches!(node, LogicalPlan::Aggregate(_)) {
-                    // The outermost aggregate is the DP aggregate; nothing
-                    // below it is kept.
-                    Ok(Transformed::new(substitute.clone(), true, TreeNodeRecursion::Jump))
-                } else {
+                if !matches!(node, LogicalPlan::Aggregate(_)) {
+                    return Ok(Transformed::no(node));
+                }
+                // The aggregates above the DP aggregate are post-processing
+                // and stay; the DP aggregate is replaced and nothing below
+                // it is kept.
+                seen += 1;
+                if seen <= self.post_aggregates {
                     Ok(Transformed::no(node))
+                } else {
+                    Ok(Transformed::new(substitute.clone(), true, TreeNodeRecursion::Jump))
                 }
             })?
             .data;
@@ -331,7 +405,7 @@ pub fn plan_query(
         }
     }
     let plan = analyze(plan)?;
-    let aggregate = find_dp_aggregate(&plan)?;
+    let (aggregate, post_aggregates) = find_dp_aggregate(&plan, policy)?;
     // The unit carried through projections that leave it out; the DP
     // aggregate is rebuilt over that input (same output schema).
     let carried = carry_unit(aggregate.input.as_ref().clone(), policy)?;
@@ -346,7 +420,7 @@ pub fn plan_query(
     }
     let groups = check_group_keys(aggregate, &input, policy, options)?;
     let kinds = check_aggregates(aggregate, &input)?;
-    rewrite(&plan, aggregate, &input, datasets, groups, kinds, policy, options)
+    rewrite(&plan, aggregate, post_aggregates, &input, datasets, groups, kinds, policy, options)
 }
 
 /// A statement that answers no row whatever the data — a client's probe for
@@ -478,43 +552,95 @@ fn table_scans(plan: &LogicalPlan) -> Result<Vec<TableReference>> {
 pub const SYSTEM_SCHEMA: &str = "system";
 
 /// Walk down through post-processing nodes to the first aggregate.
-fn find_dp_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
+/// The DP aggregate of `plan` and how many aggregates above it are
+/// post-processing of its release.
+///
+/// Above the DP aggregate only nodes that compute on its released rows may
+/// stand, one input each: projections, filters, sorts, limits, aliases, and
+/// — when a DP aggregate lies below them — further aggregates, windows and
+/// DISTINCT (a BI tool's `SELECT SUM(n) FROM (<DP query>)`, a share of the
+/// total). The DP aggregate is the deepest aggregate of that chain that mixes
+/// people: its input is protected and it is not grouped by the privacy unit
+/// (an aggregate grouped by the unit is per-person logic below it).
+///
+/// Why it is private: nothing above the DP aggregate reads a dataset (each
+/// node has the one input of the chain, and expressions with subqueries
+/// are refused there), so everything above it is post-processing of the
+/// noisy release and costs nothing more; which aggregate is the DP one is
+/// decided from the plan and the manifest alone.
+fn find_dp_aggregate<'a>(plan: &'a LogicalPlan, policy: &Policy) -> Result<(&'a Aggregate, usize)> {
+    // The chain of single-input nodes from the top.
+    let mut chain: Vec<&LogicalPlan> = Vec::new();
     let mut node = plan;
     loop {
+        chain.push(node);
         match node {
-            LogicalPlan::Aggregate(aggregate) => return Ok(aggregate),
             LogicalPlan::Projection(_)
             | LogicalPlan::Filter(_)
             | LogicalPlan::Sort(_)
             | LogicalPlan::Limit(_)
-            | LogicalPlan::SubqueryAlias(_) => {
-                if contains_subquery(node) {
-                    return Err(DpError::refused_with(
-                        Rule::Subquery,
-                        "subqueries in expressions are not supported",
-                        "a JOIN on the privacy unit, or a CTE",
-                    ));
-                }
-                node = node.inputs()[0];
-            }
-            LogicalPlan::TableScan(_)
-            | LogicalPlan::Join(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Aggregate(_)
             | LogicalPlan::Window(_)
-            | LogicalPlan::Union(_)
-            | LogicalPlan::Distinct(_) => {
-                return Err(DpError::refused_with(
+            | LogicalPlan::Distinct(_) => node = node.inputs()[0],
+            _ => break,
+        }
+    }
+    let mixes_people = |a: &Aggregate| -> bool {
+        let Ok(carried) = carry_unit(a.input.as_ref().clone(), policy) else { return false };
+        let Ok(input) = track(&carried, policy) else { return false };
+        let schema = carried.schema();
+        input.protected
+            && !a.group_expr.iter().any(|g| matches!(g, Expr::Column(_)) && matches!(crate::tracking::lineage(g, schema, &input.columns), Ok(Lineage::Unit)))
+    };
+    let aggregates: Vec<usize> = chain.iter().enumerate().filter(|(_, n)| matches!(n, LogicalPlan::Aggregate(_))).map(|(i, _)| i).collect();
+    let mixing = aggregates.iter().rev().copied().find(|&i| matches!(chain[i], LogicalPlan::Aggregate(a) if mixes_people(a)));
+    // Without an aggregate that mixes people, the first aggregate is taken
+    // (its input is then checked, and refused, as any DP aggregate's), with
+    // only projections, filters, sorts, limits and aliases above it.
+    let dp_at = mixing.or(aggregates.first().copied());
+    for (i, node) in chain.iter().enumerate() {
+        if Some(i) == dp_at {
+            break;
+        }
+        let post_processing = match node {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_) => true,
+            LogicalPlan::Aggregate(_) | LogicalPlan::Window(_) | LogicalPlan::Distinct(_) => mixing.is_some(),
+            _ => false,
+        };
+        if post_processing && contains_subquery(node) {
+            return Err(DpError::refused_with(
+                Rule::Subquery,
+                "subqueries in expressions are not supported",
+                "a JOIN on the privacy unit, or a CTE",
+            ));
+        }
+        if !post_processing {
+            return Err(match node {
+                LogicalPlan::TableScan(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::Window(_)
+                | LogicalPlan::Union(_)
+                | LogicalPlan::Distinct(_) => DpError::refused_with(
                     Rule::DpAggregateRequired,
                     "a protected dataset can only be released as an aggregate; this query would return its rows",
                     "SELECT <dimension>, COUNT(*) FROM <dataset> GROUP BY <dimension>",
-                ))
-            }
-            other => {
-                return Err(DpError::refused(
-                    Rule::UnsupportedShape,
-                    format!("`{}` is not supported in DP queries yet", node_name(other)),
-                ))
-            }
+                ),
+                other => DpError::refused(Rule::UnsupportedShape, format!("`{}` is not supported in DP queries yet", node_name(other))),
+            });
         }
+    }
+    match dp_at.map(|i| (i, chain[i])) {
+        Some((i, LogicalPlan::Aggregate(a))) => Ok((a, aggregates.iter().filter(|&&j| j < i).count())),
+        _ => Err(DpError::refused_with(
+            Rule::DpAggregateRequired,
+            "a protected dataset can only be released as an aggregate; this query would return its rows",
+            "SELECT <dimension>, COUNT(*) FROM <dataset> GROUP BY <dimension>",
+        )),
     }
 }
 
@@ -542,8 +668,13 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
     refuse_grouping_sets(&aggregate.group_expr)?;
     for (i, expr) in aggregate.group_expr.iter().enumerate() {
         let name = aggregate.schema.field(i).name().clone();
-        let domain = match lineage(expr, schema, &input.columns)? {
-            Lineage::Dimension(Some(domain)) => Some(domain),
+        let key_lineage = lineage(expr, schema, &input.columns)?;
+        let per_person = match &key_lineage {
+            Lineage::Dimension(_, p) => *p,
+            _ => None,
+        };
+        let domain = match key_lineage {
+            Lineage::Dimension(Some(domain), _) => Some(domain),
             Lineage::Unit | Lineage::UnitOrNull | Lineage::Key => {
                 return Err(DpError::refused_with(
                     Rule::PrivacyUnitInOutput,
@@ -589,7 +720,7 @@ fn check_group_keys(aggregate: &Aggregate, input: &Tracked, policy: &Policy, opt
             }
             cells = cells.saturating_mul(domain.len());
         }
-        keys.push((expr.clone(), GroupKey { name, domain }));
+        keys.push((expr.clone(), GroupKey { name, domain, per_person }));
     }
     if keys.iter().all(|(_, k)| k.domain.is_some()) && cells > policy.defaults.max_output_groups {
         return Err(DpError::refused_with(
@@ -847,6 +978,7 @@ fn quantile_of(expr: &Expr, name: &str, params: &datafusion::logical_expr::expr:
 fn rewrite(
     original: &LogicalPlan,
     aggregate: &Aggregate,
+    post_aggregates: usize,
     input: &Tracked,
     datasets: Vec<String>,
     groups: Vec<(Expr, GroupKey)>,
@@ -854,6 +986,7 @@ fn rewrite(
     policy: &Policy,
     options: &ResolvedOptions,
 ) -> Result<PlannedQuery> {
+    let options = &derived_bounds(options, &groups, &datasets, policy);
     let input_schema = aggregate.input.schema();
     let unit_index = input
         .unit_index()
@@ -919,6 +1052,19 @@ fn rewrite(
         _ => false,
     });
     let single_rows = input.rows_per_person == Some(1) || (one_per_group && keys_as_is);
+    // Whether the bounds can drop anything (announced with the answer): a
+    // person's groups beyond k (ranking runs), or rows beyond the per-group
+    // bound where an aggregate counts or adds rows.
+    let by_rows = requested.iter().any(|r| !matches!(r.kind, AggregateKind::CountPeople));
+    let clipping = Clipping {
+        groups_per_person: k as u32,
+        rows_per_group: per_group_rows as u32,
+        groups: (options.max_groups_contributed as u64) < reachable,
+        rows: by_rows
+            && (options.max_contributions_per_group as u64)
+                < input.rows_per_person.unwrap_or(u64::MAX).min(if one_per_group { 1 } else { u64::MAX }),
+        derived: !options.bounds_chosen.groups || !options.bounds_chosen.rows,
+    };
 
     // Every cast below is a TRY_CAST: a value that does not convert becomes
     // NULL instead of failing the query, so whether a query fails never
@@ -1195,6 +1341,9 @@ fn rewrite(
         original: original.clone(),
         aggregate_schema: aggregate.schema.clone(),
         mechanisms: Vec::new(),
+        clipping,
+        post_aggregates,
+        core: format!("{:?}", LogicalPlan::Aggregate(aggregate.clone())),
     };
     // Every mechanism calibrated once, now: the release, the announced
     // schema and the audit record use these, and a failure refuses the

@@ -56,8 +56,14 @@ pub enum Lineage {
     /// it may be joined on, partitioned by and counted, never released or
     /// computed with.
     Key,
-    /// A dimension value, with the public domain of its values if it has one.
-    Dimension(Option<Domain>),
+    /// A dimension value, with the public domain of its values if it has
+    /// one, and the most values of it one person has, as the manifest
+    /// declares (`groups_per_person`; counted in the domain's values, days
+    /// for a day range). A function of one dimension value has at most as
+    /// many values per person as its argument. Only the default of
+    /// `max_groups_contributed` is derived from it: the bound is enforced
+    /// whatever it says.
+    Dimension(Option<Domain>, Option<u32>),
     /// A number within `[lo, hi]` (either end may be infinite).
     Number { lo: f64, hi: f64 },
     /// Any other value (a boolean, a string with no declared domain…).
@@ -219,7 +225,10 @@ pub fn track(plan: &LogicalPlan, policy: &Policy) -> Result<Tracked> {
                     }
                     match dataset.role(f.name()) {
                         ColumnRole::JoinKey => Lineage::Key,
-                        ColumnRole::Dimension { domain } => Lineage::Dimension(domain),
+                        // A public dataset has no people to count values of.
+                        ColumnRole::Dimension { domain, groups_per_person } => {
+                            Lineage::Dimension(domain, groups_per_person.filter(|_| unit.is_some()))
+                        }
                         ColumnRole::Measure { lower, upper } => Lineage::Number { lo: lower, hi: upper },
                         ColumnRole::Hidden => Lineage::Hidden { dataset: dataset.name.clone(), column: f.name().clone() },
                     }
@@ -549,8 +558,11 @@ fn merge(a: &Lineage, b: &Lineage) -> Lineage {
         (Lineage::Number { lo: l1, hi: h1 }, Lineage::Number { lo: l2, hi: h2 }) => {
             Lineage::Number { lo: l1.min(*l2), hi: h1.max(*h2) }
         }
-        (Lineage::Dimension(d1), Lineage::Dimension(d2)) if d1 == d2 => a.clone(),
-        (Lineage::Dimension(_), Lineage::Dimension(_)) => Lineage::Dimension(None),
+        // A value from either side: a person has at most both sides' values.
+        (Lineage::Dimension(d1, p1), Lineage::Dimension(d2, p2)) => Lineage::Dimension(
+            if d1 == d2 { d1.clone() } else { None },
+            p1.zip(*p2).map(|(p1, p2)| p1.saturating_add(p2)),
+        ),
         (Lineage::Unit, Lineage::Unit) => Lineage::Unit,
         (Lineage::Unit | Lineage::UnitOrNull, Lineage::Unit | Lineage::UnitOrNull) => Lineage::UnitOrNull,
         (Lineage::Key, Lineage::Key) => Lineage::Key,
@@ -839,16 +851,16 @@ pub fn lineage(e: &Expr, schema: &DFSchema, columns: &[Lineage]) -> Result<Linea
                 // truncated in its zone, so its periods are not the range's;
                 // UTC is the range's own).
                 ("date_trunc", _) => match (date_argument_lineage(f.args.get(1), schema, columns)?.as_ref().or(args.get(1)), period_grain(&f.args), f.args.get(1).and_then(|a| a.get_type(schema).ok())) {
-                    (Some(Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. })))), Some(grain), Some(t))
+                    (Some(Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. })), per_person)), Some(grain), Some(t))
                         if crate::policy::utc_timestamp(&t) || matches!(t, arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Date64) =>
                     {
                         // Of periods (a nested DATE_TRUNC), the coarser
                         // periods of the inner ones' days.
                         let days = d.days();
                         let (from, to) = (days.first().copied().unwrap_or(0), days.last().copied().unwrap_or(-1));
-                        Lineage::Dimension(Some(Domain::Periods { from, to, grain }))
+                        Lineage::Dimension(Some(Domain::Periods { from, to, grain }), *per_person)
                     }
-                    (Some(Lineage::Dimension(_)), _, _) => Lineage::Dimension(None),
+                    (Some(Lineage::Dimension(_, per_person)), _, _) => Lineage::Dimension(None, *per_person),
                     _ => Lineage::Other,
                 },
                 ("abs", Some(n)) if n.len() == 1 => {
@@ -934,12 +946,12 @@ fn cast_lineage(l: Lineage, to: &arrow::datatypes::DataType) -> Lineage {
         (Lineage::Number { lo, hi }, t) if t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..)) => {
             Lineage::Number { lo, hi }
         }
-        (Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. }))), DataType::Date32) => Lineage::Dimension(Some(d)),
-        (Lineage::Dimension(Some(d @ Domain::IntRange { .. })), t) if t.is_integer() => Lineage::Dimension(Some(d)),
-        (Lineage::Dimension(Some(d @ Domain::Strings(_))), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) => {
-            Lineage::Dimension(Some(d))
+        (Lineage::Dimension(Some(d @ (Domain::DateRange { .. } | Domain::Periods { .. })), p), DataType::Date32) => Lineage::Dimension(Some(d), p),
+        (Lineage::Dimension(Some(d @ Domain::IntRange { .. }), p), t) if t.is_integer() => Lineage::Dimension(Some(d), p),
+        (Lineage::Dimension(Some(d @ Domain::Strings(_)), p), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) => {
+            Lineage::Dimension(Some(d), p)
         }
-        (Lineage::Dimension(_), _) => Lineage::Dimension(None),
+        (Lineage::Dimension(_, p), _) => Lineage::Dimension(None, p),
         _ => Lineage::Other,
     }
 }

@@ -112,17 +112,23 @@ const REGRESSIONS: &[&str] = &[
 ];
 
 fn policy() -> Policy {
-    let dim = |values: &[&str]| ColumnRole::Dimension { domain: Some(Domain::Strings(values.iter().map(|v| v.to_string()).collect())) };
+    let dim = |values: &[&str], groups_per_person: Option<u32>| ColumnRole::Dimension {
+        domain: Some(Domain::Strings(values.iter().map(|v| v.to_string()).collect())),
+        groups_per_person,
+    };
     let measure = |lower: f64, upper: f64| ColumnRole::Measure { lower, upper };
-    let free = ColumnRole::Dimension { domain: None };
+    let free = ColumnRole::Dimension { domain: None, groups_per_person: None };
     let days = Domain::DateRange {
         from: cleanroom_dp::policy::parse_date("2026-01-01").unwrap(),
         to: cleanroom_dp::policy::parse_date("2026-01-03").unwrap(),
     };
     let mut t1 = BTreeMap::new();
     t1.insert("uid".to_string(), ColumnRole::JoinKey);
-    t1.insert("cat".to_string(), dim(&["a", "b", "c"]));
-    t1.insert("day".to_string(), ColumnRole::Dimension { domain: Some(days) });
+    // Declared groups per person (below the domain's size for t1's cat and
+    // day, so ranking still drops groups; all of t2's cat) and t2's rows
+    // per group: the defaults of a query that sets no bound.
+    t1.insert("cat".to_string(), dim(&["a", "b", "c"], Some(2)));
+    t1.insert("day".to_string(), ColumnRole::Dimension { domain: Some(days), groups_per_person: Some(2) });
     t1.insert("i8".to_string(), measure(-100.0, 100.0));
     t1.insert("i16".to_string(), measure(-1000.0, 1000.0));
     t1.insert("i32".to_string(), measure(-1e6, 1e6));
@@ -138,10 +144,10 @@ fn policy() -> Policy {
     t2.insert("uid".to_string(), ColumnRole::JoinKey);
     t2.insert("v".to_string(), measure(0.0, 100.0));
     t2.insert("ts2".to_string(), free.clone());
-    t2.insert("cat".to_string(), dim(&["a", "b", "c"]));
+    t2.insert("cat".to_string(), dim(&["a", "b", "c"], Some(3)));
     let mut datasets = BTreeMap::new();
-    datasets.insert("t1".into(), DatasetPolicy { name: "t1".into(), privacy_unit: Some("uid".into()), columns: t1 });
-    datasets.insert("t2".into(), DatasetPolicy { name: "t2".into(), privacy_unit: Some("uid".into()), columns: t2 });
+    datasets.insert("t1".into(), DatasetPolicy { name: "t1".into(), privacy_unit: Some("uid".into()), columns: t1, max_contributions_per_group: None });
+    datasets.insert("t2".into(), DatasetPolicy { name: "t2".into(), privacy_unit: Some("uid".into()), columns: t2, max_contributions_per_group: Some(3) });
     // Joined datasets are read with at most 8 rows per person and scan (the
     // victim has 40 in t1).
     Policy { datasets, defaults: Defaults { max_delta_per_query: 1e-3, max_rows_per_person: Some(8), ..Defaults::default() } }

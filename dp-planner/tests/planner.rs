@@ -241,7 +241,12 @@ async fn per_person_subqueries_ctes_and_windows_are_tracked() {
         refused_rule("SELECT SUM(amount) FROM (SELECT amount, ROW_NUMBER() OVER (ORDER BY ts) AS rn FROM orders) WHERE rn = 1").await,
         "window_partition"
     );
-    assert_eq!(refused_rule("SELECT SUM(n) FROM (SELECT channel, COUNT(*) AS n FROM events GROUP BY channel)").await, "nested_aggregate");
+    // (An aggregate over a DP aggregate is post-processing; one that mixes
+    // people below a join or union is refused.)
+    assert_eq!(
+        refused_rule("SELECT COUNT(*) FROM (SELECT uid FROM events UNION ALL SELECT channel AS uid FROM (SELECT channel, COUNT(*) AS n FROM events GROUP BY channel) AS t) AS u").await,
+        "nested_aggregate"
+    );
     assert_eq!(refused_rule("SELECT COUNT(*) FROM (SELECT uid FROM events LIMIT 3)").await, "limit_below_dp_aggregate");
     assert_eq!(refused_rule("SELECT COUNT(*) FROM events WHERE uid IN (SELECT uid FROM orders)").await, "subquery");
 }
@@ -955,4 +960,140 @@ async fn a_planned_query_carries_each_aggregate_s_calibrated_mechanism() {
     let schema = cleanroom_dp::release::announced_dp_schema(&q).unwrap();
     let announced: f64 = schema.field(0).metadata()[cleanroom_dp::release::META_STDDEV].parse().unwrap();
     assert!((announced - noise.stddev()).abs() <= 1e-9 * noise.stddev().max(1.0), "{announced} vs {}", noise.stddev());
+}
+
+/// The fixture policy with `channel` declared as a dimension a person may
+/// have every value of (3) and `events` allowing 3 rows per person and group.
+fn declared_policy() -> cleanroom_dp::policy::Policy {
+    use cleanroom_dp::policy::{ColumnRole, Domain};
+    let mut p = policy();
+    let events = p.datasets.get_mut("events").unwrap();
+    events.columns.insert(
+        "channel".into(),
+        ColumnRole::Dimension { domain: Some(Domain::Strings(vec!["a".into(), "b".into(), "c".into()])), groups_per_person: Some(3) },
+    );
+    events.max_contributions_per_group = Some(3);
+    p
+}
+
+async fn plan_declared(sql: &str) -> DpQuery {
+    dp(cleanroom_dp::plan_sql(&context().state(), sql, &declared_policy(), &QueryOptions::default()).await.unwrap())
+}
+
+#[tokio::test]
+async fn manifest_declarations_set_unbiased_default_bounds_and_the_answer_says_what_may_be_dropped() {
+    use cleanroom_dp::release::{announced_dp_schema, META_BOUNDS_FROM, META_CLIPPING, META_GROUPS_PER_PERSON, META_ROWS_PER_GROUP};
+    // Without options: k = 3 (channel's declared groups per person), so p1
+    // counts in a, b and c; nothing can be dropped, and the answer says so.
+    let q = plan_declared("SELECT channel, COUNT(DISTINCT uid) AS people FROM events GROUP BY channel").await;
+    assert_eq!(q.options.max_groups_contributed, 3);
+    let people = exact_by_group(&q, 0).await;
+    assert_eq!((people["a"], people["b"], people["c"]), (3.0, 2.0, 1.0));
+    assert_eq!(q.aggregates[0].sensitivity, 3.0);
+    let meta = announced_dp_schema(&q).unwrap().metadata().clone();
+    assert_eq!(meta[META_CLIPPING], "none");
+    assert_eq!(meta[META_GROUPS_PER_PERSON], "3");
+    assert_eq!(meta[META_BOUNDS_FROM], "manifest");
+
+    // COUNT(*): the dataset's 3 rows per person and group keep all of p2's
+    // rows in a; more could exist, so rows may be dropped.
+    let q = plan_declared("SELECT channel, COUNT(*) AS n FROM events GROUP BY channel").await;
+    assert_eq!(exact_by_group(&q, 0).await["a"], 5.0);
+    assert_eq!(q.aggregates[0].sensitivity, 9.0);
+    let meta = announced_dp_schema(&q).unwrap().metadata().clone();
+    assert_eq!((meta[META_CLIPPING].as_str(), meta[META_ROWS_PER_GROUP].as_str()), ("rows", "3"));
+
+    // A bound the query sets wins over the declaration.
+    let q = plan_declared("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (max_groups_contributed = 1, max_contributions_per_group = 1) channel, COUNT(*) AS n FROM events GROUP BY channel").await;
+    assert_eq!(q.options.max_groups_contributed, 1);
+    assert_eq!(q.aggregates[0].sensitivity, 1.0);
+    let meta = announced_dp_schema(&q).unwrap().metadata().clone();
+    assert_eq!((meta[META_CLIPPING].as_str(), meta[META_BOUNDS_FROM].as_str()), ("groups,rows", "query"));
+
+    // A filter narrowing channel to one key: one group per person at most.
+    let q = plan_declared("SELECT channel, COUNT(DISTINCT uid) FROM events WHERE channel = 'a' GROUP BY channel").await;
+    assert_eq!(q.options.max_groups_contributed, 1);
+    // Without a declaration the collaboration's default (1) stays.
+    let q = dp(plan("SELECT channel, COUNT(DISTINCT uid) FROM events GROUP BY channel").await.unwrap());
+    assert_eq!(q.options.max_groups_contributed, 1);
+    let meta = announced_dp_schema(&q).unwrap().metadata().clone();
+    assert_eq!((meta[META_CLIPPING].as_str(), meta[META_BOUNDS_FROM].as_str()), ("groups", "manifest"));
+    let explained = plan("EXPLAIN SELECT channel, COUNT(DISTINCT uid) FROM events GROUP BY channel").await.unwrap();
+    let text = format!("{:?}", cleanroom_dp::release::explain(match &explained {
+        PlannedQuery::Explain(e) => e,
+        other => panic!("{other:?}"),
+    }).unwrap().batches());
+    assert!(text.contains("at most 1 group(s) per person (a person's further groups are dropped)"), "{text}");
+}
+
+#[tokio::test]
+async fn counts_clamped_at_zero_when_asked_with_their_intervals() {
+    // ε = 0.01 with sensitivity 30 (3 groups x 10 rows): the noise's scale is 3000, so about half of
+    // the unclamped counts of these tiny groups would be negative.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.01, clamp_counts = true, confidence_intervals = true, max_groups_contributed = 3) \
+               channel, COUNT(*) AS n FROM events GROUP BY channel";
+    let q = dp(plan(sql).await.unwrap());
+    assert_eq!(cleanroom_dp::release::announced_dp_schema(&q).unwrap().metadata()["cleanroom.clamp_counts"], "true");
+    let mut zeros = 0;
+    for _ in 0..10 {
+        let released = charged_release(&q).await;
+        let b = &released.batches()[0];
+        let n = b.column(1).as_primitive::<Int64Type>();
+        let low = b.column(2).as_primitive::<arrow::datatypes::Float64Type>();
+        let high = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            assert!(n.value(i) >= 0 && low.value(i) >= 0.0 && high.value(i) >= low.value(i), "{b:?}");
+            zeros += usize::from(n.value(i) == 0);
+        }
+    }
+    assert!(zeros > 0, "no count came out at 0 in 30 draws with noise of scale 3000");
+}
+
+#[tokio::test]
+async fn aggregates_over_a_dp_query_are_post_processing_of_its_release() {
+    use cleanroom_dp::release::release_key;
+    let inner = "SELECT channel, COUNT(*) AS n FROM events GROUP BY channel";
+    let q = dp(plan(inner).await.unwrap());
+    // A total, a count of rows and a share over the released rows: the DP
+    // aggregate is the inner one, with the same release.
+    for outer in [
+        format!("SELECT SUM(n) AS total FROM ({inner}) AS t"),
+        format!("SELECT COUNT(*) AS groups, MAX(n) AS top FROM ({inner}) AS t WHERE n > -1000000"),
+        format!("SELECT channel, n, SUM(n) OVER () AS total FROM ({inner}) AS t ORDER BY channel LIMIT 2"),
+        format!("SELECT DISTINCT channel FROM ({inner}) AS t"),
+    ] {
+        let w = dp(plan(&outer).await.unwrap());
+        assert_eq!(w.epsilon, q.epsilon, "{outer}");
+        assert_eq!(release_key(&w, "p", &policy(), "v1"), release_key(&q, "p", &policy(), "v1"), "{outer}");
+    }
+    // One release, two post-processings: the total is the sum of the rows.
+    let w = dp(plan(&format!("SELECT SUM(n) AS total FROM ({inner}) AS t")).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let receipt = receipt(&dir, &q.id, q.epsilon, q.delta);
+    let exact = context().execute_logical_plan(q.exact_plan.clone()).await.unwrap().collect().await.unwrap();
+    let noisy = release(&q, &exact, &receipt).unwrap();
+    let rows = finish(&q, noisy.clone()).await.unwrap();
+    let total = finish(&w, noisy).await.unwrap();
+    let sum: i64 = rows.batches().iter().flat_map(|b| b.column(1).as_primitive::<Int64Type>().values().to_vec()).sum();
+    assert_eq!(total.batches()[0].column(0).as_primitive::<Int64Type>().value(0), sum);
+    // The total is computed, not one noisy column: no noise is announced for it.
+    assert!(total.schema().field(0).metadata().is_empty());
+    assert_eq!(total.schema().metadata()["cleanroom.charge.epsilon"], "1");
+
+    // Another ε, bound or DP aggregate is another release.
+    let other = dp(plan("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5) channel, COUNT(*) AS n FROM events GROUP BY channel").await.unwrap());
+    assert_ne!(release_key(&other, "p", &policy(), "v1"), release_key(&q, "p", &policy(), "v1"));
+    let people = dp(plan("SELECT channel, COUNT(DISTINCT uid) AS n FROM events GROUP BY channel").await.unwrap());
+    assert_ne!(release_key(&people, "p", &policy(), "v1"), release_key(&q, "p", &policy(), "v1"));
+    assert_ne!(release_key(&q, "p", &policy(), "v2"), release_key(&q, "p", &policy(), "v1"));
+    assert_ne!(release_key(&q, "o", &policy(), "v1"), release_key(&q, "p", &policy(), "v1"));
+
+    // A per-person aggregate below stays per-person logic; a subquery in an
+    // outer expression could read data and is refused.
+    let per_person = dp(plan("SELECT COUNT(*) FROM (SELECT uid, SUM(cost) AS s FROM events GROUP BY uid) AS p").await.unwrap());
+    assert_eq!(per_person.groups.len(), 0);
+    assert_eq!(
+        refused_rule(&format!("SELECT SUM(n) FROM ({inner}) AS t WHERE channel IN (SELECT channel FROM events)")).await,
+        "subquery"
+    );
 }

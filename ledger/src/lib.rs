@@ -304,15 +304,17 @@ fn now_secs() -> u64 {
     audit::now_ms() / 1000
 }
 
-/// The answer kept under `key`, if the party was already given one.
-pub fn recall(ledger: &dyn Ledger, key: &str) -> cleanroom_dp::error::Result<Option<cleanroom_dp::release::Released>> {
+/// The release kept under `key` ([`cleanroom_dp::release::release_key`]),
+/// if the party already paid for one.
+pub fn recall(ledger: &dyn Ledger, key: &str) -> cleanroom_dp::error::Result<Option<cleanroom_dp::release::NoisyAggregate>> {
     match ledger.released_answer(key)? {
-        Some(bytes) => Ok(Some(cleanroom_dp::release::Released::from_stored(&bytes)?)),
+        Some(bytes) => Ok(Some(cleanroom_dp::release::NoisyAggregate::from_stored(&bytes)?)),
         None => Ok(None),
     }
 }
 
-/// Keep `answer` under `key`, so the same question is answered the same way.
-pub fn remember(ledger: &dyn Ledger, key: &str, answer: &cleanroom_dp::release::Released) -> cleanroom_dp::error::Result<()> {
-    Ok(ledger.keep_released_answer(key, &answer.to_stored()?)?)
+/// Keep `release` under `key`, so the same DP aggregate is never drawn twice
+/// for the party.
+pub fn remember(ledger: &dyn Ledger, key: &str, release: &cleanroom_dp::release::NoisyAggregate) -> cleanroom_dp::error::Result<()> {
+    Ok(ledger.keep_released_answer(key, &release.to_stored()?)?)
 }

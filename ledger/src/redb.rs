@@ -28,8 +28,8 @@ const MANIFEST: &str = "manifest_sha256";
 /// names cannot contain NUL).
 const COLLABORATION: &str = "\0collaboration";
 
-/// Released answers (Arrow IPC streams) by answer key; see
-/// [`cleanroom_dp::release::answer_key`].
+/// Releases of DP aggregates (Arrow IPC streams) by release key; see
+/// [`cleanroom_dp::release::release_key`].
 const RELEASED: TableDefinition<&str, &[u8]> = TableDefinition::new("released_answers");
 
 /// The embedded ledger.

@@ -15,8 +15,12 @@
 //! - `role = "join_key"` → [`ColumnRole::JoinKey`];
 //! - `role = "dimension"` with an optional `domain` (a list of strings →
 //!   [`Domain::Strings`], `{ min, max }` → [`Domain::IntRange`],
-//!   `{ from = "YYYY-MM-DD", to = "YYYY-MM-DD" }` → [`Domain::DateRange`]) →
+//!   `{ from = "YYYY-MM-DD", to = "YYYY-MM-DD" }` → [`Domain::DateRange`])
+//!   and an optional `groups_per_person` (how many of its values one person
+//!   may have: a number, or `"all"` for the domain's size) →
 //!   [`ColumnRole::Dimension`];
+//! - a dataset's optional `max_contributions_per_group` (rows of one person
+//!   in one group) → [`DatasetPolicy::max_contributions_per_group`];
 //! - `role = "measure"` with `bounds = [lower, upper]` → [`ColumnRole::Measure`];
 //! - `role = "hidden"` → [`ColumnRole::Hidden`] (undeclared columns are hidden
 //!   too, by the planner's own rule).
@@ -178,6 +182,9 @@ pub struct Dataset {
     pub columns: BTreeMap<String, Column>,
     /// How long rows are kept, by their event time.
     pub retention: Option<Retention>,
+    /// The default bound on one person's rows in one group, for queries
+    /// over this dataset that set none (`[defaults]`' value otherwise).
+    pub max_contributions_per_group: Option<u32>,
 }
 
 /// `retention = { column = "ts", days = 90 }`: rows whose `column` (a date
@@ -232,6 +239,10 @@ pub struct Column {
     pub domain: Option<Domain>,
     /// `[lower, upper]` clamping bounds; present exactly for measures.
     pub bounds: Option<[f64; 2]>,
+    /// How many values of this dimension one person may have (`"all"` is
+    /// stored as the domain's size): the default number of groups a person
+    /// may contribute to when a query groups by it and sets no bound.
+    pub groups_per_person: Option<u32>,
 }
 
 impl Column {
@@ -241,6 +252,7 @@ impl Column {
             Role::JoinKey => ColumnRole::JoinKey,
             Role::Dimension => ColumnRole::Dimension {
                 domain: self.domain.clone(),
+                groups_per_person: self.groups_per_person,
             },
             Role::Measure => match self.bounds {
                 Some([lower, upper]) => ColumnRole::Measure { lower, upper },
@@ -501,6 +513,7 @@ impl Dataset {
                 .iter()
                 .map(|(name, column)| (name.clone(), column.to_policy_role()))
                 .collect(),
+            max_contributions_per_group: self.max_contributions_per_group,
         }
     }
 
@@ -1176,6 +1189,7 @@ fn parse_datasets(
                 "readers",
                 "columns",
                 "retention",
+                "max_contributions_per_group",
             ],
         );
 
@@ -1311,6 +1325,11 @@ fn parse_datasets(
         }
 
         let retention = parse_retention(c, table, &at);
+        let per_group_path = join(&at, "max_contributions_per_group");
+        let max_contributions_per_group = table.get("max_contributions_per_group").and_then(|v| c.count::<u32>(v, &per_group_path));
+        if privacy_unit.is_none() && max_contributions_per_group.is_some() {
+            c.report(&per_group_path, "only a protected dataset (one with a privacy_unit) has rows per person to bound");
+        }
 
         datasets.push(Dataset {
             name,
@@ -1322,6 +1341,7 @@ fn parse_datasets(
             readers,
             columns,
             retention,
+            max_contributions_per_group,
         });
     }
     datasets
@@ -1350,7 +1370,7 @@ fn parse_column(
     let Some(table) = c.table(value, at) else {
         return (None, None);
     };
-    c.unknown_keys(table, at, &["role", "domain", "bounds"]);
+    c.unknown_keys(table, at, &["role", "domain", "bounds", "groups_per_person"]);
 
     let role = c.required_string(table, at, "role").and_then(|r| {
         let role = Role::parse(&r);
@@ -1391,10 +1411,33 @@ fn parse_column(
         _ => {}
     }
 
+    // `groups_per_person`: a number, or "all" for the domain's size.
+    let mut groups_per_person = None;
+    if let Some(v) = table.get("groups_per_person") {
+        let path = join(at, "groups_per_person");
+        match (role, v) {
+            (Some(Role::Dimension), Value::String(all)) if all == "all" => match &domain {
+                Some(d) => groups_per_person = Some(u32::try_from(d.len()).unwrap_or(u32::MAX)),
+                None if table.contains_key("domain") => {}
+                None => c.report(&path, "\"all\" needs a domain to count (give a number instead)"),
+            },
+            (Some(Role::Dimension), Value::String(other)) => {
+                c.report(&path, format!("expected a number or \"all\", found {other:?}"))
+            }
+            (Some(Role::Dimension), v) => groups_per_person = c.count::<u32>(v, &path),
+            (Some(other), _) => c.report(
+                &path,
+                format!("groups_per_person is only allowed on dimension columns (this column is a {other})"),
+            ),
+            (None, _) => {}
+        }
+    }
+
     let column = role.map(|role| Column {
         role,
         domain,
         bounds,
+        groups_per_person,
     });
     (role, column)
 }
@@ -1878,12 +1921,13 @@ campaign_id = {{ role = "dimension" }}
         assert_eq!(
             impressions.role("campaign_id"),
             ColumnRole::Dimension {
-                domain: Some(Domain::IntRange { min: 1, max: 50 })
+                domain: Some(Domain::IntRange { min: 1, max: 50 }),
+                groups_per_person: None,
             }
         );
         assert_eq!(
             impressions.role("is_return"),
-            ColumnRole::Dimension { domain: None }
+            ColumnRole::Dimension { domain: None, groups_per_person: None }
         );
         assert_eq!(
             impressions.role("cost_micros"),
@@ -2127,6 +2171,40 @@ campaign_id = {{ role = "dimension" }}
             "has 1001 values, more than defaults.max_output_groups = 1000",
         );
         assert_eq!(problems.len(), 5, "{}", ProblemLines(&problems));
+    }
+
+    #[test]
+    fn groups_per_person_and_rows_per_group_are_declared_and_checked() {
+        let mut text = edit(
+            &sample(),
+            "channel = { role = \"dimension\", domain = [\"display\", \"email\", \"search\"] }",
+            "channel = { role = \"dimension\", domain = [\"display\", \"email\", \"search\"], groups_per_person = \"all\" }",
+        );
+        text = edit(&text, "is_return = { role = \"dimension\" }", "is_return = { role = \"dimension\", groups_per_person = 2 }");
+        text = edit(&text, "readers = [\"advertiser\"]\n", "readers = [\"advertiser\"]\nmax_contributions_per_group = 4\n");
+        let manifest = Manifest::from_str(&text, Path::new("/manifests")).unwrap();
+        let policy = manifest.policy_for("advertiser");
+        let impressions = policy.dataset("impressions").unwrap();
+        assert_eq!(
+            impressions.role("channel"),
+            ColumnRole::Dimension {
+                domain: Some(Domain::Strings(vec!["display".into(), "email".into(), "search".into()])),
+                groups_per_person: Some(3),
+            }
+        );
+        assert_eq!(impressions.role("is_return"), ColumnRole::Dimension { domain: None, groups_per_person: Some(2) });
+        assert_eq!(impressions.max_contributions_per_group, Some(4));
+
+        let mut bad = edit(&sample(), "is_return = { role = \"dimension\" }", "is_return = { role = \"dimension\", groups_per_person = \"all\" }");
+        bad = edit(&bad, "ts = { role = \"hidden\" }", "ts = { role = \"hidden\", groups_per_person = 1 }");
+        bad = edit(&bad, "campaign_id = { role = \"dimension\", domain = { min = 1, max = 50 } }", "campaign_id = { role = \"dimension\", domain = { min = 1, max = 50 }, groups_per_person = 0 }");
+        bad = edit(&bad, "public = true\n", "public = true\nmax_contributions_per_group = 2\n");
+        let problems = problems(&bad);
+        assert_has(&problems, "datasets[0].columns.is_return.groups_per_person", "needs a domain");
+        assert_has(&problems, "datasets[0].columns.ts.groups_per_person", "only allowed on dimension columns");
+        assert_has(&problems, "datasets[0].columns.campaign_id.groups_per_person", "at least 1");
+        assert_has(&problems, "datasets[2].max_contributions_per_group", "only a protected dataset");
+        assert_eq!(problems.len(), 4, "{}", ProblemLines(&problems));
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! into an [`Ask`] and a [`QueryError`] into a status. Why the order keeps
 //! the guarantee:
 //!
-//! - **recall** first: the same question on the same data versions gets the
-//!   answer already released to this party, at no new cost. Releasing a
-//!   stored answer again is post-processing of an ε-DP release, so it costs
-//!   nothing (and a new draw would give an averaging attack more samples).
+//! - **recall** first: a question whose DP aggregate was already released to
+//!   this party on the same data versions — the same question, or the same
+//!   one with another `LIMIT`, `ORDER BY`, projection, filter or outer
+//!   aggregate around it, as BI tools add — is answered from the kept
+//!   release, at no new cost: its post-processing runs again on the kept
+//!   noisy values, which is post-processing of an ε-DP release (and a new
+//!   draw would give an averaging attack more samples).
 //! - **charge** before any protected row is read, durably, with the query's
 //!   `query` audit record in the same atomic write; a budget or cap refusal
 //!   reads nothing. Nothing is charged for a query no engine could run.
@@ -23,7 +26,7 @@
 //! - a failure after the charge keeps the charge: its cause may depend on the
 //!   data, and refunding it would make failure a free oracle. Answers and
 //!   failures alike leave no sooner than the minimum response time.
-//! - **remember** the answer, for the next recall.
+//! - **remember** the release, for the next recall.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,11 +185,13 @@ impl Pipeline {
         };
 
         // recall
-        let key = release::answer_key(query, ask.party, ask.policy, ask.versions);
+        let key = release::release_key(query, ask.party, ask.policy, ask.versions);
         let (ledger, lookup) = (self.ledger.clone(), key.clone());
-        if let Some(answer) = blocking(move || cleanroom_ledger::recall(ledger.as_ref(), &lookup)).await?? {
+        if let Some(noisy) = blocking(move || cleanroom_ledger::recall(ledger.as_ref(), &lookup)).await?? {
             info!(party = %ask.party, query = %query.id, "answered from the released-answer cache");
-            let receipt = answer.schema().metadata().get(release::META_RECEIPT).cloned().unwrap_or_default();
+            let receipt = noisy.receipt().to_string();
+            // Post-processing of the kept release: free, whatever it computes.
+            let answer = release::finish(query, noisy).await?;
             let event = AnswerEvent {
                 receipt,
                 query_id: query.id.clone(),
@@ -228,7 +233,7 @@ impl Pipeline {
         if let Some(rest) = ask.min_response.checked_sub(started.elapsed()) {
             tokio::time::sleep(rest).await;
         }
-        let (released, ran) = match outcome {
+        let (released, noisy, ran) = match outcome {
             Ok(released) => released,
             Err(failure) => {
                 // The cause may depend on the data: the record says only that it failed.
@@ -241,7 +246,7 @@ impl Pipeline {
         };
 
         // remember
-        let (ledger, kept) = (self.ledger.clone(), released.clone());
+        let (ledger, kept) = (self.ledger.clone(), noisy);
         if !matches!(blocking(move || cleanroom_ledger::remember(ledger.as_ref(), &key, &kept)).await, Ok(Ok(()))) {
             // The answer is paid for; failing to keep it only means a re-run pays again.
             warn!(party = %ask.party, query = %query.id, "could not keep the released answer");
@@ -264,7 +269,7 @@ impl Pipeline {
 
     /// Run the exact plan, release it with the planned mechanisms, finish it,
     /// and audit its shape.
-    async fn run_and_release(&self, ask: &Ask<'_>, planned: Arc<PlannedQuery>, receipt: &cleanroom_ledger::Receipt) -> Result<(Released, Duration), Failure> {
+    async fn run_and_release(&self, ask: &Ask<'_>, planned: Arc<PlannedQuery>, receipt: &cleanroom_ledger::Receipt) -> Result<(Released, release::NoisyAggregate, Duration), Failure> {
         let PlannedQuery::Dp(query) = planned.as_ref() else { unreachable!("only DP queries are charged") };
         let started = Instant::now();
         let exact = match self.engine.run(ask.ctx, &query.id, query.exact_plan.clone(), ask.deadline).await {
@@ -289,7 +294,7 @@ impl Pipeline {
             .await
             .map_err(Failure::Release)?
             .map_err(Failure::Release)?;
-        let released = release::finish(query, noisy).await.map_err(Failure::Release)?;
+        let released = release::finish(query, noisy.clone()).await.map_err(Failure::Release)?;
         // The answer leaves only once its shape is on the audit log.
         let event = AnswerEvent {
             receipt: receipt.id().to_string(),
@@ -300,7 +305,7 @@ impl Pipeline {
             columns: shape(&released.schema()),
         };
         self.audit(Some(ask.party), Event::Answer(event)).await.map_err(Failure::Release)?;
-        Ok((released, ran))
+        Ok((released, noisy, ran))
     }
 }
 

@@ -79,6 +79,17 @@ def test_pandas_read_sql_set_and_probes(server, demo):
         frame = pd.read_sql(DP_REACH, conn)
     assert list(frame.columns) == ["channel", "users"] and len(frame) == 5
     assert spent(conn) == pytest.approx(1.0)  # the manifest's default ε
+    # Wrappers a BI tool adds around an answered question — a row limit, a
+    # total, a top-1 — are post-processing of the same release: free, and
+    # computed from the same noisy values.
+    cur = conn.cursor()
+    cur.execute(f"SELECT * FROM ({DP_REACH}) AS virtual_table LIMIT 1001")
+    assert [tuple(r) for r in cur.fetchall()] == list(frame.itertuples(index=False, name=None))
+    cur.execute(f"SELECT SUM(users) AS total FROM ({DP_REACH}) AS virtual_table")
+    assert cur.fetchall()[0][0] == frame.users.sum()
+    cur.execute(f"SELECT channel FROM ({DP_REACH}) AS t ORDER BY users DESC, channel LIMIT 1")
+    assert cur.fetchall()[0][0] == frame.sort_values(["users", "channel"], ascending=[False, True]).channel.iloc[0]
+    assert spent(conn) == pytest.approx(1.0)
     # SET answers with an empty result, and applies to what follows.
     cur = conn.cursor()
     cur.execute("SET cleanroom.epsilon = 0.25")
