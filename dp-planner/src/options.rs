@@ -93,7 +93,7 @@ pub struct BoundsChosen {
 
 /// Largest per-person group or row bound a query may ask for: beyond it the
 /// noise would drown every answer, and it keeps sensitivities far from overflow.
-pub(crate) const MAX_CONTRIBUTION_BOUND: u32 = 10_000;
+pub const MAX_CONTRIBUTION_BOUND: u32 = 10_000;
 
 impl QueryOptions {
     /// Set one option from its SQL spelling; used for the OPTIONS clause and for

@@ -181,8 +181,15 @@ impl Released {
 /// of party, DP aggregate, option, mechanism, policy or data is a new key.
 pub fn release_key(query: &DpQuery, party: &str, policy: &crate::policy::Policy, data_version: &str) -> String {
     use sha2::{Digest, Sha256};
-    // Only the companion interval columns, computed after the release.
-    let options = crate::options::ResolvedOptions { confidence_intervals: false, ..query.options.clone() };
+    // Without what does not shape the release: the companion interval
+    // columns (computed after it), where the bounds came from, and the
+    // privacy unit's name (checked against the manifest's).
+    let options = crate::options::ResolvedOptions {
+        confidence_intervals: false,
+        bounds_chosen: Default::default(),
+        privacy_unit_column: None,
+        ..query.options.clone()
+    };
     let mut h = Sha256::new();
     for part in [
         "noisy aggregate 1".to_string(),
@@ -402,7 +409,11 @@ pub async fn without_data(query: &NoDataQuery) -> Result<Released> {
             "an aggregate or a LIMIT",
         ));
     }
-    let schema = Arc::new(announced_schema(&query.output_schema()));
+    let schema = Arc::new(query.announced_schema());
+    if query.probed.is_some() {
+        // A probe: no row, the probed DP query's columns.
+        return Ok(Released { schema, batches: Vec::new() });
+    }
     let batches = batches
         .into_iter()
         .map(|b| RecordBatch::try_new(schema.clone(), columns_as(&b, &schema)?))
@@ -887,28 +898,32 @@ fn noisy_outputs(query: &DpQuery, noise: &[(String, Noise)]) -> Vec<Option<Noise
     if query.post_aggregates > 0 {
         return vec![None; plan.schema().fields().len()];
     }
-    let mut node = plan;
-    while matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_)) {
-        node = node.inputs()[0];
-    }
     let find = |name: &str| noise.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
+    (0..plan.schema().fields().len()).map(|i| aggregate_column(plan, i).and_then(|name| find(&name))).collect()
+}
+
+/// The name of the DP aggregate's output column that output column `i` of
+/// `node` shows unchanged — through projections (as a column or by
+/// repeating the aggregate expression, under any aliases), subquery
+/// aliases, filters, sorts and limits — if any.
+fn aggregate_column(node: &LogicalPlan, i: usize) -> Option<String> {
     match node {
-        LogicalPlan::Projection(p) => p
-            .expr
-            .iter()
-            .map(|e| {
-                // The projection names an aggregate output either as a column
-                // or by repeating the aggregate expression, under any aliases.
-                let mut e = e;
-                while let Expr::Alias(alias) = e {
-                    e = &alias.expr;
-                }
-                match e {
-                    Expr::Column(c) => find(&c.name),
-                    other => find(&other.schema_name().to_string()),
-                }
-            })
-            .collect(),
-        other => other.schema().fields().iter().map(|f| find(f.name())).collect(),
+        LogicalPlan::Aggregate(a) => a.schema.fields().get(i).map(|f| f.name().clone()),
+        LogicalPlan::Projection(p) => {
+            let mut e = p.expr.get(i)?;
+            while let Expr::Alias(alias) = e {
+                e = &alias.expr;
+            }
+            let input = p.input.schema();
+            let j = match e {
+                Expr::Column(c) => input.index_of_column(c).ok()?,
+                other => input.index_of_column_by_name(None, &other.schema_name().to_string())?,
+            };
+            aggregate_column(&p.input, j)
+        }
+        LogicalPlan::Filter(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::SubqueryAlias(_) => {
+            aggregate_column(node.inputs()[0], i)
+        }
+        _ => None,
     }
 }

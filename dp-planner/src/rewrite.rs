@@ -73,11 +73,24 @@ pub struct ExplainQuery {
 #[derive(Debug)]
 pub struct NoDataQuery {
     pub(crate) plan: LogicalPlan,
+    /// For a probe around a DP query (`SELECT * FROM (<DP query>) WHERE 1 =
+    /// 0`): the schema that DP query announces — its interval columns, its
+    /// noise and contribution metadata — with a charge of 0, so a client
+    /// sees the columns the real answer will have.
+    pub(crate) probed: Option<Schema>,
 }
 
 impl NoDataQuery {
     pub fn output_schema(&self) -> SchemaRef {
         Arc::new(self.plan.schema().as_arrow().clone())
+    }
+
+    /// The schema announced for the answer (and the answer's own).
+    pub fn announced_schema(&self) -> Schema {
+        match &self.probed {
+            Some(schema) => schema.clone(),
+            None => crate::release::announced_schema(&self.output_schema()),
+        }
     }
 }
 
@@ -306,7 +319,7 @@ fn derived_bounds(options: &ResolvedOptions, groups: &[(Expr, GroupKey)], datase
             .map(|d| d.max_contributions_per_group.unwrap_or(policy.defaults.max_contributions_per_group))
             .max();
         if let Some(m) = declared {
-            out.max_contributions_per_group = m;
+            out.max_contributions_per_group = m.clamp(1, crate::options::MAX_CONTRIBUTION_BOUND);
         }
     }
     out
@@ -358,6 +371,23 @@ impl DpQuery {
                 }
             })?
             .data;
+        // Post-processing reads the released values and nothing else: a
+        // plan that would still scan a dataset (anywhere, subqueries
+        // included) is not run.
+        let mut reads_data = false;
+        let _ = plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                reads_data |= scan.table_name.table() != RELEASE_TABLE || scan.table_name.schema().is_some();
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        if reads_data {
+            return Err(DpError::refused_with(
+                Rule::Subquery,
+                "subqueries in expressions are not supported",
+                "a JOIN on the privacy unit, or a CTE",
+            ));
+        }
         Ok(plan)
     }
 }
@@ -377,8 +407,24 @@ pub fn plan_query(
     }
     refuse_statements(plan)?;
     if let Some(empty) = provably_empty(plan) {
-        return Ok(PlannedQuery::NoData(NoDataQuery { plan: empty }));
+        // What the statement would announce if it had rows: planned like
+        // any statement (from the SQL and the policy only), nothing run.
+        let probed = match plan_rows(plan, policy, options) {
+            Ok(PlannedQuery::Dp(q)) => crate::release::announced_dp_schema(&q).ok().map(|schema| {
+                let mut metadata = schema.metadata().clone();
+                metadata.insert(crate::release::META_CHARGE.to_string(), "0".to_string());
+                metadata.insert(crate::release::META_CHARGE_DELTA.to_string(), "0".to_string());
+                schema.with_metadata(metadata)
+            }),
+            _ => None,
+        };
+        return Ok(PlannedQuery::NoData(NoDataQuery { plan: empty, probed }));
     }
+    plan_rows(plan, policy, options)
+}
+
+/// [`plan_query`] of a statement that is neither an EXPLAIN nor a probe.
+fn plan_rows(plan: &LogicalPlan, policy: &Policy, options: &ResolvedOptions) -> Result<PlannedQuery> {
     let all_scans = table_scans(plan)?;
     let system = all_scans.iter().filter(|t| t.schema() == Some(SYSTEM_SCHEMA)).count();
     if system > 0 && system < all_scans.len() {
@@ -394,7 +440,7 @@ pub fn plan_query(
     // also where no protected row reaches them.
     crate::tracking::check_functions(plan)?;
     if system == all_scans.len() {
-        return Ok(PlannedQuery::NoData(NoDataQuery { plan: plan.clone() }));
+        return Ok(PlannedQuery::NoData(NoDataQuery { plan: plan.clone(), probed: None }));
     }
     let mut datasets: Vec<String> = all_scans.iter().map(|t| t.table().to_string()).collect();
     datasets.sort();
@@ -449,7 +495,11 @@ fn no_rows(plan: &LogicalPlan) -> bool {
         | LogicalPlan::SubqueryAlias(_)
         | LogicalPlan::Window(_)
         | LogicalPlan::Distinct(_) => no_rows(plan.inputs()[0]),
-        LogicalPlan::Aggregate(a) => !a.group_expr.is_empty() && no_rows(&a.input),
+        // Grouping sets may hold the empty set, which answers one row of
+        // nothing: only plain GROUP BY keys make no row out of none.
+        LogicalPlan::Aggregate(a) => {
+            !a.group_expr.is_empty() && !a.group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) && no_rows(&a.input)
+        }
         LogicalPlan::Join(j) => match j.join_type {
             JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi => no_rows(&j.left) || no_rows(&j.right),
             JoinType::Left | JoinType::LeftAnti | JoinType::LeftMark => no_rows(&j.left),
@@ -644,20 +694,14 @@ fn find_dp_aggregate<'a>(plan: &'a LogicalPlan, policy: &Policy) -> Result<(&'a 
     }
 }
 
+/// Whether an expression of `node` holds a subquery of any kind (scalar,
+/// EXISTS, IN, and `op ANY/ALL`), which could read a dataset.
 fn contains_subquery(node: &LogicalPlan) -> bool {
     let mut found = false;
-    for e in node.expressions() {
-        let _ = e.apply(|e| {
-            if matches!(
-                e,
-                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
-            ) {
-                found = true;
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            Ok(TreeNodeRecursion::Continue)
-        });
-    }
+    let _ = node.apply_subqueries(|_| {
+        found = true;
+        Ok(TreeNodeRecursion::Stop)
+    });
     found
 }
 

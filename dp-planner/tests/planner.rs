@@ -580,10 +580,22 @@ async fn zero_row_probes_answer_their_schema_for_free() {
     let answer = cleanroom_dp::release::without_data(&q).await.unwrap();
     let names: Vec<String> = answer.schema().fields().iter().map(|f| f.name().clone()).collect();
     assert!(names.iter().any(|n| n == "channel") && names.iter().any(|n| n == "uid"), "{names:?}");
+    // A probe around a DP query announces that query's columns (interval
+    // columns included) and noise, at a charge of 0.
+    let probe = "SELECT * FROM (SELECT /*+ DIFFERENTIAL_PRIVACY(confidence_intervals = true) */ channel, COUNT(*) AS n FROM events GROUP BY channel) AS t WHERE 1 = 0";
+    let PlannedQuery::NoData(q) = plan(probe).await.unwrap() else { panic!("{probe}: not answered for free") };
+    let answer = cleanroom_dp::release::without_data(&q).await.unwrap();
+    let names: Vec<String> = answer.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["channel", "n", "n_ci_low", "n_ci_high"]);
+    assert_eq!(answer.schema().field(1).metadata()["cleanroom.noise.mechanism"], "discrete_laplace");
+    assert_eq!(answer.schema().metadata()["cleanroom.charge.epsilon"], "0");
+    assert_eq!(q.announced_schema(), answer.schema().as_ref().clone());
     // Not probes: an aggregate without groups answers one row whatever the
     // filter, and so stays a DP query.
     assert!(matches!(plan("SELECT COUNT(*) FROM events WHERE 1 = 0").await.unwrap(), PlannedQuery::Dp(_)));
     assert_eq!(refused_rule("SELECT * FROM events WHERE cost > 1e9").await, "dp_aggregate_required");
+    // GROUPING SETS may answer a row without any input row: not a probe.
+    assert_eq!(refused_rule("SELECT COUNT(*) FROM events WHERE 1 = 0 GROUP BY GROUPING SETS (())").await, "grouping_sets");
 }
 
 #[tokio::test]
@@ -1092,8 +1104,14 @@ async fn aggregates_over_a_dp_query_are_post_processing_of_its_release() {
     // outer expression could read data and is refused.
     let per_person = dp(plan("SELECT COUNT(*) FROM (SELECT uid, SUM(cost) AS s FROM events GROUP BY uid) AS p").await.unwrap());
     assert_eq!(per_person.groups.len(), 0);
-    assert_eq!(
-        refused_rule(&format!("SELECT SUM(n) FROM ({inner}) AS t WHERE channel IN (SELECT channel FROM events)")).await,
-        "subquery"
-    );
+    for wrapper in [
+        format!("SELECT SUM(n) FROM ({inner}) AS t WHERE channel IN (SELECT channel FROM events)"),
+        format!("SELECT * FROM ({inner}) AS t WHERE 1 = ANY (SELECT 1 FROM events WHERE uid = 'p1')"),
+        format!("SELECT * FROM ({inner}) AS t WHERE n > ALL (SELECT cost FROM events WHERE uid = 'p3')"),
+        format!("SELECT COUNT(*) FROM ({inner}) AS t WHERE EXISTS (SELECT 1 FROM events WHERE uid = 'p1')"),
+        format!("SELECT MAX(n) = ANY (SELECT cost FROM events) FROM ({inner}) AS t"),
+        format!("SELECT channel, (SELECT MAX(cost) FROM events) AS top FROM ({inner}) AS t"),
+    ] {
+        assert_eq!(refused_rule(&wrapper).await, "subquery", "{wrapper}");
+    }
 }

@@ -1327,6 +1327,9 @@ fn parse_datasets(
         let retention = parse_retention(c, table, &at);
         let per_group_path = join(&at, "max_contributions_per_group");
         let max_contributions_per_group = table.get("max_contributions_per_group").and_then(|v| c.count::<u32>(v, &per_group_path));
+        if max_contributions_per_group.is_some_and(|m| m > cleanroom_dp::options::MAX_CONTRIBUTION_BOUND) {
+            c.report(&per_group_path, format!("at most {} (beyond it the noise drowns every answer)", cleanroom_dp::options::MAX_CONTRIBUTION_BOUND));
+        }
         if privacy_unit.is_none() && max_contributions_per_group.is_some() {
             c.report(&per_group_path, "only a protected dataset (one with a privacy_unit) has rows per person to bound");
         }

@@ -856,7 +856,7 @@ fn sql_type_name(t: &DataType) -> &'static str {
 fn statement_schema(statement: &Statement) -> Result<Schema, Status> {
     Ok(match statement {
         Statement::Set { .. } => Schema::empty(),
-        Statement::Query(PlannedQuery::NoData(q)) => release::announced_schema(&q.output_schema()),
+        Statement::Query(PlannedQuery::NoData(q)) => q.announced_schema(),
         Statement::Query(PlannedQuery::Dp(q)) => release::announced_dp_schema(q).map_err(dp_status)?,
         Statement::Query(PlannedQuery::Explain(_)) => release::explain_schema(),
     })

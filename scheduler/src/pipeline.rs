@@ -26,7 +26,8 @@
 //! - a failure after the charge keeps the charge: its cause may depend on the
 //!   data, and refunding it would make failure a free oracle. Answers and
 //!   failures alike leave no sooner than the minimum response time.
-//! - **remember** the release, for the next recall.
+//! - **remember** the release (before its post-processing runs: it is paid
+//!   for whatever happens next), for the next recall.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,11 +230,11 @@ impl Pipeline {
 
         // run → release → post-process → audit; a failure keeps the charge.
         let started = Instant::now();
-        let outcome = self.run_and_release(ask, planned.clone(), &receipt).await;
+        let outcome = self.run_and_release(ask, planned.clone(), &receipt, key).await;
         if let Some(rest) = ask.min_response.checked_sub(started.elapsed()) {
             tokio::time::sleep(rest).await;
         }
-        let (released, noisy, ran) = match outcome {
+        let (released, ran) = match outcome {
             Ok(released) => released,
             Err(failure) => {
                 // The cause may depend on the data: the record says only that it failed.
@@ -245,12 +246,6 @@ impl Pipeline {
             }
         };
 
-        // remember
-        let (ledger, kept) = (self.ledger.clone(), noisy);
-        if !matches!(blocking(move || cleanroom_ledger::remember(ledger.as_ref(), &key, &kept)).await, Ok(Ok(()))) {
-            // The answer is paid for; failing to keep it only means a re-run pays again.
-            warn!(party = %ask.party, query = %query.id, "could not keep the released answer");
-        }
         Ok(Answer { released, served: Served::Answered, ran: Some(ran) })
     }
 
@@ -267,9 +262,9 @@ impl Pipeline {
         Ok(Answer { released: answer, served: Served::Free, ran: None })
     }
 
-    /// Run the exact plan, release it with the planned mechanisms, finish it,
-    /// and audit its shape.
-    async fn run_and_release(&self, ask: &Ask<'_>, planned: Arc<PlannedQuery>, receipt: &cleanroom_ledger::Receipt) -> Result<(Released, release::NoisyAggregate, Duration), Failure> {
+    /// Run the exact plan, release it with the planned mechanisms, keep the
+    /// release under `key`, finish it, and audit its shape.
+    async fn run_and_release(&self, ask: &Ask<'_>, planned: Arc<PlannedQuery>, receipt: &cleanroom_ledger::Receipt, key: String) -> Result<(Released, Duration), Failure> {
         let PlannedQuery::Dp(query) = planned.as_ref() else { unreachable!("only DP queries are charged") };
         let started = Instant::now();
         let exact = match self.engine.run(ask.ctx, &query.id, query.exact_plan.clone(), ask.deadline).await {
@@ -294,7 +289,14 @@ impl Pipeline {
             .await
             .map_err(Failure::Release)?
             .map_err(Failure::Release)?;
-        let released = release::finish(query, noisy.clone()).await.map_err(Failure::Release)?;
+        // remember the release before its post-processing runs: it is paid
+        // for, whatever the post-processing does.
+        let (ledger, kept) = (self.ledger.clone(), noisy.clone());
+        if !matches!(blocking(move || cleanroom_ledger::remember(ledger.as_ref(), &key, &kept)).await, Ok(Ok(()))) {
+            // Failing to keep it only means a re-run pays again.
+            warn!(party = %ask.party, query = %query.id, "could not keep the release");
+        }
+        let released = release::finish(query, noisy).await.map_err(Failure::Release)?;
         // The answer leaves only once its shape is on the audit log.
         let event = AnswerEvent {
             receipt: receipt.id().to_string(),
@@ -305,7 +307,7 @@ impl Pipeline {
             columns: shape(&released.schema()),
         };
         self.audit(Some(ask.party), Event::Answer(event)).await.map_err(Failure::Release)?;
-        Ok((released, noisy, ran))
+        Ok((released, ran))
     }
 }
 
