@@ -985,6 +985,17 @@ max_delta_per_query = 1e-6
 max_groups_contributed = 1
 max_contributions_per_group = 10
 
+# Default parameters of the studies: `SELECT * FROM lift()` (or `cleanroom
+# study lift`) measures the campaign's lift on conversions within 30 days of a
+# person's first impression, test group against the hold-out.
+[studies.lift]
+exposure = "impressions"
+outcome = "conversions"
+group = "test_group"
+control = "control"
+window_days = 30
+value = "revenue"
+
 [[parties]]
 name = "advertiser"
 password = "{advertiser}"
@@ -1094,7 +1105,19 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     register_adbench_tables(&ctx, out_dir).await?;
     let mut results = Vec::new();
-    for (name, sql) in adbench_queries() {
+    // The lift study with the manifest's default parameters, in plain SQL:
+    // people per test group, those converting within 30 days after their
+    // first impression, and their revenue (capped at 2000 per person).
+    let study = (
+        "study_lift".to_string(),
+        "WITH e AS (SELECT uid, MIN(test_group) AS grp, MIN(ts) AS first_at FROM impressions GROUP BY uid), \
+         o AS (SELECT c.uid, LEAST(SUM(c.revenue), 2000.0) AS value FROM conversions c JOIN e ON c.uid = e.uid \
+               WHERE c.ts > e.first_at AND c.ts <= e.first_at + INTERVAL '30 days' GROUP BY c.uid) \
+         SELECT e.grp AS test_group, COUNT(*) AS people, COUNT(o.uid) AS converters, SUM(o.value) AS revenue \
+         FROM e LEFT JOIN o ON e.uid = o.uid GROUP BY e.grp ORDER BY e.grp"
+            .to_string(),
+    );
+    for (name, sql) in adbench_queries().into_iter().chain([study]) {
         spinner.set_message(format!("computing truth.json: {name}"));
         let batches = ctx
             .sql(&sql)

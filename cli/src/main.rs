@@ -9,6 +9,7 @@ use cleanroom_scheduler::serve::{EngineChoice, Running, ServeOptions};
 
 mod logging;
 mod operator;
+mod study;
 mod upload;
 
 #[derive(Parser)]
@@ -166,6 +167,9 @@ enum Command {
     /// Upload Parquet files into a dataset the party owns, over Flight SQL,
     /// as one new data version (all or nothing).
     Upload(upload::UploadArgs),
+    /// Run a study over Flight SQL (`SELECT * FROM lift(…)`): one charge,
+    /// figures with their intervals, as a table or JSON.
+    Study(study::StudyArgs),
     /// Work with collaboration manifests.
     Manifest {
         #[command(subcommand)]
@@ -547,6 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload(args) => upload::upload(args).await,
+        Command::Study(args) => study::study(args).await,
         Command::Prepare(args) => tokio::task::spawn_blocking(move || prepare(args)).await?,
         Command::Budget { command } => tokio::task::spawn_blocking(move || operator::budget(command)).await?,
         Command::Audit { command } => tokio::task::spawn_blocking(move || operator::audit(command)).await?,

@@ -34,6 +34,7 @@ pub mod options;
 pub mod policy;
 pub mod release;
 pub mod rewrite;
+pub mod studies;
 pub mod tracking;
 pub mod total;
 pub mod udf;
@@ -57,10 +58,13 @@ pub async fn plan_sql(
 ) -> error::Result<rewrite::PlannedQuery> {
     limits::check_text(sql)?;
     let (sql, query_options) = options::split_dp_clause(sql)?;
-    let options = query_options.over(session_options).resolve(&policy.defaults)?;
+    let asked = query_options.over(session_options);
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state.sql_to_statement(&sql, &dialect).map_err(DpError::Sql)?;
     limits::check_statement(&statement)?;
+    // A study call becomes the DP SQL that answers it; its own ε wins.
+    let (statement, study_options) = studies::expand(state, statement, policy, &asked).await?;
+    let options = study_options.over(&asked).resolve(&policy.defaults)?;
     let plan = state.statement_to_plan(statement).await.map_err(DpError::Sql)?;
     rewrite::plan_query(&plan, policy, &options)
 }

@@ -150,6 +150,14 @@ pub enum Share {
 }
 
 impl Share {
+    /// This share times `factor` (ε and ρ both compose additively).
+    pub fn scaled(self, factor: f64) -> Share {
+        match self {
+            Share::Epsilon(e) => Share::Epsilon(e * factor),
+            Share::Rho(r) => Share::Rho(r * factor),
+        }
+    }
+
     /// This share split in `parts` equal parts.
     pub fn split(self, parts: f64) -> Share {
         match self {

@@ -52,6 +52,17 @@ pub struct QueryOptions {
     pub noise: Option<NoiseKind>,
     /// Report a noisy count below 0 (and its interval's ends) as 0.
     pub clamp_counts: Option<bool>,
+    /// How the query's budget is split across its noisy columns, when not
+    /// evenly; set by a study (not an SQL option).
+    pub column_split: Option<ColumnSplit>,
+}
+
+/// Weights of the DP aggregate's columns in the split of the query's
+/// budget (in the aggregate's column order), and why they were chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnSplit {
+    pub weights: Vec<f64>,
+    pub why: String,
 }
 
 /// The value of a set option, typed as a client shows it.
@@ -82,6 +93,7 @@ pub struct ResolvedOptions {
     pub confidence_intervals: bool,
     pub noise: NoiseKind,
     pub clamp_counts: bool,
+    pub column_split: Option<ColumnSplit>,
 }
 
 /// Which contribution bounds a query, session or connection set.
@@ -221,6 +233,7 @@ impl QueryOptions {
             confidence_intervals: self.confidence_intervals.or(base.confidence_intervals),
             noise: self.noise.or(base.noise),
             clamp_counts: self.clamp_counts.or(base.clamp_counts),
+            column_split: self.column_split.clone().or_else(|| base.column_split.clone()),
         }
     }
 
@@ -297,6 +310,7 @@ impl QueryOptions {
                 rows: self.max_contributions_per_group.is_some(),
             },
             clamp_counts: self.clamp_counts.unwrap_or(false),
+            column_split: self.column_split.clone(),
         })
     }
 }

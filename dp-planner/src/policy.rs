@@ -264,6 +264,9 @@ impl Default for Defaults {
 pub struct Policy {
     pub datasets: BTreeMap<String, DatasetPolicy>,
     pub defaults: Defaults,
+    /// Each study's default parameters (`[studies.<kind>]` in the
+    /// manifest), by study and parameter name.
+    pub studies: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Policy {

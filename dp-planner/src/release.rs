@@ -292,11 +292,29 @@ pub fn explain(query: &ExplainQuery) -> Result<Released> {
                 c.rows_per_group,
                 if c.rows { "further rows are dropped" } else { "nothing dropped" },
             ));
+            if let Some(s) = &q.options.column_split {
+                let parts: Vec<String> = q
+                    .aggregates
+                    .iter()
+                    .map(|a| match a.share {
+                        Share::Epsilon(e) => format!("{} epsilon {}", a.output_name, round_for_display(e)),
+                        Share::Rho(r) => format!("{} rho {r}", a.output_name),
+                    })
+                    .collect();
+                cost.push_str(&format!("budget split across the columns: {} ({})\n", parts.join(", "), s.why));
+            }
             if let Share::Rho(rho) = q.aggregates[0].share {
                 // The columns' δ: the query's, less the selection's.
-                let (total, delta) = (rho * q.aggregates.len() as f64, q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0));
+                let (total, each) = match &q.options.column_split {
+                    None => (rho * q.aggregates.len() as f64, format!("{rho} per column")),
+                    Some(_) => (
+                        q.aggregates.iter().map(|a| if let Share::Rho(r) = a.share { r } else { 0.0 }).sum(),
+                        "split across the columns as above".to_string(),
+                    ),
+                };
+                let delta = q.delta - q.selection.map(|t| t.delta).unwrap_or(0.0);
                 cost.push_str(&format!(
-                    "noise: Gaussian, composed in zCDP: rho = {total} in all ({rho} per column), converted to epsilon <= {} at delta = {delta}\n",
+                    "noise: Gaussian, composed in zCDP: rho = {total} in all ({each}), converted to epsilon <= {} at delta = {delta}\n",
                     round_for_display(crate::mechanism::zcdp_epsilon(total, delta)?),
                 ));
             }

@@ -1258,6 +1258,19 @@ fn rewrite(
     // The budget split over the noisy columns and the selection; see the
     // composition argument in `accountant`.
     let split = accountant::split(options, requested.len(), select)?;
+    // Each column's part of the columns' budget: even, or as a study asked
+    // (weights normalised to the columns' total, so the shares still add
+    // up to what `split` gives the columns: sequential composition).
+    let weights: Vec<f64> = match &options.column_split {
+        Some(s) if s.weights.len() == requested.len() && s.weights.iter().all(|w| w.is_finite() && *w > 0.0) => {
+            let total: f64 = s.weights.iter().sum();
+            s.weights.iter().map(|w| w * requested.len() as f64 / total).collect()
+        }
+        Some(_) => {
+            return Err(DpError::refused(Rule::UnsupportedShape, "the study's budget split does not match its aggregates"))
+        }
+        None => vec![1.0; requested.len()],
+    };
     for (j, r) in requested.iter().enumerate() {
         let p = col(format!("__p{j}"));
         let (grid, squares_grid) = &grids[j];
@@ -1313,7 +1326,7 @@ fn rewrite(
             // group (with ε / k each), so its sensitivity is one group's.
             sensitivity: if matches!(r.kind, AggregateKind::Quantile { .. }) { per_group } else { k * per_group },
             l2_sensitivity: k.sqrt() * per_group,
-            share: split.column,
+            share: split.column.scaled(weights[j]),
             integral: integral[j],
             average: matches!(r.kind, AggregateKind::Avg | AggregateKind::Variance { .. })
                 .then_some((k * per_group_rows, k.sqrt() * per_group_rows, r.bounds)),

@@ -150,7 +150,7 @@ fn policy() -> Policy {
     datasets.insert("t2".into(), DatasetPolicy { name: "t2".into(), privacy_unit: Some("uid".into()), columns: t2, max_contributions_per_group: Some(3) });
     // Joined datasets are read with at most 8 rows per person and scan (the
     // victim has 40 in t1).
-    Policy { datasets, defaults: Defaults { max_delta_per_query: 1e-3, max_rows_per_person: Some(8), ..Defaults::default() } }
+    Policy { datasets, defaults: Defaults { max_delta_per_query: 1e-3, max_rows_per_person: Some(8), ..Defaults::default() }, studies: BTreeMap::new() }
 }
 
 /// One row of `t1`.

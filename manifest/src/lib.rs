@@ -51,6 +51,9 @@ pub struct Manifest {
     pub defaults: Defaults,
     pub parties: Vec<Party>,
     pub datasets: Vec<Dataset>,
+    /// `[studies.<kind>]`: each study's default parameters (text, numbers
+    /// and booleans as their text), for calls that leave them out.
+    pub studies: BTreeMap<String, BTreeMap<String, String>>,
     /// How to reach S3 for `s3://` locations (`[s3]`); absent: from the
     /// environment (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`, …).
     pub s3: Option<S3Settings>,
@@ -382,13 +385,14 @@ impl Manifest {
         c.unknown_keys(
             &root,
             "",
-            &["collaboration", "defaults", "parties", "datasets", "s3"],
+            &["collaboration", "defaults", "parties", "datasets", "s3", "studies"],
         );
         let s3 = parse_s3(&mut c, &root);
         let collaboration = parse_collaboration(&mut c, &root);
         let defaults = parse_defaults(&mut c, &root);
         let parties = parse_parties(&mut c, &root, base_dir);
         let datasets = parse_datasets(&mut c, &root, &defaults, &parties);
+        let studies = parse_studies(&mut c, &root);
 
         if !c.problems.is_empty() {
             return Err(ManifestError::Invalid(c.problems));
@@ -399,6 +403,7 @@ impl Manifest {
             parties,
             datasets,
             s3,
+            studies,
             base_dir: std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf()),
         })
     }
@@ -493,6 +498,7 @@ impl Manifest {
                 .map(|d| (d.name.clone(), d.to_policy()))
                 .collect(),
             defaults: self.defaults.clone(),
+            studies: self.studies.clone(),
         }
     }
 }
@@ -1348,6 +1354,37 @@ fn parse_datasets(
         });
     }
     datasets
+}
+
+/// `[studies.<kind>]` tables: a study's default parameters.
+fn parse_studies(c: &mut Checker, root: &Table) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut studies = BTreeMap::new();
+    let Some(value) = root.get("studies") else { return studies };
+    let Some(table) = c.table(value, "studies") else { return studies };
+    for (kind, params) in table {
+        let at = join("studies", kind);
+        if !cleanroom_dp::studies::STUDIES.contains(&kind.as_str()) {
+            c.report(&at, format!("unknown study (the studies are {})", cleanroom_dp::studies::STUDIES.join(", ")));
+            continue;
+        }
+        let Some(params) = c.table(params, &at) else { continue };
+        let mut out = BTreeMap::new();
+        for (name, value) in params {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Integer(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Boolean(b) => b.to_string(),
+                other => {
+                    c.report(&join(&at, name), format!("expected a text, a number or a boolean, found {}", describe(other)));
+                    continue;
+                }
+            };
+            out.insert(name.clone(), text);
+        }
+        studies.insert(kind.clone(), out);
+    }
+    studies
 }
 
 /// `retention = { column = "...", days = N }` of a dataset.

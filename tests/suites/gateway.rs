@@ -506,3 +506,77 @@ async fn a_query_past_the_deadline_is_stopped_with_a_fixed_message_and_its_charg
     let spent = arrow::compute::cast(spent[0].column(0), &arrow::datatypes::DataType::Float64).unwrap();
     assert_eq!(spent.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().value(0), 0.5);
 }
+
+/// Column `name` of `batches` as numbers (NULL as NaN).
+fn numbers(batches: &[RecordBatch], name: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    for b in batches {
+        let c = arrow::compute::cast(b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")), &arrow::datatypes::DataType::Float64).unwrap();
+        let c = c.as_primitive::<arrow::datatypes::Float64Type>();
+        out.extend((0..c.len()).map(|i| if c.is_null(i) { f64::NAN } else { c.value(i) }));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lift_study_is_a_table_function_charged_once_whose_interval_covers_the_exact_lift() {
+    let server = Server::start(&state_dir("study"));
+    let mut client = server.login("advertiser").await;
+    // The manifest's [studies.lift] gives every parameter but epsilon.
+    let batches = query(&mut client, "SELECT * FROM lift(epsilon => 2)").await.unwrap();
+    assert_eq!(strings(&batches, 0), vec!["control", "test"]);
+    let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(
+        names,
+        ["test_group", "people", "converters", "revenue", "revenue_per_person", "conversion_rate", "lift", "lift_ci_low", "lift_ci_high", "significant"]
+    );
+    assert_eq!(batches[0].schema().metadata()["cleanroom.charge.epsilon"], "2");
+    // The exact figures, from plain SQL over the same files.
+    let truth = truth();
+    let exact = truth["queries"]["study_lift"].as_array().unwrap();
+    let rate = |g: &str| {
+        let row = exact.iter().find(|r| r["test_group"] == g).unwrap();
+        row["converters"].as_f64().unwrap() / row["people"].as_f64().unwrap()
+    };
+    let exact_lift = rate("test") / rate("control") - 1.0;
+    let (lift, low, high) = (numbers(&batches, "lift"), numbers(&batches, "lift_ci_low"), numbers(&batches, "lift_ci_high"));
+    assert!(lift[0].is_nan() && low[0].is_nan(), "the control group has no lift: {lift:?}");
+    assert!(low[1] <= exact_lift && exact_lift <= high[1], "exact lift {exact_lift} outside [{}, {}]", low[1], high[1]);
+    let people = numbers(&batches, "people");
+    for (i, g) in ["control", "test"].iter().enumerate() {
+        let row = exact.iter().find(|r| r["test_group"] == *g).unwrap();
+        assert!((people[i] - row["people"].as_f64().unwrap()).abs() < 50.0, "{g}: {} people vs {}", people[i], row["people"]);
+    }
+    let spent = |b: &[RecordBatch]| strings(b, 0)[0].parse::<f64>().unwrap();
+    assert_eq!(spent(&query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap()), 2.0);
+    // The same study again, or a projection of it: the kept release, free.
+    let again = query(&mut client, "SELECT test_group, lift FROM lift(epsilon => 2) WHERE lift IS NOT NULL").await.unwrap();
+    assert_eq!(numbers(&again, "lift"), vec![lift[1]]);
+    assert_eq!(spent(&query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap()), 2.0);
+    // EXPLAIN shows the cost and charges nothing; bad parameters are named.
+    let explained = query(&mut client, "EXPLAIN SELECT * FROM lift(epsilon => 0.5, window_days => 7)").await.unwrap();
+    let cost = &strings(&explained, 1)[0];
+    assert!(cost.contains("epsilon = 0.5"), "{cost}");
+    // Most of the budget goes to converters: the control group's rate dominates the lift's noise.
+    assert!(cost.contains("budget split across the columns: count(Int64(1)) epsilon 0.044813238, count(a.uid) epsilon 0.330186762, sum(a.value) epsilon 0.125"), "{cost}");
+    for (sql, says) in [
+        ("SELECT * FROM lift(exposure => 'nowhere')", "exposure => nowhere: no such dataset"),
+        ("SELECT * FROM lift(colour => 'red')", "unknown parameter `colour`"),
+        ("SELECT * FROM lift('impressions')", "arguments are named"),
+        ("SELECT * FROM lift(window_days => 0)", "window_days => 0"),
+    ] {
+        let err = client.execute(sql.into(), None).await.unwrap_err();
+        assert!(err.to_string().contains(says), "{sql}: {err}");
+    }
+    assert_eq!(spent(&query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap()), 2.0);
+
+    // The CLI runs the same study and prints it as JSON.
+    let out = std::process::Command::new(BIN)
+        .args(["study", "lift", "--server", &format!("grpc://{}", server.addr), "--party", "advertiser", "--json", "-p", "epsilon=2"])
+        .env("CLEANROOM_PASSWORD", password("advertiser"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[1]["lift"].as_f64().unwrap(), lift[1], "the CLI reads the same kept release");
+}

@@ -1,0 +1,321 @@
+//! Studies: the questions a clean room is bought for, as SQL table
+//! functions, `SELECT * FROM lift(exposure => 'impressions', …)`. A study
+//! call in a statement's `FROM` is replaced by the DP SQL that answers it —
+//! one DP aggregate, so one charge — and the study's figures (rates, lift,
+//! its interval) are computed above that aggregate, as post-processing of
+//! the released values. Every client (ADBC, BI tools, the CLI) shares this
+//! one implementation, and EXPLAIN, the released-answer cache and the audit
+//! log work on a study as on any DP query.
+//!
+//! Why a study is private: its SQL is planned and checked like any
+//! statement (the planner finds its DP aggregate, bounds each person's
+//! contribution and calibrates the noise); what the study adds is
+//! arithmetic on released values and on public constants (the noise's
+//! standard deviations, fixed at planning from the SQL and the manifest).
+//!
+//! Parameters are named arguments (`name => value`); those a call leaves
+//! out come from the manifest's `[studies.<kind>]` table, so the demo's
+//! `SELECT * FROM lift()` works as is.
+
+use std::collections::BTreeMap;
+
+use datafusion::execution::SessionState;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, Ident, SetExpr, Statement as SqlStatement, TableAlias, TableFactor, Value,
+};
+
+use crate::error::{DpError, Result};
+use crate::options::QueryOptions;
+use crate::policy::{ColumnRole, Policy};
+use crate::rewrite::PlannedQuery;
+
+/// The studies a statement may call.
+pub const STUDIES: &[&str] = &["lift"];
+
+fn invalid(study: &str, detail: impl Into<String>) -> DpError {
+    DpError::InvalidOption { option: study.to_string(), detail: detail.into() }
+}
+
+/// Replace the study call in `statement`'s `FROM` (in the outermost query,
+/// or the one under EXPLAIN) by the SQL that answers it. Returns the
+/// statement unchanged when it calls none, and the options the study sets
+/// (its `epsilon`), which take precedence over `asked` (the query's,
+/// session's and connection's).
+pub(crate) async fn expand(
+    state: &SessionState,
+    mut statement: DfStatement,
+    policy: &Policy,
+    asked: &QueryOptions,
+) -> Result<(DfStatement, QueryOptions)> {
+    let dialect = state.config().options().sql_parser.dialect;
+    let Some(factor) = study_factor(&mut statement) else {
+        return Ok((statement, QueryOptions::default()));
+    };
+    let TableFactor::Table { name, alias, args, .. } = &*factor else { unreachable!("study_factor finds tables") };
+    let kind = name.to_string().to_ascii_lowercase();
+    let mut params = policy.studies.get(&kind).cloned().unwrap_or_default();
+    for arg in args.as_ref().map(|a| a.args.as_slice()).unwrap_or_default() {
+        let (name, value) = named_argument(&kind, arg)?;
+        params.insert(name, value);
+    }
+    let alias = alias.clone().unwrap_or(TableAlias { explicit: true, name: Ident::new(&kind), columns: Vec::new(), at: None });
+    let study = Lift::from_params(&params, policy)?;
+    let mut study_options = QueryOptions { column_split: Some(study.split()), ..QueryOptions::default() };
+    if let Some(e) = params.get("epsilon") {
+        study_options.set("epsilon", e)?;
+    }
+    let options = study_options.over(asked).resolve(&policy.defaults)?;
+    // The noise of the study's counts: its DP aggregate planned alone.
+    let counts = parse_query(state, &study.released_sql(), &dialect)?;
+    let plan = state.statement_to_plan(counts).await.map_err(DpError::Sql)?;
+    let PlannedQuery::Dp(q) = crate::rewrite::plan_query(&plan, policy, &options)? else {
+        return Err(invalid(&kind, "the study's data could not be planned as a DP aggregate"));
+    };
+    let announced = crate::release::announced_dp_schema(&q)?;
+    let stddev = |column: &str| -> Result<f64> {
+        announced
+            .field_with_name(column)
+            .ok()
+            .and_then(|f| f.metadata().get(crate::release::META_STDDEV))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| invalid(&kind, format!("no noise was calibrated for the study's {column}")))
+    };
+    let sql = study.sql(stddev("people")?, stddev("converters")?);
+    let DfStatement::Statement(parsed) = parse_query(state, &sql, &dialect)? else { unreachable!("parse_query gives a query") };
+    let SqlStatement::Query(query) = *parsed else { unreachable!("parse_query gives a query") };
+    *factor = TableFactor::Derived { lateral: false, subquery: query, alias: Some(alias), sample: None };
+    Ok((statement, study_options))
+}
+
+/// Parse SQL the study wrote (always one query).
+fn parse_query(state: &SessionState, sql: &str, dialect: &datafusion::config::Dialect) -> Result<DfStatement> {
+    state.sql_to_statement(sql, dialect).map_err(DpError::Sql)
+}
+
+/// The FROM item of `statement` that calls a study, if any.
+fn study_factor(statement: &mut DfStatement) -> Option<&mut TableFactor> {
+    let query = match statement {
+        DfStatement::Explain(explain) => return study_factor(&mut explain.statement),
+        DfStatement::Statement(s) => match s.as_mut() {
+            SqlStatement::Query(q) => q,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let SetExpr::Select(select) = query.body.as_mut() else { return None };
+    select.from.iter_mut().flat_map(|t| std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))).find(|f| {
+        matches!(f, TableFactor::Table { name, args: Some(_), .. } if STUDIES.contains(&name.to_string().to_ascii_lowercase().as_str()))
+    })
+}
+
+/// One `name => value` argument; values are literals or bare names.
+fn named_argument(study: &str, arg: &FunctionArg) -> Result<(String, String)> {
+    let FunctionArg::Named { name, arg: FunctionArgExpr::Expr(value), .. } = arg else {
+        return Err(invalid(study, format!("arguments are named: {study}(exposure => 'impressions', …); got `{arg}`")));
+    };
+    let value = match value {
+        SqlExpr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+            Value::Number(n, _) => n.to_string(),
+            Value::Boolean(b) => b.to_string(),
+            other => return Err(invalid(study, format!("`{}` = {other}: expected a text, a number or a name", name.value))),
+        },
+        SqlExpr::Identifier(i) => i.value.clone(),
+        other => return Err(invalid(study, format!("`{}` = {other}: expected a text, a number or a name", name.value))),
+    };
+    Ok((name.value.to_ascii_lowercase(), value))
+}
+
+/// A SQL identifier, quoted.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A SQL text literal.
+fn text(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Lift (incrementality): people exposed per group of an assignment column
+/// (test/hold-out, or a geo hold-out's regions), how many of them had an
+/// outcome within the attribution window after their first exposure, the
+/// outcome's value, and each group's lift over the control group:
+/// `rate_g / rate_control − 1` with a 95 % interval.
+///
+/// The interval is the delta method on the log of the rate ratio. Each
+/// rate's variance adds the sampling variance of a proportion,
+/// `p (1 − p) / n`, and the variance the DP noise adds to `c / n` (noisy
+/// converters c and people n with noise standard deviations σ_c and σ_n:
+/// `(σ_c² + p² σ_n²) / n²`); `se = sqrt(var_t / p_t² + var_c / p_c²)`, and
+/// the interval is `(p_t / p_c) · exp(± 1.96 se) − 1`.
+struct Lift {
+    unit: String,
+    outcome_unit: String,
+    exposure: String,
+    outcome: String,
+    group: String,
+    control: String,
+    time: String,
+    outcome_time: String,
+    window_days: u32,
+    /// The outcome's value column and the per-person cap of its sum.
+    value: Option<(String, f64)>,
+    /// The conversion rate the analyst expects (public, from the call):
+    /// what the budget split is tuned for.
+    expected_rate: f64,
+}
+
+impl Lift {
+    fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<Lift> {
+        const KNOWN: &[&str] =
+            &["exposure", "outcome", "group", "control", "time", "outcome_time", "window_days", "value", "value_cap", "expected_rate", "epsilon"];
+        if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(invalid("lift", format!("unknown parameter `{unknown}`; the parameters are {}", KNOWN.join(", "))));
+        }
+        let get = |name: &str| -> Result<String> {
+            params.get(name).cloned().ok_or_else(|| invalid("lift", format!("missing parameter `{name}` (give it as {name} => …, or in the manifest's [studies.lift])")))
+        };
+        let dataset = |name: &str| -> Result<(String, String)> {
+            let d = get(name)?;
+            let policy = policy.dataset(&d).ok_or_else(|| invalid("lift", format!("{name} => {d}: no such dataset")))?;
+            let unit = policy.privacy_unit.clone().ok_or_else(|| invalid("lift", format!("{name} => {d}: a public dataset has no people")))?;
+            Ok((d, unit))
+        };
+        let (exposure, unit) = dataset("exposure")?;
+        let (outcome, outcome_unit) = dataset("outcome")?;
+        let time = params.get("time").cloned().unwrap_or_else(|| "ts".to_string());
+        let window_days = match params.get("window_days") {
+            Some(w) => w.parse::<u32>().ok().filter(|w| (1..=3650).contains(w)).ok_or_else(|| invalid("lift", format!("window_days => {w}: a whole number of days from 1 to 3650")))?,
+            None => 30,
+        };
+        let value = match params.get("value") {
+            None => None,
+            Some(v) => {
+                let upper = match policy.dataset(&outcome).map(|d| d.role(v)) {
+                    Some(ColumnRole::Measure { upper, .. }) => upper,
+                    _ => return Err(invalid("lift", format!("value => {v}: not a measure of {outcome}"))),
+                };
+                let cap = match params.get("value_cap") {
+                    Some(c) => c.parse::<f64>().ok().filter(|c| c.is_finite() && *c > 0.0).ok_or_else(|| invalid("lift", format!("value_cap => {c}: a number above 0")))?,
+                    // A person's outcomes within the window: a few at most.
+                    None => upper * 4.0,
+                };
+                Some((v.clone(), cap))
+            }
+        };
+        let expected_rate = match params.get("expected_rate") {
+            Some(r) => r.parse::<f64>().ok().filter(|r| *r > 0.0 && *r < 1.0).ok_or_else(|| invalid("lift", format!("expected_rate => {r}: a rate above 0 and below 1")))?,
+            None => 0.05,
+        };
+        Ok(Lift {
+            expected_rate,
+            unit,
+            outcome_unit,
+            exposure,
+            outcome,
+            group: get("group")?,
+            control: get("control")?,
+            outcome_time: params.get("outcome_time").cloned().unwrap_or_else(|| time.clone()),
+            time,
+            window_days,
+            value,
+        })
+    }
+
+    /// The budget of the DP aggregate's columns (people, converters, value).
+    ///
+    /// The lift's noise comes through each rate c / n, whose noise variance
+    /// is (σ_c² + p² σ_n²) / n²; with σ ∝ 1/ε for each column, minimising
+    /// σ_c² + p² σ_n² over ε_c + ε_n = ε gives ε_n : ε_c = p^(2/3) : 1, at
+    /// the expected rate p (a public parameter, never the data's rate). The
+    /// value column, not part of the lift, gets a quarter. The split only
+    /// moves budget between columns: their shares still add up to the
+    /// query's ε (sequential composition).
+    fn split(&self) -> crate::options::ColumnSplit {
+        let (people, converters) = (self.expected_rate.powf(2.0 / 3.0), 1.0);
+        let counts = if self.value.is_some() { 0.75 } else { 1.0 };
+        let mut weights = vec![counts * people / (people + converters), counts * converters / (people + converters)];
+        if self.value.is_some() {
+            weights.push(0.25);
+        }
+        crate::options::ColumnSplit {
+            weights,
+            why: format!(
+                "the lift study's: people and converters in proportion p^(2/3) : 1, which minimises the noise of each group's conversion rate at the expected rate p = {}{}",
+                self.expected_rate,
+                if self.value.is_some() { "; the value a quarter" } else { "" }
+            ),
+        }
+    }
+
+    /// The people of the exposure dataset with their group and first
+    /// exposure, and those with an outcome in the window, with its value.
+    fn ctes(&self) -> String {
+        let value = match &self.value {
+            Some((v, cap)) => format!(", LEAST(SUM(o.{}), {cap:?}) AS value", ident(v)),
+            None => String::new(),
+        };
+        format!(
+            "WITH study_exposed AS (SELECT {unit} AS uid, MIN({group}) AS grp, MIN({time}) AS first_at FROM {exposure} GROUP BY {unit}), \
+             study_outcomes AS (SELECT o.{ounit} AS uid{value} FROM {outcome} o JOIN study_exposed e ON o.{ounit} = e.uid \
+             WHERE o.{otime} > e.first_at AND o.{otime} <= e.first_at + INTERVAL '{days} days' GROUP BY o.{ounit}) ",
+            unit = ident(&self.unit),
+            group = ident(&self.group),
+            time = ident(&self.time),
+            exposure = ident(&self.exposure),
+            ounit = ident(&self.outcome_unit),
+            outcome = ident(&self.outcome),
+            otime = ident(&self.outcome_time),
+            days = self.window_days,
+        )
+    }
+
+    /// The study's one DP aggregate: people, converters (and value) per group.
+    fn released_select(&self) -> String {
+        let value = if self.value.is_some() { ", SUM(a.value) AS value" } else { "" };
+        format!(
+            "SELECT e.grp AS grp, COUNT(*) AS people, COUNT(a.uid) AS converters{value} \
+             FROM study_exposed e LEFT JOIN study_outcomes a ON e.uid = a.uid GROUP BY e.grp"
+        )
+    }
+
+    fn released_sql(&self) -> String {
+        format!("{}{}", self.ctes(), self.released_select())
+    }
+
+    /// The whole study: the DP aggregate, then rates, the control group's
+    /// rate beside every row (a window over the released rows), and lift.
+    fn sql(&self, people_sd: f64, converters_sd: f64) -> String {
+        let (value, value_out) = match &self.value {
+            Some((v, _)) => (
+                ", value".to_string(),
+                format!(", value AS {}, CAST(value AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE) AS {}", ident(v), ident(&format!("{v}_per_person"))),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let control = text(&self.control);
+        format!(
+            "{ctes}, study_released AS ({released}), \
+             study_rates AS (SELECT grp, people, converters{value}, \
+               LEAST(GREATEST(CAST(converters AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE), 0.0), 1.0) AS rate, \
+               CAST(GREATEST(people, 1) AS DOUBLE) AS n FROM study_released), \
+             study_variances AS (SELECT *, rate * (1.0 - rate) / n + ({cs:?} * {cs:?} + rate * rate * {ps:?} * {ps:?}) / (n * n) AS var FROM study_rates), \
+             study_against AS (SELECT *, MAX(CASE WHEN grp = {control} THEN rate END) OVER () AS control_rate, \
+               MAX(CASE WHEN grp = {control} THEN var END) OVER () AS control_var FROM study_variances), \
+             study_lift AS (SELECT *, CASE WHEN grp <> {control} AND rate > 0 AND control_rate > 0 \
+               THEN sqrt(var / (rate * rate) + control_var / (control_rate * control_rate)) END AS se FROM study_against) \
+             SELECT grp AS {group}, people, converters{value_out}, rate AS conversion_rate, \
+               CASE WHEN grp <> {control} AND control_rate > 0 THEN rate / control_rate - 1.0 END AS lift, \
+               rate / control_rate * exp(-1.959963984540054 * se) - 1.0 AS lift_ci_low, \
+               rate / control_rate * exp(1.959963984540054 * se) - 1.0 AS lift_ci_high, \
+               CASE WHEN se IS NULL THEN NULL ELSE rate / control_rate * exp(-1.959963984540054 * se) > 1.0 OR rate / control_rate * exp(1.959963984540054 * se) < 1.0 END AS significant \
+             FROM study_lift ORDER BY grp",
+            ctes = self.ctes().trim_end(),
+            released = self.released_select(),
+            cs = converters_sd,
+            ps = people_sd,
+            group = ident(&self.group),
+        )
+    }
+}
