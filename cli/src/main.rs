@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cleanroom_scheduler::serve::{EngineChoice, Running, ServeOptions};
 
+mod connection;
 mod logging;
 mod operator;
+mod report;
 mod study;
 mod upload;
 

@@ -2,26 +2,17 @@
 //! `SELECT * FROM <kind>(…)` table function every client can call — and
 //! print its figures as a table or as JSON.
 
-use anyhow::Context;
 use arrow::array::RecordBatch;
-use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
-use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct StudyArgs {
     /// The study: lift (incrementality of a test group over its hold-out).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(cleanroom_dp::studies::STUDIES))]
     kind: String,
-    /// The clean room's Flight SQL address.
-    #[arg(long, default_value = "grpc://127.0.0.1:50051")]
-    server: String,
-    /// The party running the study (it is charged).
-    #[arg(long, env = "CLEANROOM_PARTY")]
-    party: String,
-    /// The party's password; read from this environment variable.
-    #[arg(long, env = "CLEANROOM_PASSWORD", hide_env_values = true)]
-    password: String,
+    /// The server and the party running the study (it is charged).
+    #[command(flatten)]
+    connection: crate::connection::Connection,
     /// A study parameter, NAME=VALUE (repeatable); those left out come from
     /// the manifest's [studies.<kind>]. For lift: exposure, outcome, group,
     /// control, time, outcome_time, window_days, value, value_cap, epsilon.
@@ -30,6 +21,10 @@ pub struct StudyArgs {
     /// Print the figures as JSON (one object per row) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the report: one self-contained HTML file with the
+    /// figures, their intervals, plots and the privacy cost.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<std::path::PathBuf>,
 }
 
 /// The study call, with each parameter as a text literal.
@@ -48,19 +43,9 @@ fn call(kind: &str, params: &[String]) -> anyhow::Result<String> {
 
 pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
     let sql = call(&args.kind, &args.params)?;
-    let endpoint = args
-        .server
-        .strip_prefix("grpc://")
-        .map(|rest| format!("http://{rest}"))
-        .ok_or_else(|| anyhow::anyhow!("--server must look like grpc://host:port"))?;
-    let channel = Channel::from_shared(endpoint)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the clean room at {}", args.server))?;
-    let mut client = FlightSqlServiceClient::new(channel);
-    client.handshake(&args.party, &args.password).await.map_err(|e| anyhow::anyhow!("cannot log in as {}: {e}", args.party))?;
+    let mut client = args.connection.client().await?;
     eprintln!("planning the {} study: {sql}", args.kind);
-    let info = client.execute(sql, None).await.map_err(|e| anyhow::anyhow!("the study was refused: {}", message(&e)))?;
+    let info = client.execute(sql.clone(), None).await.map_err(|e| anyhow::anyhow!("the study was refused: {}", message(&e)))?;
     let schema = info.clone().try_decode_schema().ok();
     if let Some(schema) = &schema {
         if let Some(charge) = schema.metadata().get("cleanroom.charge.epsilon") {
@@ -72,6 +57,14 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
         let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("the server sent an endpoint without a ticket"))?;
         let stream = client.do_get(ticket).await.map_err(|e| anyhow::anyhow!("the study failed: {}", message(&e)))?;
         batches.extend(stream.try_collect::<Vec<_>>().await.map_err(|e| anyhow::anyhow!("the study failed: {e}"))?);
+    }
+    if let Some(path) = &args.report {
+        let html = match args.kind.as_str() {
+            "lift" => crate::report::lift(&sql, &args.connection.party, &batches)?,
+            other => anyhow::bail!("no report for the {other} study"),
+        };
+        std::fs::write(path, html).map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;
+        eprintln!("report written to {}", path.display());
     }
     if args.json {
         let mut writer = arrow::json::ArrayWriter::new(Vec::new());
@@ -86,7 +79,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
         if let Some(b) = batches.first() {
             let meta = b.schema().metadata().clone();
             if let (Some(charged), Some(left)) = (meta.get("cleanroom.charge.epsilon"), meta.get("cleanroom.budget.remaining_epsilon")) {
-                eprintln!("privacy cost: epsilon {charged}; {left} left in {}'s budget", args.party);
+                eprintln!("privacy cost: epsilon {charged}; {left} left in {}'s budget", args.connection.party);
             }
         }
     }

@@ -6,24 +6,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use arrow_flight::error::FlightError;
-use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
 use arrow_flight::sql::TableDefinitionOptions;
 use arrow_flight::sql::CommandStatementIngest;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct UploadArgs {
-    /// The clean room's Flight SQL address.
-    #[arg(long, default_value = "grpc://127.0.0.1:50051")]
-    server: String,
-    /// The uploading party (it must own the dataset).
-    #[arg(long, env = "CLEANROOM_PARTY")]
-    party: String,
-    /// The party's password; read from this environment variable.
-    #[arg(long, env = "CLEANROOM_PASSWORD", hide_env_values = true)]
-    password: String,
+    /// The server and the uploading party (it must own the dataset).
+    #[command(flatten)]
+    connection: crate::connection::Connection,
     /// The dataset to upload into.
     #[arg(long)]
     dataset: String,
@@ -47,17 +39,7 @@ pub async fn upload(args: UploadArgs) -> anyhow::Result<std::process::ExitCode> 
         let file = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
         ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{} is not a readable Parquet file", f.display()))?;
     }
-    let endpoint = args
-        .server
-        .strip_prefix("grpc://")
-        .map(|rest| format!("http://{rest}"))
-        .ok_or_else(|| anyhow::anyhow!("--server must look like grpc://host:port"))?;
-    let channel = Channel::from_shared(endpoint.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the clean room at {}", args.server))?;
-    let mut client = FlightSqlServiceClient::new(channel);
-    client.handshake(&args.party, &args.password).await.map_err(|e| anyhow::anyhow!("cannot log in as {}: {e}", args.party))?;
+    let mut client = args.connection.client().await?;
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, FlightError>>(4);
     let files = args.files.clone();

@@ -55,6 +55,9 @@ pub struct QueryOptions {
     /// How the query's budget is split across its noisy columns, when not
     /// evenly; set by a study (not an SQL option).
     pub column_split: Option<ColumnSplit>,
+    /// The study the query answers, with every parameter it ran with
+    /// (`lift(exposure => 'impressions', …)`); set by a study.
+    pub study: Option<String>,
 }
 
 /// Weights of the DP aggregate's columns in the split of the query's
@@ -94,6 +97,7 @@ pub struct ResolvedOptions {
     pub noise: NoiseKind,
     pub clamp_counts: bool,
     pub column_split: Option<ColumnSplit>,
+    pub study: Option<String>,
 }
 
 /// Which contribution bounds a query, session or connection set.
@@ -234,6 +238,7 @@ impl QueryOptions {
             noise: self.noise.or(base.noise),
             clamp_counts: self.clamp_counts.or(base.clamp_counts),
             column_split: self.column_split.clone().or_else(|| base.column_split.clone()),
+            study: self.study.clone().or_else(|| base.study.clone()),
         }
     }
 
@@ -311,6 +316,7 @@ impl QueryOptions {
             },
             clamp_counts: self.clamp_counts.unwrap_or(false),
             column_split: self.column_split.clone(),
+            study: self.study.clone(),
         })
     }
 }

@@ -51,6 +51,8 @@ pub const META_CLIPPING: &str = "cleanroom.contribution.clipping";
 /// `query` when the query, session or connection set both bounds,
 /// `manifest` when a bound comes from the manifest's declarations.
 pub const META_BOUNDS_FROM: &str = "cleanroom.contribution.bounds_from";
+/// The study an answer is, with every parameter it ran with.
+pub const META_STUDY: &str = "cleanroom.study";
 /// `true` when noisy counts below 0 are reported as 0.
 pub const META_CLAMP_COUNTS: &str = "cleanroom.clamp_counts";
 
@@ -837,7 +839,10 @@ pub fn announced_dp_schema(query: &DpQuery) -> Result<Schema> {
             (META_CLIPPING.to_string(), clipping.to_string()),
             (META_BOUNDS_FROM.to_string(), if c.derived { "manifest" } else { "query" }.to_string()),
             (META_CLAMP_COUNTS.to_string(), query.options.clamp_counts.to_string()),
-        ]),
+        ])
+        .into_iter()
+        .chain(query.options.study.clone().map(|s| (META_STUDY.to_string(), s)))
+        .collect(),
     ))
 }
 

@@ -61,7 +61,11 @@ pub(crate) async fn expand(
     }
     let alias = alias.clone().unwrap_or(TableAlias { explicit: true, name: Ident::new(&kind), columns: Vec::new(), at: None });
     let study = Lift::from_params(&params, policy)?;
-    let mut study_options = QueryOptions { column_split: Some(study.split()), ..QueryOptions::default() };
+    let call = format!(
+        "{kind}({})",
+        params.iter().map(|(k, v)| format!("{k} => {}", text(v))).collect::<Vec<_>>().join(", ")
+    );
+    let mut study_options = QueryOptions { column_split: Some(study.split()), study: Some(call), ..QueryOptions::default() };
     if let Some(e) = params.get("epsilon") {
         study_options.set("epsilon", e)?;
     }

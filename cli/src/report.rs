@@ -1,0 +1,195 @@
+//! A study's report: one self-contained HTML file (inline SVG plots drawn
+//! with plotters, inline CSS, no script, nothing fetched when it is
+//! viewed) with the study's call, each figure with its interval, plots of
+//! the figures people look at, and the privacy cost.
+
+use std::fmt::Write;
+
+use anyhow::Context;
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type};
+use plotters::prelude::*;
+
+/// One column of the study's answer, as numbers (NULL as None).
+fn numbers(batches: &[RecordBatch], name: &str) -> anyhow::Result<Vec<Option<f64>>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let column = b.column_by_name(name).with_context(|| format!("the study's answer has no column {name}"))?;
+        let column = arrow::compute::cast(column, &DataType::Float64)?;
+        let column = column.as_primitive::<Float64Type>();
+        out.extend((0..column.len()).map(|i| (!column.is_null(i)).then(|| column.value(i))));
+    }
+    Ok(out)
+}
+
+/// Column `index` of the study's answer, as text.
+fn texts(batches: &[RecordBatch], index: usize) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let column = arrow::compute::cast(b.column(index), &DataType::Utf8)?;
+        let column = column.as_string::<i32>();
+        out.extend((0..column.len()).map(|i| if column.is_null(i) { String::new() } else { column.value(i).to_string() }));
+    }
+    Ok(out)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn plot_error(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("drawing a plot: {e:?}")
+}
+
+/// Bars of `values` (one per label), as an SVG string; `intervals` adds an
+/// error bar to each bar that has one.
+fn bars(title: &str, y_desc: &str, labels: &[String], values: &[f64], intervals: &[Option<(f64, f64)>], zero_line: bool) -> anyhow::Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (640, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let lows = values.iter().copied().chain(intervals.iter().flatten().map(|i| i.0)).fold(0.0f64, f64::min);
+        let highs = values.iter().copied().chain(intervals.iter().flatten().map(|i| i.1)).fold(0.0f64, f64::max);
+        let pad = ((highs - lows) * 0.1).max(1e-9);
+        let n = labels.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(72)
+            .build_cartesian_2d(-0.5f64..(n - 0.5), (lows - if lows < 0.0 { pad } else { 0.0 })..(highs + pad))
+            .map_err(plot_error)?;
+        let label_of = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 { labels.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(labels.len() * 2 + 1)
+            .x_label_formatter(&label_of)
+            .y_desc(y_desc)
+            .draw()
+            .map_err(plot_error)?;
+        chart
+            .draw_series(values.iter().enumerate().map(|(i, v)| {
+                let x = i as f64;
+                Rectangle::new([(x - 0.3, 0.0), (x + 0.3, *v)], RGBColor(66, 110, 180).mix(0.75).filled())
+            }))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(intervals.iter().enumerate().filter_map(|(i, interval)| {
+                interval.map(|(low, high)| ErrorBar::new_vertical(i as f64, low, values[i], high, BLACK.stroke_width(2), 14))
+            }))
+            .map_err(plot_error)?;
+        if zero_line {
+            chart.draw_series(LineSeries::new(vec![(-0.5, 0.0), (n - 0.5, 0.0)], BLACK.mix(0.6))).map_err(plot_error)?;
+        }
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// The lift study's report. `call` is the study's SQL; `batches` its answer.
+pub fn lift(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
+    let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
+    let meta = schema.metadata();
+    let group_name = schema.field(0).name().clone();
+    let groups = texts(batches, 0)?;
+    let people = numbers(batches, "people")?;
+    let converters = numbers(batches, "converters")?;
+    let rates = numbers(batches, "conversion_rate")?;
+    let lift = numbers(batches, "lift")?;
+    let (low, high) = (numbers(batches, "lift_ci_low")?, numbers(batches, "lift_ci_high")?);
+    let significant = texts(batches, schema.index_of("significant")?)?;
+    let value_column = schema.fields().iter().map(|f| f.name().clone()).find(|n| n.ends_with("_per_person"));
+    let per_person = match &value_column {
+        Some(name) => Some((name.clone(), numbers(batches, name)?)),
+        None => None,
+    };
+    let charged: f64 = meta.get("cleanroom.charge.epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let left: f64 = meta.get("cleanroom.budget.remaining_epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+
+    // Lift of every group but the control, with its 95 % interval, in %.
+    let treated: Vec<usize> = (0..groups.len()).filter(|&i| lift[i].is_some()).collect();
+    let lift_plot = bars(
+        "Lift over the control group (95 % interval)",
+        "lift (%)",
+        &treated.iter().map(|&i| groups[i].clone()).collect::<Vec<_>>(),
+        &treated.iter().map(|&i| lift[i].unwrap_or(0.0) * 100.0).collect::<Vec<_>>(),
+        &treated.iter().map(|&i| low[i].zip(high[i]).map(|(l, h)| (l * 100.0, h * 100.0))).collect::<Vec<_>>(),
+        true,
+    )?;
+    let rate_plot = bars(
+        "Conversion rate by group",
+        "converters / people (%)",
+        &groups,
+        &rates.iter().map(|r| r.unwrap_or(0.0) * 100.0).collect::<Vec<_>>(),
+        &vec![None; groups.len()],
+        false,
+    )?;
+    let budget_plot = bars(
+        &format!("Privacy budget of {party} (epsilon)"),
+        "epsilon",
+        &["this study".to_string(), "left".to_string()],
+        &[charged, left],
+        &[None, None],
+        false,
+    )?;
+
+    let mut rows = String::new();
+    for i in 0..groups.len() {
+        let fmt = |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "—".into());
+        let interval = match (low[i], high[i]) {
+            (Some(l), Some(h)) => format!("{:.1} % to {:.1} %", l * 100.0, h * 100.0),
+            _ => "—".into(),
+        };
+        write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&groups[i]),
+            fmt(people[i], 0),
+            fmt(converters[i], 0),
+            fmt(rates[i].map(|r| r * 100.0), 2),
+            per_person.as_ref().map(|(_, v)| format!("<td>{}</td>", fmt(v[i], 2))).unwrap_or_default(),
+            fmt(lift[i].map(|l| l * 100.0), 1),
+            interval,
+            match significant[i].as_str() {
+                "true" => "yes",
+                "false" => "no",
+                _ => "—",
+            }
+        )?;
+    }
+    let value_header = value_column.as_deref().map(|n| format!("<th>{}</th>", escape(n))).unwrap_or_default();
+    let receipt = meta.get("cleanroom.receipt").cloned().unwrap_or_default();
+    Ok(format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Lift study</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #bbb; padding: .3em .7em; text-align: right; }}
+th {{ background: #eef; }} td:first-child, th:first-child {{ text-align: left; }}
+code {{ background: #f4f4f4; padding: .2em; display: block; white-space: pre-wrap; }}
+figure {{ margin: 1em 0; }} .note {{ color: #555; font-size: .9em; }}
+</style></head><body>
+<h1>Lift study</h1>
+<p>Did exposure cause extra conversions? People per <b>{group}</b>, converters within the attribution window after their first exposure, and each group's lift over the control group.</p>
+<h2>Parameters</h2><code>{study}</code><p class="note">Asked as <code style="display:inline">{call}</code>; parameters the call left out are the manifest's.</p>
+<h2>Figures</h2>
+<table id="figures"><tr><th>{group}</th><th>people</th><th>converters</th><th>conversion rate (%)</th>{value_header}<th>lift (%)</th><th>95 % interval</th><th>excludes 0</th></tr>{rows}</table>
+<p class="note">Every count is differentially private (noise added once, from OpenDP). The interval combines the sampling variance of each rate and the variance of the DP noise (delta method on the log of the rate ratio).</p>
+<figure id="lift-plot">{lift_plot}</figure>
+<figure id="rate-plot">{rate_plot}</figure>
+<h2>Privacy cost</h2>
+<p>This study cost <b>epsilon {charged}</b> of {party}'s budget (one charge for all its figures; receipt <code style="display:inline">{receipt}</code>); <b>{left}</b> is left.</p>
+<figure id="budget-plot">{budget_plot}</figure>
+</body></html>
+"#,
+        group = escape(&group_name),
+        call = escape(call),
+        study = escape(meta.get("cleanroom.study").map(String::as_str).unwrap_or(call)),
+        party = escape(party),
+        receipt = escape(&receipt),
+    ))
+}
