@@ -996,6 +996,11 @@ control = "control"
 window_days = 30
 value = "revenue"
 
+# `SELECT * FROM match_rate()`: people in each party's dataset and in both.
+[studies.match_rate]
+left = "impressions"
+right = "conversions"
+
 [[parties]]
 name = "advertiser"
 password = "{advertiser}"

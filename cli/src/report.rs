@@ -107,8 +107,7 @@ pub fn lift(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<
         Some(name) => Some((name.clone(), numbers(batches, name)?)),
         None => None,
     };
-    let charged: f64 = meta.get("cleanroom.charge.epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let left: f64 = meta.get("cleanroom.budget.remaining_epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let (charged, left, budget_plot) = budget(party, meta)?;
 
     // Lift of every group but the control, with its 95 % interval, in %.
     let treated: Vec<usize> = (0..groups.len()).filter(|&i| lift[i].is_some()).collect();
@@ -126,14 +125,6 @@ pub fn lift(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<
         &groups,
         &rates.iter().map(|r| r.unwrap_or(0.0) * 100.0).collect::<Vec<_>>(),
         &vec![None; groups.len()],
-        false,
-    )?;
-    let budget_plot = bars(
-        &format!("Privacy budget of {party} (epsilon)"),
-        "epsilon",
-        &["this study".to_string(), "left".to_string()],
-        &[charged, left],
-        &[None, None],
         false,
     )?;
 
@@ -162,10 +153,35 @@ pub fn lift(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<
         )?;
     }
     let value_header = value_column.as_deref().map(|n| format!("<th>{}</th>", escape(n))).unwrap_or_default();
+    let body = format!(
+        r#"<p>Did exposure cause extra conversions? People per <b>{group}</b>, converters within the attribution window after their first exposure, and each group's lift over the control group.</p>
+{parameters}
+<h2>Figures</h2>
+<table id="figures"><tr><th>{group}</th><th>people</th><th>converters</th><th>conversion rate (%)</th>{value_header}<th>lift (%)</th><th>95 % interval</th><th>excludes 0</th></tr>{rows}</table>
+<p class="note">Every count is differentially private (noise added once, from OpenDP). The interval combines the sampling variance of each rate and the variance of the DP noise (delta method on the log of the rate ratio).</p>
+<figure id="lift-plot">{lift_plot}</figure>
+<figure id="rate-plot">{rate_plot}</figure>"#,
+        group = escape(&group_name),
+        parameters = parameters(call, meta),
+    );
+    Ok(page("Lift study", &body, party, meta, charged, left, &budget_plot))
+}
+
+/// The study's parameters as it ran, and as it was asked.
+fn parameters(call: &str, meta: &std::collections::HashMap<String, String>) -> String {
+    format!(
+        r#"<h2>Parameters</h2><code>{}</code><p class="note">Asked as <code style="display:inline">{}</code>; parameters the call left out are the manifest's.</p>"#,
+        escape(meta.get("cleanroom.study").map(String::as_str).unwrap_or(call)),
+        escape(call)
+    )
+}
+
+/// A whole report page: its title, body, and the privacy cost.
+fn page(title: &str, body: &str, party: &str, meta: &std::collections::HashMap<String, String>, charged: f64, left: f64, budget_plot: &str) -> String {
     let receipt = meta.get("cleanroom.receipt").cloned().unwrap_or_default();
-    Ok(format!(
+    format!(
         r#"<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Lift study</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #bbb; padding: .3em .7em; text-align: right; }}
@@ -173,23 +189,56 @@ th {{ background: #eef; }} td:first-child, th:first-child {{ text-align: left; }
 code {{ background: #f4f4f4; padding: .2em; display: block; white-space: pre-wrap; }}
 figure {{ margin: 1em 0; }} .note {{ color: #555; font-size: .9em; }}
 </style></head><body>
-<h1>Lift study</h1>
-<p>Did exposure cause extra conversions? People per <b>{group}</b>, converters within the attribution window after their first exposure, and each group's lift over the control group.</p>
-<h2>Parameters</h2><code>{study}</code><p class="note">Asked as <code style="display:inline">{call}</code>; parameters the call left out are the manifest's.</p>
-<h2>Figures</h2>
-<table id="figures"><tr><th>{group}</th><th>people</th><th>converters</th><th>conversion rate (%)</th>{value_header}<th>lift (%)</th><th>95 % interval</th><th>excludes 0</th></tr>{rows}</table>
-<p class="note">Every count is differentially private (noise added once, from OpenDP). The interval combines the sampling variance of each rate and the variance of the DP noise (delta method on the log of the rate ratio).</p>
-<figure id="lift-plot">{lift_plot}</figure>
-<figure id="rate-plot">{rate_plot}</figure>
+<h1>{title}</h1>
+{body}
 <h2>Privacy cost</h2>
 <p>This study cost <b>epsilon {charged}</b> of {party}'s budget (one charge for all its figures; receipt <code style="display:inline">{receipt}</code>); <b>{left}</b> is left.</p>
 <figure id="budget-plot">{budget_plot}</figure>
 </body></html>
 "#,
-        group = escape(&group_name),
-        call = escape(call),
-        study = escape(meta.get("cleanroom.study").map(String::as_str).unwrap_or(call)),
         party = escape(party),
         receipt = escape(&receipt),
-    ))
+    )
+}
+
+/// The budget a study's answer says it cost and left, and its plot.
+fn budget(party: &str, meta: &std::collections::HashMap<String, String>) -> anyhow::Result<(f64, f64, String)> {
+    let charged: f64 = meta.get("cleanroom.charge.epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let left: f64 = meta.get("cleanroom.budget.remaining_epsilon").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let plot = bars(&format!("Privacy budget of {party} (epsilon)"), "epsilon", &["this study".to_string(), "left".to_string()], &[charged, left], &[None, None], false)?;
+    Ok((charged, left, plot))
+}
+
+/// The match-rate study's report.
+pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
+    let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
+    let meta = schema.metadata();
+    let one = |name: &str| -> anyhow::Result<f64> { numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer")) };
+    let (left_name, right_name) = (texts(batches, 0)?.remove(0), texts(batches, 2)?.remove(0));
+    let labels = vec![format!("{left_name} in {right_name}"), format!("{right_name} in {left_name}")];
+    let rates = [one("left_match_rate")?, one("right_match_rate")?];
+    let intervals = [
+        Some((one("left_match_rate_ci_low")? * 100.0, one("left_match_rate_ci_high")? * 100.0)),
+        Some((one("right_match_rate_ci_low")? * 100.0, one("right_match_rate_ci_high")? * 100.0)),
+    ];
+    let rate_plot = bars("Match rate (95 % interval)", "people found in the other dataset (%)", &labels, &[rates[0] * 100.0, rates[1] * 100.0], &intervals, false)?;
+    let (charged, left, budget_plot) = budget(party, meta)?;
+    let row = |label: &str, people: f64, rate: f64, interval: Option<(f64, f64)>| {
+        let (low, high) = interval.unwrap_or_default();
+        format!("<tr><td>{}</td><td>{people:.0}</td><td>{:.2}</td><td>{low:.2} % to {high:.2} %</td></tr>", escape(label), rate * 100.0)
+    };
+    let body = format!(
+        r#"<p>How many people of each party's dataset are in the other's?</p>
+{parameters}
+<h2>Figures</h2>
+<table id="figures"><tr><th>dataset</th><th>people</th><th>match rate (%)</th><th>95 % interval</th></tr>{left_row}{right_row}
+<tr><td>in both</td><td>{matched:.0}</td><td></td><td></td></tr></table>
+<p class="note">Every count is differentially private (noise added once, from OpenDP); the counts are of all people, so the interval is the DP noise's (delta method on matched / people).</p>
+<figure id="rate-plot">{rate_plot}</figure>"#,
+        parameters = parameters(call, meta),
+        left_row = row(&left_name, one("left_people")?, rates[0], intervals[0]),
+        right_row = row(&right_name, one("right_people")?, rates[1], intervals[1]),
+        matched = one("matched")?,
+    );
+    Ok(page("Match-rate study", &body, party, meta, charged, left, &budget_plot))
 }

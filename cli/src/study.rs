@@ -7,7 +7,8 @@ use futures::TryStreamExt;
 
 #[derive(clap::Args)]
 pub struct StudyArgs {
-    /// The study: lift (incrementality of a test group over its hold-out).
+    /// The study: lift (incrementality of a test group over its hold-out),
+    /// match_rate (people of two datasets, and in both).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(cleanroom_dp::studies::STUDIES))]
     kind: String,
     /// The server and the party running the study (it is charged).
@@ -15,7 +16,8 @@ pub struct StudyArgs {
     connection: crate::connection::Connection,
     /// A study parameter, NAME=VALUE (repeatable); those left out come from
     /// the manifest's [studies.<kind>]. For lift: exposure, outcome, group,
-    /// control, time, outcome_time, window_days, value, value_cap, epsilon.
+    /// control, time, outcome_time, window_days, value, value_cap,
+    /// expected_rate, epsilon; for match_rate: left, right, epsilon.
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
     params: Vec<String>,
     /// Print the figures as JSON (one object per row) instead of a table.
@@ -61,6 +63,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(path) = &args.report {
         let html = match args.kind.as_str() {
             "lift" => crate::report::lift(&sql, &args.connection.party, &batches)?,
+            "match_rate" => crate::report::match_rate(&sql, &args.connection.party, &batches)?,
             other => anyhow::bail!("no report for the {other} study"),
         };
         std::fs::write(path, html).map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;

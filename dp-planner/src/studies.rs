@@ -31,7 +31,44 @@ use crate::policy::{ColumnRole, Policy};
 use crate::rewrite::PlannedQuery;
 
 /// The studies a statement may call.
-pub const STUDIES: &[&str] = &["lift"];
+pub const STUDIES: &[&str] = &["lift", "match_rate"];
+
+/// What each study provides: its one DP aggregate as SQL, how its budget
+/// is split across that aggregate's columns, and the whole study's SQL
+/// given the noise standard deviation of each released column.
+trait Study: Send + Sync {
+    fn split(&self) -> Option<crate::options::ColumnSplit>;
+    fn released_sql(&self) -> String;
+    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
+}
+
+/// The study `kind` with `params`.
+fn study(kind: &str, params: &BTreeMap<String, String>, policy: &Policy) -> Result<Box<dyn Study>> {
+    Ok(match kind {
+        "lift" => Box::new(Lift::from_params(params, policy)?),
+        "match_rate" => Box::new(MatchRate::from_params(params, policy)?),
+        other => return Err(invalid(other, "no such study")),
+    })
+}
+
+/// Check that `params` are among `known`.
+fn known_params(kind: &str, params: &BTreeMap<String, String>, known: &[&str]) -> Result<()> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(invalid(kind, format!("unknown parameter `{unknown}`; the parameters are {}", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+/// A parameter naming a protected dataset: the dataset and its privacy unit.
+fn protected_dataset(kind: &str, params: &BTreeMap<String, String>, name: &str, policy: &Policy) -> Result<(String, String)> {
+    let d = params
+        .get(name)
+        .cloned()
+        .ok_or_else(|| invalid(kind, format!("missing parameter `{name}` (give it as {name} => …, or in the manifest's [studies.{kind}])")))?;
+    let dataset = policy.dataset(&d).ok_or_else(|| invalid(kind, format!("{name} => {d}: no such dataset")))?;
+    let unit = dataset.privacy_unit.clone().ok_or_else(|| invalid(kind, format!("{name} => {d}: a public dataset has no people")))?;
+    Ok((d, unit))
+}
 
 fn invalid(study: &str, detail: impl Into<String>) -> DpError {
     DpError::InvalidOption { option: study.to_string(), detail: detail.into() }
@@ -60,12 +97,12 @@ pub(crate) async fn expand(
         params.insert(name, value);
     }
     let alias = alias.clone().unwrap_or(TableAlias { explicit: true, name: Ident::new(&kind), columns: Vec::new(), at: None });
-    let study = Lift::from_params(&params, policy)?;
+    let study = study(&kind, &params, policy)?;
     let call = format!(
         "{kind}({})",
         params.iter().map(|(k, v)| format!("{k} => {}", text(v))).collect::<Vec<_>>().join(", ")
     );
-    let mut study_options = QueryOptions { column_split: Some(study.split()), study: Some(call), ..QueryOptions::default() };
+    let mut study_options = QueryOptions { column_split: study.split(), study: Some(call), ..QueryOptions::default() };
     if let Some(e) = params.get("epsilon") {
         study_options.set("epsilon", e)?;
     }
@@ -85,7 +122,7 @@ pub(crate) async fn expand(
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| invalid(&kind, format!("no noise was calibrated for the study's {column}")))
     };
-    let sql = study.sql(stddev("people")?, stddev("converters")?);
+    let sql = study.sql(&stddev)?;
     let DfStatement::Statement(parsed) = parse_query(state, &sql, &dialect)? else { unreachable!("parse_query gives a query") };
     let SqlStatement::Query(query) = *parsed else { unreachable!("parse_query gives a query") };
     *factor = TableFactor::Derived { lateral: false, subquery: query, alias: Some(alias), sample: None };
@@ -172,22 +209,16 @@ struct Lift {
 
 impl Lift {
     fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<Lift> {
-        const KNOWN: &[&str] =
-            &["exposure", "outcome", "group", "control", "time", "outcome_time", "window_days", "value", "value_cap", "expected_rate", "epsilon"];
-        if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(invalid("lift", format!("unknown parameter `{unknown}`; the parameters are {}", KNOWN.join(", "))));
-        }
+        known_params(
+            "lift",
+            params,
+            &["exposure", "outcome", "group", "control", "time", "outcome_time", "window_days", "value", "value_cap", "expected_rate", "epsilon"],
+        )?;
         let get = |name: &str| -> Result<String> {
             params.get(name).cloned().ok_or_else(|| invalid("lift", format!("missing parameter `{name}` (give it as {name} => …, or in the manifest's [studies.lift])")))
         };
-        let dataset = |name: &str| -> Result<(String, String)> {
-            let d = get(name)?;
-            let policy = policy.dataset(&d).ok_or_else(|| invalid("lift", format!("{name} => {d}: no such dataset")))?;
-            let unit = policy.privacy_unit.clone().ok_or_else(|| invalid("lift", format!("{name} => {d}: a public dataset has no people")))?;
-            Ok((d, unit))
-        };
-        let (exposure, unit) = dataset("exposure")?;
-        let (outcome, outcome_unit) = dataset("outcome")?;
+        let (exposure, unit) = protected_dataset("lift", params, "exposure", policy)?;
+        let (outcome, outcome_unit) = protected_dataset("lift", params, "outcome", policy)?;
         let time = params.get("time").cloned().unwrap_or_else(|| "ts".to_string());
         let window_days = match params.get("window_days") {
             Some(w) => w.parse::<u32>().ok().filter(|w| (1..=3650).contains(w)).ok_or_else(|| invalid("lift", format!("window_days => {w}: a whole number of days from 1 to 3650")))?,
@@ -236,7 +267,7 @@ impl Lift {
     /// value column, not part of the lift, gets a quarter. The split only
     /// moves budget between columns: their shares still add up to the
     /// query's ε (sequential composition).
-    fn split(&self) -> crate::options::ColumnSplit {
+    fn column_split(&self) -> crate::options::ColumnSplit {
         let (people, converters) = (self.expected_rate.powf(2.0 / 3.0), 1.0);
         let counts = if self.value.is_some() { 0.75 } else { 1.0 };
         let mut weights = vec![counts * people / (people + converters), counts * converters / (people + converters)];
@@ -284,13 +315,9 @@ impl Lift {
         )
     }
 
-    fn released_sql(&self) -> String {
-        format!("{}{}", self.ctes(), self.released_select())
-    }
-
     /// The whole study: the DP aggregate, then rates, the control group's
     /// rate beside every row (a window over the released rows), and lift.
-    fn sql(&self, people_sd: f64, converters_sd: f64) -> String {
+    fn lift_sql(&self, people_sd: f64, converters_sd: f64) -> String {
         let (value, value_out) = match &self.value {
             Some((v, _)) => (
                 ", value".to_string(),
@@ -321,5 +348,85 @@ impl Lift {
             ps = people_sd,
             group = ident(&self.group),
         )
+    }
+}
+
+impl Study for Lift {
+    fn split(&self) -> Option<crate::options::ColumnSplit> {
+        Some(self.column_split())
+    }
+
+    fn released_sql(&self) -> String {
+        format!("{}{}", self.ctes(), self.released_select())
+    }
+
+    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        Ok(self.lift_sql(stddev("people")?, stddev("converters")?))
+    }
+}
+
+/// Match rate: the people of two parties' datasets, how many are in both,
+/// and the share of each dataset's people found in the other, with 95 %
+/// intervals. The counts are of all people (no sample), so the intervals
+/// are the DP noise's alone: for r = m / n with noisy m and n (standard
+/// deviations σ_m, σ_n), the delta method gives var(r) ≈ (σ_m² + r² σ_n²) / n².
+struct MatchRate {
+    left: (String, String),
+    right: (String, String),
+}
+
+impl MatchRate {
+    fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<MatchRate> {
+        known_params("match_rate", params, &["left", "right", "epsilon"])?;
+        Ok(MatchRate {
+            left: protected_dataset("match_rate", params, "left", policy)?,
+            right: protected_dataset("match_rate", params, "right", policy)?,
+        })
+    }
+}
+
+impl Study for MatchRate {
+    /// Even: each rate's noise is mostly the matched count's and its
+    /// dataset's count's, in equal parts.
+    fn split(&self) -> Option<crate::options::ColumnSplit> {
+        None
+    }
+
+    /// One row per person with a 0/1 flag per dataset; each count is a sum
+    /// of flags (a person changes it by at most 1).
+    fn released_sql(&self) -> String {
+        format!(
+            "WITH study_seen AS (SELECT {lu} AS uid, 1 AS in_left, 0 AS in_right FROM {l} UNION ALL SELECT {ru} AS uid, 0 AS in_left, 1 AS in_right FROM {r}), \
+             study_people AS (SELECT uid, MAX(in_left) AS in_left, MAX(in_right) AS in_right FROM study_seen GROUP BY uid) \
+             SELECT SUM(in_left) AS left_people, SUM(in_right) AS right_people, SUM(in_left * in_right) AS matched FROM study_people",
+            lu = ident(&self.left.1),
+            l = ident(&self.left.0),
+            ru = ident(&self.right.1),
+            r = ident(&self.right.0),
+        )
+    }
+
+    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        let (sl, sr, sm) = (stddev("left_people")?, stddev("right_people")?, stddev("matched")?);
+        // matched / n, kept in [0, 1], and its standard error.
+        let rate = |n: &str| format!("LEAST(GREATEST(CAST(matched AS DOUBLE) / CAST(GREATEST({n}, 1) AS DOUBLE), 0.0), 1.0)");
+        let se = |n: &str, sn: f64| {
+            format!("sqrt(({sm:?} * {sm:?} + power({}, 2) * {sn:?} * {sn:?}) / power(CAST(GREATEST({n}, 1) AS DOUBLE), 2))", rate(n))
+        };
+        let (left_rate, left_se, right_rate, right_se) = (rate("left_people"), se("left_people", sl), rate("right_people"), se("right_people", sr));
+        Ok(format!(
+            "WITH study_released AS ({released}) \
+             SELECT {ln} AS left_dataset, left_people, {rn} AS right_dataset, right_people, matched, \
+               {left_rate} AS left_match_rate, \
+               GREATEST({left_rate} - 1.959963984540054 * {left_se}, 0.0) AS left_match_rate_ci_low, \
+               LEAST({left_rate} + 1.959963984540054 * {left_se}, 1.0) AS left_match_rate_ci_high, \
+               {right_rate} AS right_match_rate, \
+               GREATEST({right_rate} - 1.959963984540054 * {right_se}, 0.0) AS right_match_rate_ci_low, \
+               LEAST({right_rate} + 1.959963984540054 * {right_se}, 1.0) AS right_match_rate_ci_high \
+             FROM study_released",
+            released = self.released_sql(),
+            ln = text(&self.left.0),
+            rn = text(&self.right.0),
+        ))
     }
 }

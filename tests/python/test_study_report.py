@@ -52,3 +52,21 @@ def test_lift_report_renders_its_plots_in_headless_chromium(server, demo, tmp_pa
     keep = os.environ.get("CLEANROOM_REPORT_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_match_rate_report_renders_in_headless_chromium(server, demo, tmp_path):
+    report = tmp_path / "match.html"
+    env = {**os.environ, "CLEANROOM_PASSWORD": credentials(demo)["adnetwork"]}
+    run = subprocess.run(
+        [str(cleanroom_binary()), "study", "match_rate", "--server", server.uri, "--party", "adnetwork", "--report", str(report)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "left_match_rate" in run.stdout  # the table printed
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr
+    for plot in ("rate-plot", "budget-plot"):
+        start = dom.stdout.index(f'<figure id="{plot}">')
+        assert "<rect" in dom.stdout[start:dom.stdout.index("</figure>", start)], plot
+    assert "impressions in conversions" in dom.stdout and "Match-rate study" in dom.stdout

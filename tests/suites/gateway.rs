@@ -580,3 +580,28 @@ async fn the_lift_study_is_a_table_function_charged_once_whose_interval_covers_t
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[1]["lift"].as_f64().unwrap(), lift[1], "the CLI reads the same kept release");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_match_rate_study_counts_each_dataset_and_both_with_one_charge() {
+    let server = Server::start(&state_dir("match"));
+    let mut client = server.login("adnetwork").await;
+    let batches = query(&mut client, "SELECT * FROM match_rate(epsilon => 3)").await.unwrap();
+    assert_eq!((strings(&batches, 0), strings(&batches, 2)), (vec!["impressions".to_string()], vec!["conversions".to_string()]));
+    let truth = truth();
+    let exact = &truth["queries"]["Q1_match_rate"][0];
+    let (imp, conv, both) = (exact["imp_users"].as_f64().unwrap(), exact["conv_users"].as_f64().unwrap(), exact["matched_users"].as_f64().unwrap());
+    let one = |name: &str| numbers(&batches, name)[0];
+    // epsilon 1 per count: noise of standard deviation 1.4.
+    for (name, truth) in [("left_people", imp), ("right_people", conv), ("matched", both)] {
+        assert!((one(name) - truth).abs() < 30.0, "{name}: {} vs {truth}", one(name));
+    }
+    for (side, rate) in [("left", both / imp), ("right", both / conv)] {
+        let (low, high) = (one(&format!("{side}_match_rate_ci_low")), one(&format!("{side}_match_rate_ci_high")));
+        let half = (high - low) / 2.0;
+        assert!(low <= one(&format!("{side}_match_rate")) && one(&format!("{side}_match_rate")) <= high);
+        // The interval is the noise's alone: the exact rate within three half-widths.
+        assert!((one(&format!("{side}_match_rate")) - rate).abs() <= 3.0 * half + 1e-9, "{side}: {rate} vs [{low}, {high}]");
+    }
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["3.0"]);
+}
