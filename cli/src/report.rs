@@ -214,7 +214,8 @@ pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::R
     let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
     let meta = schema.metadata();
     let one = |name: &str| -> anyhow::Result<f64> { numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer")) };
-    let (left_name, right_name) = (texts(batches, 0)?.remove(0), texts(batches, 2)?.remove(0));
+    let first = |index: usize| -> anyhow::Result<String> { texts(batches, index)?.into_iter().next().context("the study answered no rows") };
+    let (left_name, right_name) = (first(0)?, first(2)?);
     let labels = vec![format!("{left_name} in {right_name}"), format!("{right_name} in {left_name}")];
     let rates = [one("left_match_rate")?, one("right_match_rate")?];
     let intervals = [

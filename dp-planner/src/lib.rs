@@ -64,6 +64,7 @@ pub async fn plan_sql(
     limits::check_statement(&statement)?;
     // A study call becomes the DP SQL that answers it; its own ε wins.
     let (statement, study_options) = studies::expand(state, statement, policy, &asked).await?;
+    limits::check_statement(&statement)?;
     let options = study_options.over(&asked).resolve(&policy.defaults)?;
     let plan = state.statement_to_plan(statement).await.map_err(DpError::Sql)?;
     rewrite::plan_query(&plan, policy, &options)

@@ -184,12 +184,16 @@ impl Released {
 pub fn release_key(query: &DpQuery, party: &str, policy: &crate::policy::Policy, data_version: &str) -> String {
     use sha2::{Digest, Sha256};
     // Without what does not shape the release: the companion interval
-    // columns (computed after it), where the bounds came from, and the
-    // privacy unit's name (checked against the manifest's).
+    // columns (computed after it), where the bounds came from, the privacy
+    // unit's name (checked against the manifest's), and the study asking.
     let options = crate::options::ResolvedOptions {
         confidence_intervals: false,
         bounds_chosen: Default::default(),
         privacy_unit_column: None,
+        // A study's name and split: the split is in the mechanisms; the
+        // same aggregate asked as another study or as SQL is the same release.
+        study: None,
+        column_split: None,
         ..query.options.clone()
     };
     let mut h = Sha256::new();

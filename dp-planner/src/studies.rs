@@ -37,7 +37,7 @@ pub const STUDIES: &[&str] = &["lift", "match_rate"];
 /// is split across that aggregate's columns, and the whole study's SQL
 /// given the noise standard deviation of each released column.
 trait Study: Send + Sync {
-    fn split(&self) -> Option<crate::options::ColumnSplit>;
+    fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit>;
     fn released_sql(&self) -> String;
     fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
 }
@@ -85,8 +85,10 @@ pub(crate) async fn expand(
     policy: &Policy,
     asked: &QueryOptions,
 ) -> Result<(DfStatement, QueryOptions)> {
-    let dialect = state.config().options().sql_parser.dialect;
-    let Some(factor) = study_factor(&mut statement) else {
+    // The study's own SQL quotes in the generic dialect's way, whatever
+    // the session's dialect is.
+    let dialect = datafusion::config::Dialect::Generic;
+    let Some(factor) = study_factor(&mut statement)? else {
         return Ok((statement, QueryOptions::default()));
     };
     let TableFactor::Table { name, alias, args, .. } = &*factor else { unreachable!("study_factor finds tables") };
@@ -102,10 +104,12 @@ pub(crate) async fn expand(
         "{kind}({})",
         params.iter().map(|(k, v)| format!("{k} => {}", text(v))).collect::<Vec<_>>().join(", ")
     );
-    let mut study_options = QueryOptions { column_split: study.split(), study: Some(call), ..QueryOptions::default() };
+    let mut study_options = QueryOptions { study: Some(call), ..QueryOptions::default() };
     if let Some(e) = params.get("epsilon") {
         study_options.set("epsilon", e)?;
     }
+    let noise = study_options.over(asked).resolve(&policy.defaults)?.noise;
+    study_options.column_split = study.split(noise);
     let options = study_options.over(asked).resolve(&policy.defaults)?;
     // The noise of the study's counts: its DP aggregate planned alone.
     let counts = parse_query(state, &study.released_sql(), &dialect)?;
@@ -134,20 +138,30 @@ fn parse_query(state: &SessionState, sql: &str, dialect: &datafusion::config::Di
     state.sql_to_statement(sql, dialect).map_err(DpError::Sql)
 }
 
-/// The FROM item of `statement` that calls a study, if any.
-fn study_factor(statement: &mut DfStatement) -> Option<&mut TableFactor> {
+/// The FROM item of `statement` that calls a study, if any. A statement
+/// with a `WITH` of its own cannot call one: the study's SQL would see its
+/// names, which could stand for the datasets the study reads.
+fn study_factor(statement: &mut DfStatement) -> Result<Option<&mut TableFactor>> {
     let query = match statement {
         DfStatement::Explain(explain) => return study_factor(&mut explain.statement),
         DfStatement::Statement(s) => match s.as_mut() {
             SqlStatement::Query(q) => q,
-            _ => return None,
+            _ => return Ok(None),
         },
-        _ => return None,
+        _ => return Ok(None),
     };
-    let SetExpr::Select(select) = query.body.as_mut() else { return None };
-    select.from.iter_mut().flat_map(|t| std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))).find(|f| {
+    let has_with = query.with.is_some();
+    let SetExpr::Select(select) = query.body.as_mut() else { return Ok(None) };
+    let found = select.from.iter_mut().flat_map(|t| std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))).find(|f| {
         matches!(f, TableFactor::Table { name, args: Some(_), .. } if STUDIES.contains(&name.to_string().to_ascii_lowercase().as_str()))
-    })
+    });
+    match found {
+        Some(TableFactor::Table { name, .. }) if has_with => Err(invalid(
+            &name.to_string().to_ascii_lowercase(),
+            "a statement that calls a study cannot have a WITH clause of its own (its names could stand for the study's datasets)",
+        )),
+        found => Ok(found),
+    }
 }
 
 /// One `name => value` argument; values are literals or bare names.
@@ -165,6 +179,9 @@ fn named_argument(study: &str, arg: &FunctionArg) -> Result<(String, String)> {
         SqlExpr::Identifier(i) => i.value.clone(),
         other => return Err(invalid(study, format!("`{}` = {other}: expected a text, a number or a name", name.value))),
     };
+    if value.len() > 256 {
+        return Err(invalid(study, format!("`{}`: a parameter is at most 256 characters", name.value)));
+    }
     Ok((name.value.to_ascii_lowercase(), value))
 }
 
@@ -239,6 +256,14 @@ impl Lift {
                 Some((v.clone(), cap))
             }
         };
+        let group = get("group")?;
+        let control = get("control")?;
+        // The control group must be a key the group column can release.
+        if let Some(ColumnRole::Dimension { domain: Some(domain), .. }) = policy.dataset(&exposure).map(|d| d.role(&group)) {
+            if !domain.values().contains(&control) {
+                return Err(invalid("lift", format!("control => {control}: not a value of {exposure}.{group} (its values: {})", domain.values().join(", "))));
+            }
+        }
         let expected_rate = match params.get("expected_rate") {
             Some(r) => r.parse::<f64>().ok().filter(|r| *r > 0.0 && *r < 1.0).ok_or_else(|| invalid("lift", format!("expected_rate => {r}: a rate above 0 and below 1")))?,
             None => 0.05,
@@ -249,8 +274,8 @@ impl Lift {
             outcome_unit,
             exposure,
             outcome,
-            group: get("group")?,
-            control: get("control")?,
+            group,
+            control,
             outcome_time: params.get("outcome_time").cloned().unwrap_or_else(|| time.clone()),
             time,
             window_days,
@@ -261,14 +286,19 @@ impl Lift {
     /// The budget of the DP aggregate's columns (people, converters, value).
     ///
     /// The lift's noise comes through each rate c / n, whose noise variance
-    /// is (σ_c² + p² σ_n²) / n²; with σ ∝ 1/ε for each column, minimising
-    /// σ_c² + p² σ_n² over ε_c + ε_n = ε gives ε_n : ε_c = p^(2/3) : 1, at
-    /// the expected rate p (a public parameter, never the data's rate). The
-    /// value column, not part of the lift, gets a quarter. The split only
-    /// moves budget between columns: their shares still add up to the
-    /// query's ε (sequential composition).
-    fn column_split(&self) -> crate::options::ColumnSplit {
-        let (people, converters) = (self.expected_rate.powf(2.0 / 3.0), 1.0);
+    /// is (σ_c² + p² σ_n²) / n². With Laplace noise σ ∝ 1/ε, and
+    /// minimising σ_c² + p² σ_n² over ε_c + ε_n = ε gives ε_n : ε_c =
+    /// p^(2/3) : 1; with Gaussian noise σ² ∝ 1/ρ, and over ρ_c + ρ_n = ρ it
+    /// gives ρ_n : ρ_c = p : 1 — at the expected rate p (a public parameter,
+    /// never the data's rate). The value column, not part of the lift, gets
+    /// a quarter. The split only moves budget between columns: their shares
+    /// still add up to the query's (sequential composition, in ε or in ρ).
+    fn column_split(&self, noise: crate::options::NoiseKind) -> crate::options::ColumnSplit {
+        let (exponent, shape) = match noise {
+            crate::options::NoiseKind::Laplace => (2.0 / 3.0, "p^(2/3) : 1"),
+            crate::options::NoiseKind::Gaussian => (1.0, "p : 1 (in rho)"),
+        };
+        let (people, converters) = (self.expected_rate.powf(exponent), 1.0);
         let counts = if self.value.is_some() { 0.75 } else { 1.0 };
         let mut weights = vec![counts * people / (people + converters), counts * converters / (people + converters)];
         if self.value.is_some() {
@@ -277,7 +307,7 @@ impl Lift {
         crate::options::ColumnSplit {
             weights,
             why: format!(
-                "the lift study's: people and converters in proportion p^(2/3) : 1, which minimises the noise of each group's conversion rate at the expected rate p = {}{}",
+                "the lift study's: people and converters in proportion {shape}, which minimises the noise of each group's conversion rate at the expected rate p = {}{}",
                 self.expected_rate,
                 if self.value.is_some() { "; the value a quarter" } else { "" }
             ),
@@ -352,8 +382,8 @@ impl Lift {
 }
 
 impl Study for Lift {
-    fn split(&self) -> Option<crate::options::ColumnSplit> {
-        Some(self.column_split())
+    fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
+        Some(self.column_split(noise))
     }
 
     fn released_sql(&self) -> String {
@@ -388,7 +418,7 @@ impl MatchRate {
 impl Study for MatchRate {
     /// Even: each rate's noise is mostly the matched count's and its
     /// dataset's count's, in equal parts.
-    fn split(&self) -> Option<crate::options::ColumnSplit> {
+    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
         None
     }
 

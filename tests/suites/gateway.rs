@@ -564,6 +564,8 @@ async fn the_lift_study_is_a_table_function_charged_once_whose_interval_covers_t
         ("SELECT * FROM lift(colour => 'red')", "unknown parameter `colour`"),
         ("SELECT * FROM lift('impressions')", "arguments are named"),
         ("SELECT * FROM lift(window_days => 0)", "window_days => 0"),
+        ("SELECT * FROM lift(control => 'nobody')", "control => nobody: not a value of impressions.test_group"),
+        ("WITH impressions AS (SELECT uid, 'test' AS test_group FROM conversions) SELECT * FROM lift()", "cannot have a WITH clause"),
     ] {
         let err = client.execute(sql.into(), None).await.unwrap_err();
         assert!(err.to_string().contains(says), "{sql}: {err}");
