@@ -96,7 +96,7 @@ fn serve_refuses_a_manifest_whose_roles_do_not_fit_the_data() {
     let dir = generated_demo();
     let manifest = dir.path().join("manifest.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let line = text.lines().find(|l| l.starts_with("channel = ")).unwrap().to_string();
+    let line = text.lines().find(|l| l.starts_with("channel = { role")).unwrap().to_string();
     std::fs::write(&manifest, text.replace(&line, r#"channel = { role = "measure", bounds = [0, 1] }"#)).unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--manifest"])

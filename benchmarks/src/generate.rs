@@ -996,6 +996,13 @@ control = "control"
 window_days = 30
 value = "revenue"
 
+# `SELECT * FROM reach()`: people reached per channel and in pairs of channels,
+# and how many impressions they saw.
+[studies.reach]
+exposure = "impressions"
+channel = "channel"
+buckets = "1,2,3,5,10"
+
 # `SELECT * FROM match_rate()`: people in each party's dataset and in both.
 [studies.match_rate]
 left = "impressions"

@@ -243,3 +243,45 @@ pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::R
     );
     Ok(page("Match-rate study", &body, party, meta, charged, left, &budget_plot))
 }
+
+/// The reach-and-frequency study's report.
+pub fn reach(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
+    let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
+    let meta = schema.metadata();
+    let one = |name: &str| -> anyhow::Result<f64> { numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer")) };
+    let interval = |name: &str| -> anyhow::Result<Option<(f64, f64)>> { Ok(Some((one(&format!("{name}_ci_low"))?, one(&format!("{name}_ci_high"))?))) };
+    let figures: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| !n.ends_with("_ci_low") && !n.ends_with("_ci_high"))
+        .collect();
+    let plot = |prefix: &str, title: &str, y: &str| -> anyhow::Result<String> {
+        let names: Vec<&String> = figures.iter().filter(|n| n.starts_with(prefix)).collect();
+        let labels: Vec<String> = names.iter().map(|n| n[prefix.len()..].replace('_', " ")).collect();
+        let values = names.iter().map(|n| one(n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let intervals = names.iter().map(|n| interval(n)).collect::<anyhow::Result<Vec<_>>>()?;
+        bars(title, y, &labels, &values, &intervals, false)
+    };
+    let reach_plot = plot("reach_", "People reached by channel (95 % interval)", "people")?;
+    let frequency_plot = plot("frequency_", "People by number of impressions (95 % interval)", "people")?;
+    let overlap_plot = plot("overlap_", "People reached in both channels of a pair", "people")?;
+    let (charged, left, budget_plot) = budget(party, meta)?;
+    let mut rows = String::new();
+    for name in &figures {
+        let (low, high) = interval(name)?.unwrap_or_default();
+        write!(rows, "<tr><td>{}</td><td>{:.0}</td><td>{low:.0} to {high:.0}</td></tr>", escape(name), one(name)?)?;
+    }
+    let body = format!(
+        r#"<p>How many people did the campaign reach, on which channels, and how often?</p>
+{parameters}
+<h2>Figures</h2>
+<table id="figures"><tr><th>figure</th><th>people</th><th>95 % interval</th></tr>{rows}</table>
+<p class="note">Every figure is a differentially private count of people (noise added once, from OpenDP); the counts are of all people, so each interval is the DP noise's.</p>
+<figure id="reach-plot">{reach_plot}</figure>
+<figure id="frequency-plot">{frequency_plot}</figure>
+<figure id="overlap-plot">{overlap_plot}</figure>"#,
+        parameters = parameters(call, meta),
+    );
+    Ok(page("Reach and frequency study", &body, party, meta, charged, left, &budget_plot))
+}

@@ -8,7 +8,8 @@ use futures::TryStreamExt;
 #[derive(clap::Args)]
 pub struct StudyArgs {
     /// The study: lift (incrementality of a test group over its hold-out),
-    /// match_rate (people of two datasets, and in both).
+    /// match_rate (people of two datasets, and in both), reach (people
+    /// reached per channel and pair of channels, and how often).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(cleanroom_dp::studies::STUDIES))]
     kind: String,
     /// The server and the party running the study (it is charged).
@@ -17,7 +18,8 @@ pub struct StudyArgs {
     /// A study parameter, NAME=VALUE (repeatable); those left out come from
     /// the manifest's [studies.<kind>]. For lift: exposure, outcome, group,
     /// control, time, outcome_time, window_days, value, value_cap,
-    /// expected_rate, epsilon; for match_rate: left, right, epsilon.
+    /// expected_rate, epsilon; for match_rate: left, right, epsilon; for
+    /// reach: exposure, channel, buckets, epsilon.
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
     params: Vec<String>,
     /// Print the figures as JSON (one object per row) instead of a table.
@@ -64,6 +66,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
         let html = match args.kind.as_str() {
             "lift" => crate::report::lift(&sql, &args.connection.party, &batches)?,
             "match_rate" => crate::report::match_rate(&sql, &args.connection.party, &batches)?,
+            "reach" => crate::report::reach(&sql, &args.connection.party, &batches)?,
             other => anyhow::bail!("no report for the {other} study"),
         };
         std::fs::write(path, html).map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;

@@ -31,7 +31,7 @@ use crate::policy::{ColumnRole, Policy};
 use crate::rewrite::PlannedQuery;
 
 /// The studies a statement may call.
-pub const STUDIES: &[&str] = &["lift", "match_rate"];
+pub const STUDIES: &[&str] = &["lift", "match_rate", "reach"];
 
 /// What each study provides: its one DP aggregate as SQL, how its budget
 /// is split across that aggregate's columns, and the whole study's SQL
@@ -47,6 +47,7 @@ fn study(kind: &str, params: &BTreeMap<String, String>, policy: &Policy) -> Resu
     Ok(match kind {
         "lift" => Box::new(Lift::from_params(params, policy)?),
         "match_rate" => Box::new(MatchRate::from_params(params, policy)?),
+        "reach" => Box::new(Reach::from_params(params, policy)?),
         other => return Err(invalid(other, "no such study")),
     })
 }
@@ -458,5 +459,117 @@ impl Study for MatchRate {
             ln = text(&self.left.0),
             rn = text(&self.right.0),
         ))
+    }
+}
+
+/// Reach and frequency: people reached in all, per channel (each value of
+/// the channel column's public domain), in each pair of channels, and how
+/// many people saw how many impressions (frequency buckets, from the
+/// `buckets` parameter's lower ends, e.g. `1,2,3,5,10`).
+///
+/// All of it is one DP aggregate over one row per person (a count of their
+/// impressions and a 0/1 flag per channel): each column is a sum of a
+/// person's 0/1 values, so a person changes each by at most 1, and the
+/// columns share the budget evenly. The intervals are the noise's alone
+/// (the counts are of all people): ± 1.96 σ.
+struct Reach {
+    exposure: (String, String),
+    channel: String,
+    channels: Vec<String>,
+    buckets: Vec<u64>,
+}
+
+impl Reach {
+    fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<Reach> {
+        known_params("reach", params, &["exposure", "channel", "buckets", "epsilon"])?;
+        let exposure = protected_dataset("reach", params, "exposure", policy)?;
+        let channel = params.get("channel").cloned().unwrap_or_else(|| "channel".to_string());
+        let channels = match policy.dataset(&exposure.0).map(|d| d.role(&channel)) {
+            Some(ColumnRole::Dimension { domain: Some(crate::policy::Domain::Strings(values)), .. }) if values.len() <= 12 => values,
+            _ => {
+                return Err(invalid(
+                    "reach",
+                    format!("channel => {channel}: a dimension of {} with a public list of at most 12 values", exposure.0),
+                ))
+            }
+        };
+        let text = params.get("buckets").cloned().unwrap_or_else(|| "1,2,3,5,10".to_string());
+        let buckets: Vec<u64> = text
+            .split(',')
+            .map(|b| b.trim().parse::<u64>().ok().filter(|b| (1..=1_000_000).contains(b)))
+            .collect::<Option<Vec<_>>>()
+            .filter(|b| !b.is_empty() && b.len() <= 20 && b.windows(2).all(|w| w[0] < w[1]))
+            .ok_or_else(|| invalid("reach", format!("buckets => {text}: increasing whole numbers from 1, at most 20 (each a bucket's lowest frequency)")))?;
+        Ok(Reach { exposure, channel, channels, buckets })
+    }
+
+    /// One row per person: their impressions and a 0/1 flag per channel.
+    fn ctes(&self) -> String {
+        let flags: Vec<String> = self
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("MAX(CASE WHEN {} = {} THEN 1 ELSE 0 END) AS c{i}", ident(&self.channel), text(c)))
+            .collect();
+        format!(
+            "WITH study_people AS (SELECT {unit} AS uid, COUNT(*) AS n, {flags} FROM {exposure} GROUP BY {unit})",
+            unit = ident(&self.exposure.1),
+            flags = flags.join(", "),
+            exposure = ident(&self.exposure.0),
+        )
+    }
+
+    /// The study's one DP aggregate.
+    fn released_select(&self) -> String {
+        let sums: Vec<String> = self
+            .columns()
+            .iter()
+            .map(|(name, value)| if name == "people" { "COUNT(*) AS people".to_string() } else { format!("SUM({value}) AS {}", ident(name)) })
+            .collect();
+        format!("SELECT {} FROM study_people", sums.join(", "))
+    }
+
+    /// Each released column: its name and the per-person 0/1 value summed.
+    fn columns(&self) -> Vec<(String, String)> {
+        let mut out = vec![("people".to_string(), "1".to_string())];
+        for (i, c) in self.channels.iter().enumerate() {
+            out.push((format!("reach_{c}"), format!("c{i}")));
+        }
+        for i in 0..self.channels.len() {
+            for j in i + 1..self.channels.len() {
+                out.push((format!("overlap_{}_{}", self.channels[i], self.channels[j]), format!("c{i} * c{j}")));
+            }
+        }
+        for (k, low) in self.buckets.iter().enumerate() {
+            let (name, test) = match self.buckets.get(k + 1) {
+                Some(next) if *next == low + 1 => (format!("frequency_{low}"), format!("n = {low}")),
+                Some(next) => (format!("frequency_{low}_to_{}", next - 1), format!("n >= {low} AND n < {next}")),
+                None => (format!("frequency_{low}_or_more"), format!("n >= {low}")),
+            };
+            out.push((name, format!("CASE WHEN {test} THEN 1 ELSE 0 END")));
+        }
+        out
+    }
+}
+
+impl Study for Reach {
+    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
+        None
+    }
+
+    fn released_sql(&self) -> String {
+        format!("{} {}", self.ctes(), self.released_select())
+    }
+
+    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        let mut out = Vec::new();
+        for (name, _) in self.columns() {
+            let half = 1.959963984540054 * stddev(&name)?;
+            let n = ident(&name);
+            out.push(format!("GREATEST({n}, 0) AS {n}"));
+            out.push(format!("GREATEST({n} - {half:?}, 0.0) AS {}", ident(&format!("{name}_ci_low"))));
+            out.push(format!("{n} + {half:?} AS {}", ident(&format!("{name}_ci_high"))));
+        }
+        Ok(format!("{}, study_released AS ({}) SELECT {} FROM study_released", self.ctes(), self.released_select(), out.join(", ")))
     }
 }

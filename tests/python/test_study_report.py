@@ -70,3 +70,20 @@ def test_match_rate_report_renders_in_headless_chromium(server, demo, tmp_path):
         start = dom.stdout.index(f'<figure id="{plot}">')
         assert "<rect" in dom.stdout[start:dom.stdout.index("</figure>", start)], plot
     assert "impressions in conversions" in dom.stdout and "Match-rate study" in dom.stdout
+
+
+def test_reach_report_renders_in_headless_chromium(server, demo, tmp_path):
+    report = tmp_path / "reach.html"
+    env = {**os.environ, "CLEANROOM_PASSWORD": credentials(demo)["adnetwork"]}
+    run = subprocess.run(
+        [str(cleanroom_binary()), "study", "reach", "--server", server.uri, "--party", "adnetwork", "--report", str(report), "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[0]["reach_display"] > 0
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr
+    for plot in ("reach-plot", "frequency-plot", "overlap-plot", "budget-plot"):
+        start = dom.stdout.index(f'<figure id="{plot}">')
+        assert "<rect" in dom.stdout[start:dom.stdout.index("</figure>", start)], plot

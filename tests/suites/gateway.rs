@@ -607,3 +607,31 @@ async fn the_match_rate_study_counts_each_dataset_and_both_with_one_charge() {
     let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
     assert_eq!(strings(&budget, 0), vec!["3.0"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reach_study_releases_reach_overlaps_and_frequency_as_one_aggregate() {
+    let server = Server::start(&state_dir("reach"));
+    let mut client = server.login("adnetwork").await;
+    let batches = query(&mut client, "SELECT * FROM reach(epsilon => 5)").await.unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    let one = |name: &str| numbers(&batches, name)[0];
+    let truth = truth();
+    let within = |name: &str, exact: f64| {
+        let half = (one(&format!("{name}_ci_high")) - one(&format!("{name}_ci_low"))) / 2.0;
+        assert!((one(name) - exact).abs() <= 3.0 * half + 1.0, "{name}: {} vs exact {exact} (half-width {half})", one(name));
+    };
+    within("people", truth["queries"]["Q1_match_rate"][0]["imp_users"].as_f64().unwrap());
+    for row in truth["queries"]["Q4_reach_frequency"].as_array().unwrap() {
+        within(&format!("reach_{}", row["channel"].as_str().unwrap()), row["users"].as_f64().unwrap());
+    }
+    // Five channels: ten pairs; buckets 1, 2, 3-4, 5-9, 10 or more.
+    let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names.iter().filter(|n| n.starts_with("overlap_") && !n.contains("_ci_")).count(), 10);
+    for bucket in ["frequency_1", "frequency_2", "frequency_3_to_4", "frequency_5_to_9", "frequency_10_or_more"] {
+        assert!(names.iter().any(|n| n == bucket), "{bucket} in {names:?}");
+    }
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["5.0"]);
+    let err = client.execute("SELECT * FROM reach(channel => 'device', buckets => '3,2')".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("buckets => 3,2"), "{err}");
+}
