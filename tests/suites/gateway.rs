@@ -620,7 +620,8 @@ async fn the_reach_study_releases_reach_overlaps_and_frequency_as_one_aggregate(
     let truth = truth();
     let within = |name: &str, exact: f64| {
         let half = (one(&format!("{name}_ci_high")) - one(&format!("{name}_ci_low"))) / 2.0;
-        assert!((one(name) - exact).abs() <= 3.0 * half + 1.0, "{name}: {} vs exact {exact} (half-width {half})", one(name));
+        // Laplace noise beyond four half-widths: odds of about 2e-5 per figure.
+        assert!((one(name) - exact).abs() <= 4.0 * half + 1.0, "{name}: {} vs exact {exact} (half-width {half})", one(name));
     };
     within("people", truth["queries"]["Q1_match_rate"][0]["imp_users"].as_f64().unwrap());
     for row in truth["queries"]["Q4_reach_frequency"].as_array().unwrap() {
