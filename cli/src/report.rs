@@ -22,6 +22,11 @@ fn numbers(batches: &[RecordBatch], name: &str) -> anyhow::Result<Vec<Option<f64
     Ok(out)
 }
 
+/// The first row's value of a one-row study's column `name`.
+fn first_number(batches: &[RecordBatch], name: &str) -> anyhow::Result<f64> {
+    numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer"))
+}
+
 /// Column `index` of the study's answer, as text.
 fn texts(batches: &[RecordBatch], index: usize) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
@@ -213,7 +218,7 @@ fn budget(party: &str, meta: &std::collections::HashMap<String, String>) -> anyh
 pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
     let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
     let meta = schema.metadata();
-    let one = |name: &str| -> anyhow::Result<f64> { numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer")) };
+    let one = |name: &str| first_number(batches, name);
     let first = |index: usize| -> anyhow::Result<String> { texts(batches, index)?.into_iter().next().context("the study answered no rows") };
     let (left_name, right_name) = (first(0)?, first(2)?);
     let labels = vec![format!("{left_name} in {right_name}"), format!("{right_name} in {left_name}")];
@@ -248,7 +253,7 @@ pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::R
 pub fn reach(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
     let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
     let meta = schema.metadata();
-    let one = |name: &str| -> anyhow::Result<f64> { numbers(batches, name)?.first().copied().flatten().with_context(|| format!("no {name} in the answer")) };
+    let one = |name: &str| first_number(batches, name);
     let interval = |name: &str| -> anyhow::Result<Option<(f64, f64)>> { Ok(Some((one(&format!("{name}_ci_low"))?, one(&format!("{name}_ci_high"))?))) };
     let figures: Vec<String> = schema
         .fields()

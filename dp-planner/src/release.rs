@@ -73,15 +73,23 @@ struct Paid {
     audit_record: String,
 }
 
+impl Paid {
+    /// The charge's entries of an answer's (or a kept release's) schema
+    /// metadata; [`NoisyAggregate::from_stored`] reads them back.
+    fn write(&self, metadata: &mut HashMap<String, String>) {
+        metadata.insert(META_RECEIPT.to_string(), self.receipt.clone());
+        metadata.insert(META_REMAINING.to_string(), format!("{}", self.remaining));
+        metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", self.remaining_delta));
+        metadata.insert(META_AUDIT_RECORD.to_string(), self.audit_record.clone());
+    }
+}
+
 impl NoisyAggregate {
     /// The release as kept in the released-answer store (Arrow IPC, the
     /// charge in the schema metadata).
     pub fn to_stored(&self) -> Result<Vec<u8>> {
         let mut metadata = self.batch.schema().metadata().clone();
-        metadata.insert(META_RECEIPT.to_string(), self.paid.receipt.clone());
-        metadata.insert(META_REMAINING.to_string(), format!("{}", self.paid.remaining));
-        metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", self.paid.remaining_delta));
-        metadata.insert(META_AUDIT_RECORD.to_string(), self.paid.audit_record.clone());
+        self.paid.write(&mut metadata);
         let schema = Arc::new(self.batch.schema().as_ref().clone().with_metadata(metadata));
         let batch = self.batch.clone().with_schema(schema.clone()).map_err(|e| DpError::Ledger(format!("cannot store the release: {e}")))?;
         Released { schema, batches: vec![batch] }.to_stored()
@@ -489,14 +497,6 @@ pub fn plain_type(t: &DataType) -> DataType {
     }
 }
 
-/// `schema` with every field of its [`plain_type`].
-pub fn plain_schema(schema: &Schema) -> Schema {
-    Schema::new_with_metadata(
-        schema.fields().iter().map(|f| f.as_ref().clone().with_data_type(plain_type(f.data_type()))).collect::<Vec<_>>(),
-        schema.metadata().clone(),
-    )
-}
-
 /// Add noise to the exact bounded aggregates of `query`.
 ///
 /// Why it is private: `exact` comes from [`DpQuery::exact_plan`], where each
@@ -858,20 +858,17 @@ fn companion_intervals<F: std::borrow::Borrow<Field>>(query: &DpQuery, fields: &
     if !query.options.confidence_intervals {
         return Ok(Vec::new());
     }
-    let all = calibrations(query)?;
-    let noise = noisy_outputs(query, &all);
-    let counts: Vec<(String, Noise)> = all
-        .iter()
-        .filter(|(name, _)| query.aggregates.iter().any(|a| &a.output_name == name && clamped_count(query, a)))
-        .cloned()
-        .collect();
-    let clamped = noisy_outputs(query, &counts);
+    let noise = calibrations(query)?;
     Ok(fields
         .iter()
-        .zip(noise)
-        .zip(clamped)
+        .zip(shown_aggregates(query))
         .enumerate()
-        .filter_map(|(i, ((f, n), c))| n.map(|l| (f.borrow().name().clone(), (i, l.ci95_half_width(), c.is_some()))))
+        .filter_map(|(i, (f, shown))| {
+            let shown = shown?;
+            let (_, l) = noise.iter().find(|(n, _)| *n == shown)?;
+            let clamped = query.aggregates.iter().any(|a| a.output_name == shown && clamped_count(query, a));
+            Some((f.borrow().name().clone(), (i, l.ci95_half_width(), clamped)))
+        })
         .collect())
 }
 
@@ -886,10 +883,7 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
 
     let announced = announced_dp_schema(query)?;
     let mut metadata = announced.metadata().clone();
-    metadata.insert(META_REMAINING.to_string(), format!("{}", noisy.paid.remaining));
-    metadata.insert(META_REMAINING_DELTA.to_string(), format!("{}", noisy.paid.remaining_delta));
-    metadata.insert(META_RECEIPT.to_string(), noisy.paid.receipt.clone());
-    metadata.insert(META_AUDIT_RECORD.to_string(), noisy.paid.audit_record.clone());
+    noisy.paid.write(&mut metadata);
     let schema = Arc::new(announced.with_metadata(metadata));
     let intervals = companion_intervals(query, schema.fields())?;
     let batches = batches
@@ -919,14 +913,21 @@ pub async fn finish(query: &DpQuery, noisy: NoisyAggregate) -> Result<Released> 
 /// For each output column of `query`, the noise of the DP aggregate column
 /// it shows unchanged (through aliases), if any.
 fn noisy_outputs(query: &DpQuery, noise: &[(String, Noise)]) -> Vec<Option<Noise>> {
+    shown_aggregates(query)
+        .into_iter()
+        .map(|shown| shown.and_then(|name| noise.iter().find(|(n, _)| *n == name).map(|(_, l)| *l)))
+        .collect()
+}
+
+/// For each output column of `query`, the name of the DP aggregate column
+/// it shows unchanged, if any (none below an aggregate of the released rows).
+fn shown_aggregates(query: &DpQuery) -> Vec<Option<String>> {
     let plan = &query.original;
-    // Below an aggregate of the released rows, no output shows one
-    // aggregate column's noise as it is.
+    let columns = plan.schema().fields().len();
     if query.post_aggregates > 0 {
-        return vec![None; plan.schema().fields().len()];
+        return vec![None; columns];
     }
-    let find = |name: &str| noise.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
-    (0..plan.schema().fields().len()).map(|i| aggregate_column(plan, i).and_then(|name| find(&name))).collect()
+    (0..columns).map(|i| aggregate_column(plan, i)).collect()
 }
 
 /// The name of the DP aggregate's output column that output column `i` of

@@ -33,14 +33,33 @@ use crate::rewrite::PlannedQuery;
 /// The studies a statement may call.
 pub const STUDIES: &[&str] = &["lift", "match_rate", "reach"];
 
-/// What each study provides: its one DP aggregate as SQL, how its budget
-/// is split across that aggregate's columns, and the whole study's SQL
-/// given the noise standard deviation of each released column.
+/// What each study provides: how its budget is split across its DP
+/// aggregate's columns, the CTEs that aggregate reads, the aggregate
+/// itself, and what is computed from its released rows given the noise
+/// standard deviation of each released column.
 trait Study: Send + Sync {
     fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit>;
-    fn released_sql(&self) -> String;
-    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
+    /// `WITH a AS (…), b AS (…)`: per-person rows, below the DP aggregate.
+    fn ctes(&self) -> String;
+    /// The study's one DP aggregate, over [`Study::ctes`].
+    fn released_select(&self) -> String;
+    /// What follows the CTE `study_released` (the aggregate's rows): more
+    /// CTEs (`, x AS (…) …`) and the final `SELECT`.
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
+
+    /// The DP aggregate alone, to plan its noise.
+    fn released_sql(&self) -> String {
+        format!("{} {}", self.ctes(), self.released_select())
+    }
+
+    /// The whole study.
+    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        Ok(format!("{}, study_released AS ({}) {}", self.ctes(), self.released_select(), self.above(stddev)?))
+    }
 }
+
+/// The 97.5 % quantile of the standard normal: 95 % intervals are ± Z95 σ.
+const Z95: f64 = 1.959963984540054;
 
 /// The study `kind` with `params`.
 fn study(kind: &str, params: &BTreeMap<String, String>, policy: &Policy) -> Result<Box<dyn Study>> {
@@ -109,9 +128,9 @@ pub(crate) async fn expand(
     if let Some(e) = params.get("epsilon") {
         study_options.set("epsilon", e)?;
     }
-    let noise = study_options.over(asked).resolve(&policy.defaults)?.noise;
-    study_options.column_split = study.split(noise);
-    let options = study_options.over(asked).resolve(&policy.defaults)?;
+    let mut options = study_options.over(asked).resolve(&policy.defaults)?;
+    study_options.column_split = study.split(options.noise);
+    options.column_split = study_options.column_split.clone();
     // The noise of the study's counts: its DP aggregate planned alone.
     let counts = parse_query(state, &study.released_sql(), &dialect)?;
     let plan = state.statement_to_plan(counts).await.map_err(DpError::Sql)?;
@@ -315,6 +334,45 @@ impl Lift {
         }
     }
 
+    /// Above the DP aggregate: rates, the control group's rate beside every
+    /// row (a window over the released rows), and lift with its interval.
+    fn lift_above(&self, people_sd: f64, converters_sd: f64) -> String {
+        let (value, value_out) = match &self.value {
+            Some((v, _)) => (
+                ", value".to_string(),
+                format!(", value AS {}, CAST(value AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE) AS {}", ident(v), ident(&format!("{v}_per_person"))),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let control = text(&self.control);
+        format!(
+            ", study_rates AS (SELECT grp, people, converters{value}, \
+               LEAST(GREATEST(CAST(converters AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE), 0.0), 1.0) AS rate, \
+               CAST(GREATEST(people, 1) AS DOUBLE) AS n FROM study_released), \
+             study_variances AS (SELECT *, rate * (1.0 - rate) / n + ({cs:?} * {cs:?} + rate * rate * {ps:?} * {ps:?}) / (n * n) AS var FROM study_rates), \
+             study_against AS (SELECT *, MAX(CASE WHEN grp = {control} THEN rate END) OVER () AS control_rate, \
+               MAX(CASE WHEN grp = {control} THEN var END) OVER () AS control_var FROM study_variances), \
+             study_lift AS (SELECT *, CASE WHEN grp <> {control} AND rate > 0 AND control_rate > 0 \
+               THEN sqrt(var / (rate * rate) + control_var / (control_rate * control_rate)) END AS se FROM study_against), \
+             study_interval AS (SELECT *, rate / control_rate * exp(-{Z95:?} * se) AS ratio_low, \
+               rate / control_rate * exp({Z95:?} * se) AS ratio_high FROM study_lift) \
+             SELECT grp AS {group}, people, converters{value_out}, rate AS conversion_rate, \
+               CASE WHEN grp <> {control} AND control_rate > 0 THEN rate / control_rate - 1.0 END AS lift, \
+               ratio_low - 1.0 AS lift_ci_low, ratio_high - 1.0 AS lift_ci_high, \
+               CASE WHEN se IS NULL THEN NULL ELSE ratio_low > 1.0 OR ratio_high < 1.0 END AS significant \
+             FROM study_interval ORDER BY grp",
+            cs = converters_sd,
+            ps = people_sd,
+            group = ident(&self.group),
+        )
+    }
+}
+
+impl Study for Lift {
+    fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
+        Some(self.column_split(noise))
+    }
+
     /// The people of the exposure dataset with their group and first
     /// exposure, and those with an outcome in the window, with its value.
     fn ctes(&self) -> String {
@@ -325,7 +383,7 @@ impl Lift {
         format!(
             "WITH study_exposed AS (SELECT {unit} AS uid, MIN({group}) AS grp, MIN({time}) AS first_at FROM {exposure} GROUP BY {unit}), \
              study_outcomes AS (SELECT o.{ounit} AS uid{value} FROM {outcome} o JOIN study_exposed e ON o.{ounit} = e.uid \
-             WHERE o.{otime} > e.first_at AND o.{otime} <= e.first_at + INTERVAL '{days} days' GROUP BY o.{ounit}) ",
+             WHERE o.{otime} > e.first_at AND o.{otime} <= e.first_at + INTERVAL '{days} days' GROUP BY o.{ounit})",
             unit = ident(&self.unit),
             group = ident(&self.group),
             time = ident(&self.time),
@@ -346,53 +404,8 @@ impl Lift {
         )
     }
 
-    /// The whole study: the DP aggregate, then rates, the control group's
-    /// rate beside every row (a window over the released rows), and lift.
-    fn lift_sql(&self, people_sd: f64, converters_sd: f64) -> String {
-        let (value, value_out) = match &self.value {
-            Some((v, _)) => (
-                ", value".to_string(),
-                format!(", value AS {}, CAST(value AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE) AS {}", ident(v), ident(&format!("{v}_per_person"))),
-            ),
-            None => (String::new(), String::new()),
-        };
-        let control = text(&self.control);
-        format!(
-            "{ctes}, study_released AS ({released}), \
-             study_rates AS (SELECT grp, people, converters{value}, \
-               LEAST(GREATEST(CAST(converters AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE), 0.0), 1.0) AS rate, \
-               CAST(GREATEST(people, 1) AS DOUBLE) AS n FROM study_released), \
-             study_variances AS (SELECT *, rate * (1.0 - rate) / n + ({cs:?} * {cs:?} + rate * rate * {ps:?} * {ps:?}) / (n * n) AS var FROM study_rates), \
-             study_against AS (SELECT *, MAX(CASE WHEN grp = {control} THEN rate END) OVER () AS control_rate, \
-               MAX(CASE WHEN grp = {control} THEN var END) OVER () AS control_var FROM study_variances), \
-             study_lift AS (SELECT *, CASE WHEN grp <> {control} AND rate > 0 AND control_rate > 0 \
-               THEN sqrt(var / (rate * rate) + control_var / (control_rate * control_rate)) END AS se FROM study_against) \
-             SELECT grp AS {group}, people, converters{value_out}, rate AS conversion_rate, \
-               CASE WHEN grp <> {control} AND control_rate > 0 THEN rate / control_rate - 1.0 END AS lift, \
-               rate / control_rate * exp(-1.959963984540054 * se) - 1.0 AS lift_ci_low, \
-               rate / control_rate * exp(1.959963984540054 * se) - 1.0 AS lift_ci_high, \
-               CASE WHEN se IS NULL THEN NULL ELSE rate / control_rate * exp(-1.959963984540054 * se) > 1.0 OR rate / control_rate * exp(1.959963984540054 * se) < 1.0 END AS significant \
-             FROM study_lift ORDER BY grp",
-            ctes = self.ctes().trim_end(),
-            released = self.released_select(),
-            cs = converters_sd,
-            ps = people_sd,
-            group = ident(&self.group),
-        )
-    }
-}
-
-impl Study for Lift {
-    fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
-        Some(self.column_split(noise))
-    }
-
-    fn released_sql(&self) -> String {
-        format!("{}{}", self.ctes(), self.released_select())
-    }
-
-    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        Ok(self.lift_sql(stddev("people")?, stddev("converters")?))
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        Ok(self.lift_above(stddev("people")?, stddev("converters")?))
     }
 }
 
@@ -425,11 +438,10 @@ impl Study for MatchRate {
 
     /// One row per person with a 0/1 flag per dataset; each count is a sum
     /// of flags (a person changes it by at most 1).
-    fn released_sql(&self) -> String {
+    fn ctes(&self) -> String {
         format!(
             "WITH study_seen AS (SELECT {lu} AS uid, 1 AS in_left, 0 AS in_right FROM {l} UNION ALL SELECT {ru} AS uid, 0 AS in_left, 1 AS in_right FROM {r}), \
-             study_people AS (SELECT uid, MAX(in_left) AS in_left, MAX(in_right) AS in_right FROM study_seen GROUP BY uid) \
-             SELECT SUM(in_left) AS left_people, SUM(in_right) AS right_people, SUM(in_left * in_right) AS matched FROM study_people",
+             study_people AS (SELECT uid, MAX(in_left) AS in_left, MAX(in_right) AS in_right FROM study_seen GROUP BY uid)",
             lu = ident(&self.left.1),
             l = ident(&self.left.0),
             ru = ident(&self.right.1),
@@ -437,7 +449,11 @@ impl Study for MatchRate {
         )
     }
 
-    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+    fn released_select(&self) -> String {
+        "SELECT SUM(in_left) AS left_people, SUM(in_right) AS right_people, SUM(in_left * in_right) AS matched FROM study_people".to_string()
+    }
+
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
         let (sl, sr, sm) = (stddev("left_people")?, stddev("right_people")?, stddev("matched")?);
         // matched / n, kept in [0, 1], and its standard error.
         let rate = |n: &str| format!("LEAST(GREATEST(CAST(matched AS DOUBLE) / CAST(GREATEST({n}, 1) AS DOUBLE), 0.0), 1.0)");
@@ -446,16 +462,14 @@ impl Study for MatchRate {
         };
         let (left_rate, left_se, right_rate, right_se) = (rate("left_people"), se("left_people", sl), rate("right_people"), se("right_people", sr));
         Ok(format!(
-            "WITH study_released AS ({released}) \
-             SELECT {ln} AS left_dataset, left_people, {rn} AS right_dataset, right_people, matched, \
+            "SELECT {ln} AS left_dataset, left_people, {rn} AS right_dataset, right_people, matched, \
                {left_rate} AS left_match_rate, \
-               GREATEST({left_rate} - 1.959963984540054 * {left_se}, 0.0) AS left_match_rate_ci_low, \
-               LEAST({left_rate} + 1.959963984540054 * {left_se}, 1.0) AS left_match_rate_ci_high, \
+               GREATEST({left_rate} - {Z95:?} * {left_se}, 0.0) AS left_match_rate_ci_low, \
+               LEAST({left_rate} + {Z95:?} * {left_se}, 1.0) AS left_match_rate_ci_high, \
                {right_rate} AS right_match_rate, \
-               GREATEST({right_rate} - 1.959963984540054 * {right_se}, 0.0) AS right_match_rate_ci_low, \
-               LEAST({right_rate} + 1.959963984540054 * {right_se}, 1.0) AS right_match_rate_ci_high \
+               GREATEST({right_rate} - {Z95:?} * {right_se}, 0.0) AS right_match_rate_ci_low, \
+               LEAST({right_rate} + {Z95:?} * {right_se}, 1.0) AS right_match_rate_ci_high \
              FROM study_released",
-            released = self.released_sql(),
             ln = text(&self.left.0),
             rn = text(&self.right.0),
         ))
@@ -503,6 +517,35 @@ impl Reach {
         Ok(Reach { exposure, channel, channels, buckets })
     }
 
+    /// Each released column: its name and its aggregate over the people's
+    /// rows (a count, or a sum of a per-person 0/1 value).
+    fn columns(&self) -> Vec<(String, String)> {
+        let mut out = vec![("people".to_string(), "COUNT(*)".to_string())];
+        for (i, c) in self.channels.iter().enumerate() {
+            out.push((format!("reach_{c}"), format!("SUM(c{i})")));
+        }
+        for i in 0..self.channels.len() {
+            for j in i + 1..self.channels.len() {
+                out.push((format!("overlap_{}_{}", self.channels[i], self.channels[j]), format!("SUM(c{i} * c{j})")));
+            }
+        }
+        for (k, low) in self.buckets.iter().enumerate() {
+            let (name, test) = match self.buckets.get(k + 1) {
+                Some(next) if *next == low + 1 => (format!("frequency_{low}"), format!("n = {low}")),
+                Some(next) => (format!("frequency_{low}_to_{}", next - 1), format!("n >= {low} AND n < {next}")),
+                None => (format!("frequency_{low}_or_more"), format!("n >= {low}")),
+            };
+            out.push((name, format!("SUM(CASE WHEN {test} THEN 1 ELSE 0 END)")));
+        }
+        out
+    }
+}
+
+impl Study for Reach {
+    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
+        None
+    }
+
     /// One row per person: their impressions and a 0/1 flag per channel.
     fn ctes(&self) -> String {
         let flags: Vec<String> = self
@@ -521,55 +564,19 @@ impl Reach {
 
     /// The study's one DP aggregate.
     fn released_select(&self) -> String {
-        let sums: Vec<String> = self
-            .columns()
-            .iter()
-            .map(|(name, value)| if name == "people" { "COUNT(*) AS people".to_string() } else { format!("SUM({value}) AS {}", ident(name)) })
-            .collect();
-        format!("SELECT {} FROM study_people", sums.join(", "))
+        let columns: Vec<String> = self.columns().iter().map(|(name, aggregate)| format!("{aggregate} AS {}", ident(name))).collect();
+        format!("SELECT {} FROM study_people", columns.join(", "))
     }
 
-    /// Each released column: its name and the per-person 0/1 value summed.
-    fn columns(&self) -> Vec<(String, String)> {
-        let mut out = vec![("people".to_string(), "1".to_string())];
-        for (i, c) in self.channels.iter().enumerate() {
-            out.push((format!("reach_{c}"), format!("c{i}")));
-        }
-        for i in 0..self.channels.len() {
-            for j in i + 1..self.channels.len() {
-                out.push((format!("overlap_{}_{}", self.channels[i], self.channels[j]), format!("c{i} * c{j}")));
-            }
-        }
-        for (k, low) in self.buckets.iter().enumerate() {
-            let (name, test) = match self.buckets.get(k + 1) {
-                Some(next) if *next == low + 1 => (format!("frequency_{low}"), format!("n = {low}")),
-                Some(next) => (format!("frequency_{low}_to_{}", next - 1), format!("n >= {low} AND n < {next}")),
-                None => (format!("frequency_{low}_or_more"), format!("n >= {low}")),
-            };
-            out.push((name, format!("CASE WHEN {test} THEN 1 ELSE 0 END")));
-        }
-        out
-    }
-}
-
-impl Study for Reach {
-    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
-        None
-    }
-
-    fn released_sql(&self) -> String {
-        format!("{} {}", self.ctes(), self.released_select())
-    }
-
-    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
         let mut out = Vec::new();
         for (name, _) in self.columns() {
-            let half = 1.959963984540054 * stddev(&name)?;
+            let half = Z95 * stddev(&name)?;
             let n = ident(&name);
             out.push(format!("GREATEST({n}, 0) AS {n}"));
             out.push(format!("GREATEST({n} - {half:?}, 0.0) AS {}", ident(&format!("{name}_ci_low"))));
             out.push(format!("{n} + {half:?} AS {}", ident(&format!("{name}_ci_high"))));
         }
-        Ok(format!("{}, study_released AS ({}) SELECT {} FROM study_released", self.ctes(), self.released_select(), out.join(", ")))
+        Ok(format!("SELECT {} FROM study_released", out.join(", ")))
     }
 }
