@@ -1003,6 +1003,28 @@ exposure = "impressions"
 channel = "channel"
 buckets = "1,2,3,5,10"
 
+# `SELECT * FROM attribution()`: each conversion credited to the channel of the
+# person's last impression in the 30 days before it; revenue net of returned
+# orders, and a 10 % commission on it.
+[studies.attribution]
+touches = "impressions"
+outcome = "conversions"
+credit = "channel"
+model = "last"
+window_days = 30
+value = "revenue"
+returns = "is_return"
+commission_rate = 0.1
+
+# `SELECT * FROM cohorts()`: people by the week of their first impression, and
+# how many of them bought (and for how much) in each of the 6 weeks from it.
+[studies.cohorts]
+exposure = "impressions"
+outcome = "conversions"
+period = "week"
+periods = 6
+value = "revenue"
+
 # `SELECT * FROM match_rate()`: people in each party's dataset and in both.
 [studies.match_rate]
 left = "impressions"
@@ -1129,7 +1151,41 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
          FROM e LEFT JOIN o ON e.uid = o.uid GROUP BY e.grp ORDER BY e.grp"
             .to_string(),
     );
-    for (name, sql) in adbench_queries().into_iter().chain([study]) {
+    // The attribution study with the manifest's defaults: each conversion
+    // credited to the channel of the person's last impression in the 30 days
+    // before it; per person and channel, kept conversions capped at 5 and
+    // revenue (all, and of returned orders) capped at 1000.
+    let attribution = (
+        "study_attribution".to_string(),
+        "WITH o AS (SELECT uid, ts AS at, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY ts) AS k, \
+               CASE WHEN is_return THEN 1.0 ELSE 0.0 END AS returned, revenue AS value FROM conversions), \
+         t AS (SELECT o.uid, o.k, o.returned, o.value, i.channel AS credit, \
+               ROW_NUMBER() OVER (PARTITION BY o.uid, o.k ORDER BY i.ts DESC) AS rn \
+               FROM o JOIN impressions i ON i.uid = o.uid WHERE i.ts < o.at AND i.ts >= o.at - INTERVAL '30 days'), \
+         c AS (SELECT uid, credit, LEAST(SUM(1.0 - returned), 5.0) AS conversions, LEAST(SUM(value), 1000.0) AS gross, \
+               LEAST(SUM(value * returned), 1000.0) AS returned FROM t WHERE rn = 1 GROUP BY uid, credit) \
+         SELECT credit AS channel, SUM(conversions) AS conversions, SUM(gross) AS gross_revenue, \
+           SUM(returned) AS returned_revenue, SUM(gross) - SUM(returned) AS net_revenue \
+         FROM c GROUP BY credit ORDER BY credit"
+            .to_string(),
+    );
+    // The cohorts study with the manifest's defaults: people by the week of
+    // their first impression, and per week from it (6 weeks) those who
+    // bought and their revenue (capped at 500 per person and week).
+    let cohorts = (
+        "study_cohorts".to_string(),
+        "WITH e AS (SELECT uid, MIN(ts) AS first_at, DATE_TRUNC('week', MIN(ts)) AS cohort FROM impressions GROUP BY uid), \
+         a AS (SELECT c.uid, e.cohort, DATE_TRUNC('week', c.ts) AS period, LEAST(SUM(c.revenue), 500.0) AS value \
+               FROM conversions c JOIN e ON c.uid = e.uid \
+               WHERE c.ts >= e.first_at AND c.ts < e.cohort + INTERVAL '6 weeks' GROUP BY c.uid, e.cohort, DATE_TRUNC('week', c.ts)), \
+         sizes AS (SELECT cohort, COUNT(*) AS people FROM e GROUP BY cohort) \
+         SELECT CAST(s.cohort AS DATE) AS cohort, \
+           CAST(round((date_part('epoch', a.period) - date_part('epoch', s.cohort)) / 604800) AS BIGINT) AS periods_after, \
+           MIN(s.people) AS people, COUNT(*) AS active, SUM(a.value) AS revenue \
+         FROM sizes s JOIN a ON a.cohort = s.cohort GROUP BY s.cohort, a.period ORDER BY 1, 2"
+            .to_string(),
+    );
+    for (name, sql) in adbench_queries().into_iter().chain([study, attribution, cohorts]) {
         spinner.set_message(format!("computing truth.json: {name}"));
         let batches = ctx
             .sql(&sql)

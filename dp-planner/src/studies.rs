@@ -31,14 +31,18 @@ use crate::policy::{ColumnRole, Policy};
 use crate::rewrite::PlannedQuery;
 
 /// The studies a statement may call.
-pub const STUDIES: &[&str] = &["lift", "match_rate", "reach"];
+pub const STUDIES: &[&str] = &["lift", "attribution", "reach", "cohorts", "match_rate"];
 
 /// What each study provides: how its budget is split across its DP
 /// aggregate's columns, the CTEs that aggregate reads, the aggregate
 /// itself, and what is computed from its released rows given the noise
 /// standard deviation of each released column.
 trait Study: Send + Sync {
-    fn split(&self, noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit>;
+    /// How the budget is split across the aggregate's columns (`None`:
+    /// evenly).
+    fn split(&self, _noise: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
+        None
+    }
     /// `WITH a AS (…), b AS (…)`: per-person rows, below the DP aggregate.
     fn ctes(&self) -> String;
     /// The study's one DP aggregate, over [`Study::ctes`].
@@ -46,6 +50,12 @@ trait Study: Send + Sync {
     /// What follows the CTE `study_released` (the aggregate's rows): more
     /// CTEs (`, x AS (…) …`) and the final `SELECT`.
     fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
+
+    /// The contribution bounds the study sets (`max_groups_contributed`,
+    /// `max_contributions_per_group`), as options of its DP aggregate.
+    fn bounds(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 
     /// The DP aggregate alone, to plan its noise.
     fn released_sql(&self) -> String {
@@ -67,6 +77,8 @@ fn study(kind: &str, params: &BTreeMap<String, String>, policy: &Policy) -> Resu
         "lift" => Box::new(Lift::from_params(params, policy)?),
         "match_rate" => Box::new(MatchRate::from_params(params, policy)?),
         "reach" => Box::new(Reach::from_params(params, policy)?),
+        "attribution" => Box::new(Attribution::from_params(params, policy)?),
+        "cohorts" => Box::new(Cohorts::from_params(params, policy)?),
         other => return Err(invalid(other, "no such study")),
     })
 }
@@ -127,6 +139,9 @@ pub(crate) async fn expand(
     let mut study_options = QueryOptions { study: Some(call), ..QueryOptions::default() };
     if let Some(e) = params.get("epsilon") {
         study_options.set("epsilon", e)?;
+    }
+    for (option, value) in study.bounds() {
+        study_options.set(option, &value)?;
     }
     let mut options = study_options.over(asked).resolve(&policy.defaults)?;
     study_options.column_split = study.split(options.noise);
@@ -257,25 +272,9 @@ impl Lift {
         let (exposure, unit) = protected_dataset("lift", params, "exposure", policy)?;
         let (outcome, outcome_unit) = protected_dataset("lift", params, "outcome", policy)?;
         let time = params.get("time").cloned().unwrap_or_else(|| "ts".to_string());
-        let window_days = match params.get("window_days") {
-            Some(w) => w.parse::<u32>().ok().filter(|w| (1..=3650).contains(w)).ok_or_else(|| invalid("lift", format!("window_days => {w}: a whole number of days from 1 to 3650")))?,
-            None => 30,
-        };
-        let value = match params.get("value") {
-            None => None,
-            Some(v) => {
-                let upper = match policy.dataset(&outcome).map(|d| d.role(v)) {
-                    Some(ColumnRole::Measure { upper, .. }) => upper,
-                    _ => return Err(invalid("lift", format!("value => {v}: not a measure of {outcome}"))),
-                };
-                let cap = match params.get("value_cap") {
-                    Some(c) => c.parse::<f64>().ok().filter(|c| c.is_finite() && *c > 0.0).ok_or_else(|| invalid("lift", format!("value_cap => {c}: a number above 0")))?,
-                    // A person's outcomes within the window: a few at most.
-                    None => upper * 4.0,
-                };
-                Some((v.clone(), cap))
-            }
-        };
+        let window_days = whole_param("lift", params, "window_days", 30, 1..=3650)?;
+        // A person's outcomes within the window: a few at most.
+        let value = measure_param("lift", params, "value", "value_cap", &outcome, 4.0, policy)?;
         let group = get("group")?;
         let control = get("control")?;
         // The control group must be a key the group column can release.
@@ -430,12 +429,6 @@ impl MatchRate {
 }
 
 impl Study for MatchRate {
-    /// Even: each rate's noise is mostly the matched count's and its
-    /// dataset's count's, in equal parts.
-    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
-        None
-    }
-
     /// One row per person with a 0/1 flag per dataset; each count is a sum
     /// of flags (a person changes it by at most 1).
     fn ctes(&self) -> String {
@@ -542,10 +535,6 @@ impl Reach {
 }
 
 impl Study for Reach {
-    fn split(&self, _: crate::options::NoiseKind) -> Option<crate::options::ColumnSplit> {
-        None
-    }
-
     /// One row per person: their impressions and a 0/1 flag per channel.
     fn ctes(&self) -> String {
         let flags: Vec<String> = self
@@ -578,5 +567,353 @@ impl Study for Reach {
             out.push(format!("{n} + {half:?} AS {}", ident(&format!("{name}_ci_high"))));
         }
         Ok(format!("SELECT {} FROM study_released", out.join(", ")))
+    }
+}
+
+/// The bounds of an aggregate over one row per person and group, a person
+/// in at most `groups` groups.
+fn one_row_in_each_of(groups: u32) -> Vec<(&'static str, String)> {
+    vec![("max_groups_contributed", groups.to_string()), ("max_contributions_per_group", "1".to_string())]
+}
+
+/// A whole-number parameter within `range`, or `default` when left out.
+fn whole_param(kind: &str, params: &BTreeMap<String, String>, name: &str, default: u32, range: std::ops::RangeInclusive<u32>) -> Result<u32> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|x| range.contains(x))
+            .ok_or_else(|| invalid(kind, format!("{name} => {v}: a whole number from {} to {}", range.start(), range.end()))),
+    }
+}
+
+/// A number parameter within `range`, or `default` when left out.
+fn number_param(kind: &str, params: &BTreeMap<String, String>, name: &str, default: f64, range: std::ops::RangeInclusive<f64>, what: &str) -> Result<f64> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(v) => v.parse::<f64>().ok().filter(|x| range.contains(x)).ok_or_else(|| invalid(kind, format!("{name} => {v}: {what}"))),
+    }
+}
+
+/// A measure column of `dataset` named by parameter `name`, with the cap of
+/// its per-person sum (`cap_param`, by default `times` the measure's upper
+/// bound).
+fn measure_param(
+    kind: &str,
+    params: &BTreeMap<String, String>,
+    name: &str,
+    cap_param: &str,
+    dataset: &str,
+    times: f64,
+    policy: &Policy,
+) -> Result<Option<(String, f64)>> {
+    let Some(v) = params.get(name) else { return Ok(None) };
+    let upper = match policy.dataset(dataset).map(|d| d.role(v)) {
+        Some(ColumnRole::Measure { upper, .. }) => upper,
+        _ => return Err(invalid(kind, format!("{name} => {v}: not a measure of {dataset}"))),
+    };
+    let cap = number_param(kind, params, cap_param, upper * times, f64::MIN_POSITIVE..=1e15, "a number above 0")?;
+    Ok(Some((v.clone(), cap)))
+}
+
+/// A dimension column of `dataset` named by parameter `name`.
+fn dimension_param(kind: &str, params: &BTreeMap<String, String>, name: &str, default: &str, dataset: &str, policy: &Policy) -> Result<String> {
+    let column = params.get(name).cloned().unwrap_or_else(|| default.to_string());
+    match policy.dataset(dataset).map(|d| d.role(&column)) {
+        Some(ColumnRole::Dimension { .. }) => Ok(column),
+        _ => Err(invalid(kind, format!("{name} => {column}: not a dimension of {dataset}"))),
+    }
+}
+
+/// Attribution and commission: each outcome (a conversion, a deposit, a
+/// trade) is credited to the touches (impressions, clicks, referrals) of
+/// the same person within `window_days` before it — all of it to the last
+/// touch, to the first, or in equal parts to each (`model => 'last' |
+/// 'first' | 'linear'`) — and the credit is summed per value of the touch's
+/// `credit` column (campaign, channel, affiliate, introducing broker). With
+/// a `value` (revenue, GGR, lots), the credited value is released gross and
+/// returned (`returns` names the outcome's flag of a reversed order), and
+/// the commission is `commission_rate` times the net value: a RevShare
+/// fraction of GGR, or an amount per lot.
+///
+/// Why it is private: the credit is worked out per person (windows
+/// partitioned by the person, a join on the person), then summed per person
+/// and credited key and clamped (`conversions_cap`, `value_cap`), so one
+/// person adds at most those caps to each of at most `groups_per_person`
+/// keys — the bounds the DP aggregate is calibrated to. Net value and
+/// commission are arithmetic on released sums (post-processing); their
+/// intervals add the two sums' noise variances.
+struct Attribution {
+    touches: (String, String),
+    outcome: (String, String),
+    credit: String,
+    model: String,
+    time: String,
+    outcome_time: String,
+    window_days: u32,
+    value: Option<(String, f64)>,
+    returns: Option<String>,
+    commission_rate: Option<f64>,
+    conversions_cap: f64,
+    groups_per_person: u32,
+}
+
+impl Attribution {
+    fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<Attribution> {
+        const KIND: &str = "attribution";
+        known_params(
+            KIND,
+            params,
+            &[
+                "touches", "outcome", "credit", "model", "time", "outcome_time", "window_days", "value", "value_cap", "returns",
+                "commission_rate", "conversions_cap", "groups_per_person", "epsilon",
+            ],
+        )?;
+        let touches = protected_dataset(KIND, params, "touches", policy)?;
+        let outcome = protected_dataset(KIND, params, "outcome", policy)?;
+        let credit = dimension_param(KIND, params, "credit", "channel", &touches.0, policy)?;
+        let model = params.get("model").cloned().unwrap_or_else(|| "last".to_string()).to_ascii_lowercase();
+        if !["last", "first", "linear"].contains(&model.as_str()) {
+            return Err(invalid(KIND, format!("model => {model}: last, first or linear")));
+        }
+        let time = params.get("time").cloned().unwrap_or_else(|| "ts".to_string());
+        let returns = match params.get("returns") {
+            None => None,
+            Some(r) => match policy.dataset(&outcome.0).map(|d| d.role(r)) {
+                Some(ColumnRole::Dimension { .. }) => Some(r.clone()),
+                _ => return Err(invalid(KIND, format!("returns => {r}: not a dimension (a true/false flag) of {}", outcome.0))),
+            },
+        };
+        Ok(Attribution {
+            window_days: whole_param(KIND, params, "window_days", 30, 1..=3650)?,
+            value: measure_param(KIND, params, "value", "value_cap", &outcome.0, 2.0, policy)?,
+            commission_rate: match params.get("commission_rate") {
+                None => None,
+                Some(_) => Some(number_param(KIND, params, "commission_rate", 0.0, 0.0..=1e9, "a number from 0 (a share of the value, or an amount per unit)")?),
+            },
+            conversions_cap: number_param(KIND, params, "conversions_cap", 5.0, 1.0..=1000.0, "a number from 1 to 1000")?,
+            groups_per_person: whole_param(KIND, params, "groups_per_person", 3, 1..=100)?,
+            outcome_time: params.get("outcome_time").cloned().unwrap_or_else(|| time.clone()),
+            time,
+            returns,
+            credit,
+            model,
+            touches,
+            outcome,
+        })
+    }
+
+    /// Each released column and its aggregate over the per-person credit.
+    fn columns(&self) -> Vec<&'static str> {
+        match (&self.value, &self.returns) {
+            (None, _) => vec!["conversions"],
+            (Some(_), None) => vec!["conversions", "gross_value"],
+            (Some(_), Some(_)) => vec!["conversions", "gross_value", "returned_value"],
+        }
+    }
+}
+
+impl Study for Attribution {
+    /// A person contributes one row (after the per-person sums) to each of
+    /// at most `groups_per_person` credited keys.
+    fn bounds(&self) -> Vec<(&'static str, String)> {
+        one_row_in_each_of(self.groups_per_person)
+    }
+
+    /// Outcomes numbered per person, each joined with the same person's
+    /// touches in the window before it, each touch's weight under the
+    /// model, and per person and credited key the capped sums.
+    fn ctes(&self) -> String {
+        let returned = match &self.returns {
+            Some(r) => format!("CASE WHEN {} THEN 1.0 ELSE 0.0 END", ident(r)),
+            None => "0.0".to_string(),
+        };
+        let value = match &self.value {
+            Some((v, _)) => format!("COALESCE(CAST({} AS DOUBLE), 0.0)", ident(v)),
+            None => "0.0".to_string(),
+        };
+        let (order, weight, keep) = match self.model.as_str() {
+            "first" => ("ASC", "1.0", "rn = 1"),
+            "linear" => ("DESC", "1.0 / CAST(touches AS DOUBLE)", "TRUE"),
+            _ => ("DESC", "1.0", "rn = 1"),
+        };
+        let cap = self.value.as_ref().map(|(_, c)| *c).unwrap_or(1.0);
+        format!(
+            "WITH study_outcomes AS (SELECT {ounit} AS uid, {otime} AS at, ROW_NUMBER() OVER (PARTITION BY {ounit} ORDER BY {otime}) AS k, \
+               {returned} AS returned, {value} AS value FROM {outcome}), \
+             study_touches AS (SELECT o.uid, o.k, o.returned, o.value, t.{credit} AS credit, \
+               ROW_NUMBER() OVER (PARTITION BY o.uid, o.k ORDER BY t.{time} {order}) AS rn, COUNT(*) OVER (PARTITION BY o.uid, o.k) AS touches \
+               FROM study_outcomes o JOIN {touches} t ON t.{unit} = o.uid \
+               WHERE t.{time} < o.at AND t.{time} >= o.at - INTERVAL '{days} days'), \
+             study_weighted AS (SELECT uid, credit, returned, value, {weight} AS w FROM study_touches WHERE {keep}), \
+             study_credit AS (SELECT uid, credit, \
+               GREATEST(LEAST(SUM(w * (1.0 - returned)), {ccap:?}), 0.0) AS conversions, \
+               GREATEST(LEAST(SUM(w * value), {cap:?}), 0.0) AS gross_value, \
+               GREATEST(LEAST(SUM(w * value * returned), {cap:?}), 0.0) AS returned_value \
+               FROM study_weighted GROUP BY uid, credit)",
+            ounit = ident(&self.outcome.1),
+            otime = ident(&self.outcome_time),
+            outcome = ident(&self.outcome.0),
+            credit = ident(&self.credit),
+            time = ident(&self.time),
+            touches = ident(&self.touches.0),
+            unit = ident(&self.touches.1),
+            days = self.window_days,
+            ccap = self.conversions_cap,
+        )
+    }
+
+    fn released_select(&self) -> String {
+        let sums: Vec<String> = self.columns().iter().map(|c| format!("SUM({c}) AS {c}")).collect();
+        format!("SELECT credit, {} FROM study_credit GROUP BY credit", sums.join(", "))
+    }
+
+    /// Shares of the credited conversions, net value and commission, each
+    /// figure with its 95 % interval (a difference of two noisy sums has
+    /// the sum of their noise variances).
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        let half = |sd: f64| Z95 * sd;
+        let conversions = half(stddev("conversions")?);
+        let mut out = vec![
+            format!("credit AS {}", ident(&self.credit)),
+            "conversions".to_string(),
+            format!("GREATEST(conversions - {conversions:?}, 0.0) AS conversions_ci_low"),
+            format!("conversions + {conversions:?} AS conversions_ci_high"),
+            "GREATEST(conversions, 0.0) / GREATEST(SUM(GREATEST(conversions, 0.0)) OVER (), 1e-9) AS share".to_string(),
+        ];
+        if let Some((v, _)) = &self.value {
+            let gross = stddev("gross_value")?;
+            let (net, net_half) = match &self.returns {
+                Some(_) => {
+                    let returned = stddev("returned_value")?;
+                    out.push(format!("gross_value AS {}", ident(&format!("gross_{v}"))));
+                    out.push(format!("returned_value AS {}", ident(&format!("returned_{v}"))));
+                    ("(gross_value - returned_value)".to_string(), half((gross * gross + returned * returned).sqrt()))
+                }
+                None => ("gross_value".to_string(), half(gross)),
+            };
+            let name = ident(&format!("net_{v}"));
+            out.push(format!("{net} AS {name}"));
+            out.push(format!("{net} - {net_half:?} AS {}", ident(&format!("net_{v}_ci_low"))));
+            out.push(format!("{net} + {net_half:?} AS {}", ident(&format!("net_{v}_ci_high"))));
+            if let Some(rate) = self.commission_rate {
+                out.push(format!("{rate:?} * {net} AS commission"));
+                out.push(format!("{rate:?} * ({net} - {net_half:?}) AS commission_ci_low"));
+                out.push(format!("{rate:?} * ({net} + {net_half:?}) AS commission_ci_high"));
+            }
+        }
+        Ok(format!("SELECT {} FROM study_released ORDER BY credit", out.join(", ")))
+    }
+}
+
+/// Cohorts: people by the period (`week`, `day` or `month`) of their first
+/// exposure, and in each of the `periods` periods from that one on, how
+/// many of them had an outcome and its value — a retention or repeat-
+/// purchase heatmap. The cohorts and periods are keys of public domains
+/// (the periods of the datasets' declared date ranges), so every cell is
+/// released, empty or not.
+///
+/// Why it is private: one row per person and (cohort, period) cell — the
+/// cohort is fixed per person, and an outcome counts only in the `periods`
+/// periods from the cohort's, so a person is in at most `periods` cells —
+/// with a 0/1 membership flag (set only in the cohort's own period), a 0/1
+/// active flag and a capped value: each cell's sums move by at most 1, 1
+/// and the cap when a person is added or removed. Rates and offsets are
+/// post-processing; intervals are the noise's alone (all people counted).
+struct Cohorts {
+    exposure: (String, String),
+    outcome: (String, String),
+    time: String,
+    outcome_time: String,
+    period: String,
+    periods: u32,
+    value: Option<(String, f64)>,
+}
+
+impl Cohorts {
+    fn from_params(params: &BTreeMap<String, String>, policy: &Policy) -> Result<Cohorts> {
+        const KIND: &str = "cohorts";
+        known_params(KIND, params, &["exposure", "outcome", "time", "outcome_time", "period", "periods", "value", "value_cap", "epsilon"])?;
+        let exposure = protected_dataset(KIND, params, "exposure", policy)?;
+        let outcome = protected_dataset(KIND, params, "outcome", policy)?;
+        let time = dimension_param(KIND, params, "time", "ts", &exposure.0, policy)?;
+        let outcome_time = dimension_param(KIND, params, "outcome_time", &time, &outcome.0, policy)?;
+        let period = params.get("period").cloned().unwrap_or_else(|| "week".to_string()).to_ascii_lowercase();
+        if !["day", "week", "month"].contains(&period.as_str()) {
+            return Err(invalid(KIND, format!("period => {period}: day, week or month")));
+        }
+        let periods = whole_param(KIND, params, "periods", 8, 1..=26)?;
+        Ok(Cohorts { value: measure_param(KIND, params, "value", "value_cap", &outcome.0, 1.0, policy)?, exposure, outcome, time, outcome_time, period, periods })
+    }
+}
+
+impl Study for Cohorts {
+    /// A person is in at most `periods` cells, once each.
+    fn bounds(&self) -> Vec<(&'static str, String)> {
+        one_row_in_each_of(self.periods)
+    }
+
+    fn ctes(&self) -> String {
+        let (value, cap) = match &self.value {
+            Some((v, cap)) => (format!("COALESCE(CAST(o.{} AS DOUBLE), 0.0)", ident(v)), *cap),
+            None => ("0.0".to_string(), 1.0),
+        };
+        format!(
+            "WITH study_exposed AS (SELECT {unit} AS uid, MIN({time}) AS first_at, DATE_TRUNC('{p}', MIN({time})) AS cohort FROM {exposure} GROUP BY {unit}), \
+             study_active AS (SELECT o.{ounit} AS uid, e.cohort, DATE_TRUNC('{p}', o.{otime}) AS period, {value} AS value \
+               FROM {outcome} o JOIN study_exposed e ON o.{ounit} = e.uid \
+               WHERE o.{otime} >= e.first_at AND o.{otime} < e.cohort + INTERVAL '{n} {p}s'), \
+             study_rows AS (SELECT uid, cohort, cohort AS period, 1 AS member, 0 AS active, 0.0 AS value FROM study_exposed \
+               UNION ALL SELECT uid, cohort, period, 0 AS member, 1 AS active, value FROM study_active), \
+             study_cells AS (SELECT uid, cohort, period, MAX(member) AS member, MAX(active) AS active, \
+               GREATEST(LEAST(SUM(value), {cap:?}), 0.0) AS value FROM study_rows GROUP BY uid, cohort, period)",
+            unit = ident(&self.exposure.1),
+            time = ident(&self.time),
+            exposure = ident(&self.exposure.0),
+            ounit = ident(&self.outcome.1),
+            otime = ident(&self.outcome_time),
+            outcome = ident(&self.outcome.0),
+            p = self.period,
+            n = self.periods,
+        )
+    }
+
+    fn released_select(&self) -> String {
+        let value = if self.value.is_some() { ", SUM(value) AS value" } else { "" };
+        format!("SELECT cohort, period, SUM(member) AS people, SUM(active) AS active{value} FROM study_cells GROUP BY cohort, period")
+    }
+
+    /// Each cohort's size (its own period's membership sum) beside each of
+    /// its cells, the cell's offset in periods, and the active share.
+    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+        let (people, active) = (Z95 * stddev("people")?, Z95 * stddev("active")?);
+        let offset = match self.period.as_str() {
+            "month" => "CAST((date_part('year', period) - date_part('year', cohort)) * 12 + date_part('month', period) - date_part('month', cohort) AS BIGINT)".to_string(),
+            p => format!("CAST(round((date_part('epoch', period) - date_part('epoch', cohort)) / {}) AS BIGINT)", if p == "week" { 604800 } else { 86400 }),
+        };
+        let value = match &self.value {
+            Some((v, _)) => {
+                let half = Z95 * stddev("value")?;
+                format!(
+                    ", value AS {v}, value - {half:?} AS {lo}, value + {half:?} AS {hi}, value / GREATEST(cohort_people, 1.0) AS {per}",
+                    v = ident(v),
+                    lo = ident(&format!("{v}_ci_low")),
+                    hi = ident(&format!("{v}_ci_high")),
+                    per = ident(&format!("{v}_per_person")),
+                )
+            }
+            None => String::new(),
+        };
+        Ok(format!(
+            ", study_offsets AS (SELECT *, {offset} AS periods_after, \
+               CAST(GREATEST(MAX(CASE WHEN period = cohort THEN people END) OVER (PARTITION BY cohort), 0) AS DOUBLE) AS cohort_people FROM study_released) \
+             SELECT CAST(cohort AS DATE) AS cohort, periods_after, cohort_people AS people, \
+               GREATEST(cohort_people - {people:?}, 0.0) AS people_ci_low, cohort_people + {people:?} AS people_ci_high, \
+               GREATEST(active, 0) AS active, GREATEST(active - {active:?}, 0.0) AS active_ci_low, active + {active:?} AS active_ci_high, \
+               LEAST(GREATEST(CAST(active AS DOUBLE) / GREATEST(cohort_people, 1.0), 0.0), 1.0) AS active_rate{value} \
+             FROM study_offsets WHERE periods_after >= 0 AND periods_after < {n} ORDER BY cohort, periods_after",
+            n = self.periods,
+        ))
     }
 }

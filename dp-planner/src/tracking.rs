@@ -560,7 +560,19 @@ fn merge(a: &Lineage, b: &Lineage) -> Lineage {
         }
         // A value from either side: a person has at most both sides' values.
         (Lineage::Dimension(d1, p1), Lineage::Dimension(d2, p2)) => Lineage::Dimension(
-            if d1 == d2 { d1.clone() } else { None },
+            match (d1, d2) {
+                _ if d1 == d2 => d1.clone(),
+                // Days or periods of the same grain from two date ranges:
+                // a value of either lies in the span of both (a public
+                // superset, from the manifest alone).
+                (Some(Domain::DateRange { from: f1, to: t1 }), Some(Domain::DateRange { from: f2, to: t2 })) => {
+                    Some(Domain::DateRange { from: *f1.min(f2), to: *t1.max(t2) })
+                }
+                (Some(Domain::Periods { from: f1, to: t1, grain: g1 }), Some(Domain::Periods { from: f2, to: t2, grain: g2 })) if g1 == g2 => {
+                    Some(Domain::Periods { from: *f1.min(f2), to: *t1.max(t2), grain: *g1 })
+                }
+                _ => None,
+            },
             p1.zip(*p2).map(|(p1, p2)| p1.saturating_add(p2)),
         ),
         (Lineage::Unit, Lineage::Unit) => Lineage::Unit,

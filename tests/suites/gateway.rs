@@ -611,6 +611,99 @@ async fn the_match_rate_study_counts_each_dataset_and_both_with_one_charge() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_attribution_study_credits_channels_net_of_returns_with_one_charge() {
+    let server = Server::start(&state_dir("attribution"));
+    let mut client = server.login("advertiser").await;
+    let batches = query(&mut client, "SELECT * FROM attribution(epsilon => 3)").await.unwrap();
+    let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+    for name in ["channel", "conversions", "share", "gross_revenue", "returned_revenue", "net_revenue", "net_revenue_ci_low", "commission", "commission_ci_high"] {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+    assert_eq!(strings(&batches, 0), vec!["display", "email", "search", "social", "video"]);
+    // Each channel's figures, and their totals, against the exact answer of
+    // the same crediting (truth.json): within four half-widths (Laplace
+    // noise beyond that: odds of about 2e-5 per figure).
+    let truth = truth();
+    let exact = truth["queries"]["study_attribution"].as_array().unwrap();
+    let (conversions, low, high) = (numbers(&batches, "conversions"), numbers(&batches, "conversions_ci_low"), numbers(&batches, "conversions_ci_high"));
+    let (net, net_low, net_high) = (numbers(&batches, "net_revenue"), numbers(&batches, "net_revenue_ci_low"), numbers(&batches, "net_revenue_ci_high"));
+    let (mut total, mut exact_total, mut variance) = (0.0, 0.0, 0.0);
+    for (i, row) in exact.iter().enumerate() {
+        let half = (high[i] - low[i]) / 2.0;
+        let want = row["conversions"].as_f64().unwrap();
+        assert!((conversions[i] - want).abs() <= 4.0 * half, "{}: {} conversions vs exact {want} (half-width {half})", row["channel"], conversions[i]);
+        let net_half = (net_high[i] - net_low[i]) / 2.0;
+        let want_net = row["net_revenue"].as_f64().unwrap();
+        assert!((net[i] - want_net).abs() <= 4.0 * net_half, "{}: net {} vs exact {want_net} (half-width {net_half})", row["channel"], net[i]);
+        (total, exact_total, variance) = (total + net[i], exact_total + want_net, variance + net_half * net_half);
+    }
+    assert!((total - exact_total).abs() <= 4.0 * variance.sqrt(), "net revenue in all: {total} vs exact {exact_total}");
+    // The commission is the rate times the net revenue, its interval too.
+    let commission = numbers(&batches, "commission");
+    assert!((commission[0] - 0.1 * net[0]).abs() <= 1e-6 * net[0].abs().max(1.0));
+    let shares: f64 = numbers(&batches, "share").iter().sum();
+    assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");
+    // One charge; the other models are questions of their own.
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["3.0"]);
+    let first = query(&mut client, "SELECT channel, conversions FROM attribution(model => 'first', epsilon => 1)").await.unwrap();
+    assert_eq!(strings(&first, 0).len(), 5);
+    // Linear credit splits each conversion over its touches: with every
+    // channel a person may touch counted, the total stays the conversions'.
+    let linear = query(&mut client, "SELECT conversions, conversions_ci_high - conversions AS half FROM attribution(model => 'linear', groups_per_person => 5, epsilon => 3)").await.unwrap();
+    let exact_all: f64 = exact.iter().map(|r| r["conversions"].as_f64().unwrap()).sum();
+    let (all, half) = (numbers(&linear, "conversions").iter().sum::<f64>(), numbers(&linear, "half")[0] * 5f64.sqrt());
+    assert!((all - exact_all).abs() <= 4.0 * half, "linear credit keeps the conversions' total: {all} vs {exact_all} (half-width {half})");
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["7.0"]);
+    for (sql, expected) in [
+        ("SELECT * FROM attribution(model => 'middle')", "model => middle: last, first or linear"),
+        ("SELECT * FROM attribution(credit => 'uid')", "credit => uid: not a dimension of impressions"),
+        ("SELECT * FROM attribution(value => 'order_id')", "value => order_id: not a measure of conversions"),
+        ("SELECT * FROM attribution(groups_per_person => 0)", "groups_per_person => 0"),
+    ] {
+        let err = client.execute(sql.into(), None).await.unwrap_err();
+        assert!(err.to_string().contains(expected), "{sql}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cohorts_study_releases_each_first_exposure_week_and_its_following_weeks() {
+    let server = Server::start(&state_dir("cohorts"));
+    let mut client = server.login("advertiser").await;
+    let batches = query(&mut client, "SELECT * FROM cohorts(epsilon => 4)").await.unwrap();
+    let cohorts = strings(&batches, 0);
+    let after = numbers(&batches, "periods_after");
+    // The impressions' declared days (2026-01-01 to 03-31) fall in 14 weeks
+    // (from Monday 2025-12-29), each with the 6 weeks from it, but for the
+    // last cohort's sixth, past the conversions' declared days (to 05-01).
+    assert_eq!(cohorts.len(), 14 * 6 - 1);
+    assert_eq!((cohorts[0].as_str(), cohorts[82].as_str()), ("2025-12-29", "2026-03-30"));
+    assert_eq!(after[..6], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    let (people, active, low, high) = (numbers(&batches, "people"), numbers(&batches, "active"), numbers(&batches, "active_ci_low"), numbers(&batches, "active_ci_high"));
+    // Every cell has the same noise: its half-width is that of any cell
+    // whose interval is not cut at 0.
+    let half = (0..active.len()).map(|i| (high[i] - low[i]) / 2.0).fold(0.0, f64::max);
+    let truth = truth();
+    let mut checked = 0;
+    for row in truth["queries"]["study_cohorts"].as_array().unwrap() {
+        let i = (0..cohorts.len())
+            .find(|&i| cohorts[i] == row["cohort"].as_str().unwrap() && after[i] == row["periods_after"].as_f64().unwrap())
+            .unwrap_or_else(|| panic!("no cell for {row}"));
+        let want = row["active"].as_f64().unwrap();
+        assert!((active[i] - want).abs() <= 4.0 * half + 1.0, "{row}: active {} (half-width {half})", active[i]);
+        let size = row["people"].as_f64().unwrap();
+        assert!((people[i] - size).abs() <= 4.0 * (numbers(&batches, "people_ci_high")[i] - people[i]) + 1.0, "{row}: people {}", people[i]);
+        checked += 1;
+    }
+    assert!(checked >= 60, "{checked} cells with buyers checked");
+    let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+    assert_eq!(strings(&budget, 0), vec!["4.0"]);
+    let err = client.execute("SELECT * FROM cohorts(period => 'fortnight')".into(), None).await.unwrap_err();
+    assert!(err.to_string().contains("period => fortnight: day, week or month"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_reach_study_releases_reach_overlaps_and_frequency_as_one_aggregate() {
     let server = Server::start(&state_dir("reach"));
     let mut client = server.login("adnetwork").await;
