@@ -290,3 +290,146 @@ pub fn reach(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result
     );
     Ok(page("Reach and frequency study", &body, party, meta, charged, left, &budget_plot))
 }
+
+/// Intervals of column `name` from its `_ci_low`/`_ci_high` columns.
+fn intervals(batches: &[RecordBatch], name: &str) -> anyhow::Result<Vec<Option<(f64, f64)>>> {
+    let (low, high) = (numbers(batches, &format!("{name}_ci_low"))?, numbers(batches, &format!("{name}_ci_high"))?);
+    Ok(low.into_iter().zip(high).map(|(l, h)| l.zip(h)).collect())
+}
+
+/// The attribution study's report: credited conversions, net value and
+/// commission per credited key, each with its interval.
+pub fn attribution(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
+    let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
+    let meta = schema.metadata();
+    let key_name = schema.field(0).name().clone();
+    let keys = texts(batches, 0)?;
+    let values = |name: &str| -> anyhow::Result<Vec<f64>> { Ok(numbers(batches, name)?.into_iter().map(|v| v.unwrap_or(0.0)).collect()) };
+    let conversions = values("conversions")?;
+    let conversion_intervals = intervals(batches, "conversions")?;
+    let shares = values("share")?;
+    let net = schema.fields().iter().map(|f| f.name().clone()).find(|n| n.starts_with("net_") && !n.contains("_ci_"));
+    let has_commission = schema.index_of("commission").is_ok();
+    let mut figures = vec![bars(&format!("Credited conversions by {key_name} (95 % interval)"), "conversions", &keys, &conversions, &conversion_intervals, false)?];
+    let mut headers = format!("<th>{}</th><th>conversions</th><th>95 % interval</th><th>share (%)</th>", escape(&key_name));
+    let mut columns: Vec<(Vec<f64>, Vec<Option<(f64, f64)>>)> = Vec::new();
+    if let Some(net) = &net {
+        let net_values = values(net)?;
+        let net_intervals = intervals(batches, net)?;
+        figures.push(bars(&format!("{net} by {key_name} (95 % interval)"), net, &keys, &net_values, &net_intervals, true)?);
+        headers.push_str(&format!("<th>{}</th><th>95 % interval</th>", escape(net)));
+        columns.push((net_values, net_intervals));
+    }
+    if has_commission {
+        let commission = values("commission")?;
+        let commission_intervals = intervals(batches, "commission")?;
+        figures.push(bars(&format!("Commission by {key_name} (95 % interval)"), "commission", &keys, &commission, &commission_intervals, true)?);
+        headers.push_str("<th>commission</th><th>95 % interval</th>");
+        columns.push((commission, commission_intervals));
+    }
+    let (charged, left, budget_plot) = budget(party, meta)?;
+    let span = |i: Option<(f64, f64)>| i.map(|(l, h)| format!("{l:.1} to {h:.1}")).unwrap_or_else(|| "—".into());
+    let mut rows = String::new();
+    for i in 0..keys.len() {
+        write!(rows, "<tr><td>{}</td><td>{:.1}</td><td>{}</td><td>{:.1}</td>", escape(&keys[i]), conversions[i], span(conversion_intervals[i]), shares[i] * 100.0)?;
+        for (v, iv) in &columns {
+            write!(rows, "<td>{:.2}</td><td>{}</td>", v[i], span(iv[i]))?;
+        }
+        rows.push_str("</tr>");
+    }
+    let figures: String = figures.iter().enumerate().map(|(i, svg)| format!(r#"<figure id="attribution-plot-{i}">{svg}</figure>"#)).collect();
+    let body = format!(
+        r#"<p>Which <b>{key}</b> earned the conversions, and what commission is due on their value net of returns?</p>
+{parameters}
+<h2>Figures</h2>
+<table id="figures"><tr>{headers}</tr>{rows}</table>
+<p class="note">Every figure is differentially private (noise added once, from OpenDP). Credit is worked out per person (each outcome credited to touches of the same person in the window before it), capped per person and {key}, then summed; net value and commission are computed from the released sums, and their intervals add the sums' noise variances.</p>
+{figures}"#,
+        key = escape(&key_name),
+        parameters = parameters(call, meta),
+    );
+    Ok(page("Attribution and commission study", &body, party, meta, charged, left, &budget_plot))
+}
+
+/// The cohorts study's report: a heatmap of the active share of each
+/// first-exposure cohort in each period from it, and the figures.
+pub fn cohorts(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::Result<String> {
+    let schema = batches.first().map(|b| b.schema()).context("the study answered no rows")?;
+    let meta = schema.metadata();
+    let cohorts = texts(batches, 0)?;
+    let after: Vec<usize> = numbers(batches, "periods_after")?.into_iter().map(|v| v.unwrap_or(0.0).max(0.0) as usize).collect();
+    let rate: Vec<f64> = numbers(batches, "active_rate")?.into_iter().map(|v| v.unwrap_or(0.0)).collect();
+    let (people, active) = (numbers(batches, "people")?, numbers(batches, "active")?);
+    let active_intervals = intervals(batches, "active")?;
+    let mut names: Vec<String> = cohorts.clone();
+    names.dedup();
+    let periods = after.iter().copied().max().unwrap_or(0) + 1;
+    let top = rate.iter().copied().fold(1e-9f64, f64::max);
+    let mut heatmap = String::new();
+    {
+        let height = 120 + 28 * names.len() as u32;
+        let root = SVGBackend::with_string(&mut heatmap, (720, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Active share of each cohort, by period after its first exposure", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(100)
+            .build_cartesian_2d(0f64..periods as f64, 0f64..names.len() as f64)
+            .map_err(plot_error)?;
+        let name_of = |y: &f64| {
+            let i = (y - 0.5).round();
+            if ((y - 0.5) - i).abs() < 1e-6 && i >= 0.0 { names.get(names.len() - 1 - i as usize).cloned().unwrap_or_default() } else { String::new() }
+        };
+        let period_of = |x: &f64| {
+            let i = (x - 0.5).round();
+            if ((x - 0.5) - i).abs() < 1e-6 && i >= 0.0 { format!("{i}") } else { String::new() }
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(periods * 2 + 1)
+            .y_labels(names.len() * 2 + 1)
+            .x_label_formatter(&period_of)
+            .y_label_formatter(&name_of)
+            .x_desc("periods after the first exposure")
+            .y_desc("cohort")
+            .draw()
+            .map_err(plot_error)?;
+        chart
+            .draw_series((0..cohorts.len()).map(|i| {
+                let row = names.len() - 1 - names.iter().position(|n| *n == cohorts[i]).unwrap_or(0);
+                let shade = (rate[i] / top).clamp(0.0, 1.0);
+                let colour = RGBColor((245.0 - 180.0 * shade) as u8, (245.0 - 135.0 * shade) as u8, (250.0 - 70.0 * shade) as u8);
+                Rectangle::new([(after[i] as f64, row as f64), (after[i] as f64 + 1.0, row as f64 + 1.0)], colour.filled())
+            }))
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    let (charged, left, budget_plot) = budget(party, meta)?;
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into());
+    let mut rows = String::new();
+    for i in 0..cohorts.len() {
+        let (low, high) = active_intervals[i].unwrap_or_default();
+        write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{low:.0} to {high:.0}</td><td>{:.2}</td></tr>",
+            escape(&cohorts[i]),
+            after[i],
+            fmt(people[i]),
+            fmt(active[i]),
+            rate[i] * 100.0
+        )?;
+    }
+    let body = format!(
+        r#"<p>How do people behave in the periods after they were first reached? People by the period of their first exposure (cohort), and how many of them had an outcome in each period from it.</p>
+{parameters}
+<figure id="cohort-heatmap">{heatmap}</figure>
+<p class="note">Darker is a larger share of the cohort active (at most {top:.2} %). Every count is differentially private (noise added once, from OpenDP); cohorts and periods are keys of public domains, so every cell is released, empty or not; each interval is the DP noise's.</p>
+<h2>Figures</h2>
+<table id="figures"><tr><th>cohort</th><th>periods after</th><th>people</th><th>active</th><th>95 % interval</th><th>active (%)</th></tr>{rows}</table>"#,
+        parameters = parameters(call, meta),
+        top = top * 100.0,
+    );
+    Ok(page("Cohorts study", &body, party, meta, charged, left, &budget_plot))
+}

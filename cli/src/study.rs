@@ -8,8 +8,11 @@ use futures::TryStreamExt;
 #[derive(clap::Args)]
 pub struct StudyArgs {
     /// The study: lift (incrementality of a test group over its hold-out),
-    /// match_rate (people of two datasets, and in both), reach (people
-    /// reached per channel and pair of channels, and how often).
+    /// attribution (outcomes credited to touches, net value and commission
+    /// per campaign, channel or affiliate), reach (people reached per
+    /// channel and pair of channels, and how often), cohorts (people by
+    /// first-exposure period and their outcomes in the periods after),
+    /// match_rate (people of two datasets, and in both).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(cleanroom_dp::studies::STUDIES))]
     kind: String,
     /// The server and the party running the study (it is charged).
@@ -18,8 +21,13 @@ pub struct StudyArgs {
     /// A study parameter, NAME=VALUE (repeatable); those left out come from
     /// the manifest's [studies.<kind>]. For lift: exposure, outcome, group,
     /// control, time, outcome_time, window_days, value, value_cap,
-    /// expected_rate, epsilon; for match_rate: left, right, epsilon; for
-    /// reach: exposure, channel, buckets, epsilon.
+    /// expected_rate, epsilon; for attribution: touches, outcome, credit,
+    /// model (last, first, linear), time, outcome_time, window_days, value,
+    /// value_cap, returns, commission_rate, conversions_cap,
+    /// groups_per_person, epsilon; for reach: exposure, channel, buckets,
+    /// epsilon; for cohorts: exposure, outcome, time, outcome_time, period
+    /// (day, week, month), periods, value, value_cap, epsilon; for
+    /// match_rate: left, right, epsilon.
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
     params: Vec<String>,
     /// Print the figures as JSON (one object per row) instead of a table.
@@ -49,7 +57,17 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
     let sql = call(&args.kind, &args.params)?;
     let mut client = args.connection.client().await?;
     eprintln!("planning the {} study: {sql}", args.kind);
-    let info = client.execute(sql.clone(), None).await.map_err(|e| anyhow::anyhow!("the study was refused: {}", message(&e)))?;
+    // A spinner with the time so far while the server plans, charges and
+    // runs the study (drawn only on a terminal).
+    let progress = indicatif::ProgressBar::new_spinner()
+        .with_style(indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"))
+        .with_message(format!("planning the {} study", args.kind));
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let info = client.execute(sql.clone(), None).await.map_err(|e| {
+        progress.finish_and_clear();
+        anyhow::anyhow!("the study was refused: {}", message(&e))
+    })?;
+    progress.set_message(format!("running the {} study", args.kind));
     let schema = info.clone().try_decode_schema().ok();
     if let Some(schema) = &schema {
         if let Some(charge) = schema.metadata().get("cleanroom.charge.epsilon") {
@@ -59,14 +77,22 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut batches: Vec<RecordBatch> = Vec::new();
     for endpoint in info.endpoint {
         let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("the server sent an endpoint without a ticket"))?;
-        let stream = client.do_get(ticket).await.map_err(|e| anyhow::anyhow!("the study failed: {}", message(&e)))?;
-        batches.extend(stream.try_collect::<Vec<_>>().await.map_err(|e| anyhow::anyhow!("the study failed: {e}"))?);
+        let stream = client.do_get(ticket).await;
+        let got = match stream {
+            Ok(stream) => stream.try_collect::<Vec<_>>().await.map_err(|e| anyhow::anyhow!("the study failed: {e}")),
+            Err(e) => Err(anyhow::anyhow!("the study failed: {}", message(&e))),
+        };
+        batches.extend(got.inspect_err(|_| progress.finish_and_clear())?);
+        progress.set_message(format!("received {} rows", batches.iter().map(|b| b.num_rows()).sum::<usize>()));
     }
+    progress.finish_and_clear();
     if let Some(path) = &args.report {
         let html = match args.kind.as_str() {
             "lift" => crate::report::lift(&sql, &args.connection.party, &batches)?,
             "match_rate" => crate::report::match_rate(&sql, &args.connection.party, &batches)?,
             "reach" => crate::report::reach(&sql, &args.connection.party, &batches)?,
+            "attribution" => crate::report::attribution(&sql, &args.connection.party, &batches)?,
+            "cohorts" => crate::report::cohorts(&sql, &args.connection.party, &batches)?,
             other => anyhow::bail!("no report for the {other} study"),
         };
         std::fs::write(path, html).map_err(|e| anyhow::anyhow!("cannot write the report to {}: {e}", path.display()))?;
