@@ -56,6 +56,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Draw progress on stderr.
     pub progress: bool,
+    /// Also compute the exact answers (`truth.json`).
+    pub truth: bool,
 }
 
 /// What was written.
@@ -101,7 +103,7 @@ const P_CONTROL: f64 = 0.20;
 /// Chance that an exposed control person converts after their first impression.
 const P_CONVERT_CONTROL: f64 = 0.06;
 /// The effect Q3 is meant to recover: test converts this many times as often as control.
-const TRUE_LIFT: f64 = 1.3;
+pub const TRUE_LIFT: f64 = 1.3;
 /// Exposed people who bought before the network first reached them (not incremental).
 const P_CONVERT_BEFORE_EXPOSURE: f64 = 0.015;
 const P_REPEAT_CONVERSION: f64 = 0.2;
@@ -203,9 +205,11 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     } else {
         ProgressBar::hidden()
     };
-    let truth = compute_truth(&plan, &out_dir, &spinner).await;
-    spinner.finish_and_clear();
-    write_atomically(&out_dir.join("truth.json"), &truth?, false)?;
+    if opts.truth {
+        let truth = compute_truth(&plan, &out_dir, &spinner).await;
+        spinner.finish_and_clear();
+        write_atomically(&out_dir.join("truth.json"), &truth?, false)?;
+    }
 
     Ok(GenerateSummary {
         impressions: written.impressions,
@@ -1275,6 +1279,7 @@ mod tests {
             out_dir: dir.to_path_buf(),
             seed,
             progress: false,
+            truth: true,
         })
         .await
         .expect("generate")

@@ -538,6 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out_dir: out,
                 seed,
                 progress: !quiet,
+                truth: true,
             })
             .await?;
             println!(
