@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 #[tokio::test(flavor = "multi_thread")]
 async fn dp_queries_run_as_ballista_jobs_on_the_embedded_executors() {
     let dir = tempfile::tempdir().unwrap();
-    generate(&GenerateOptions { scale_factor: 0.001, out_dir: dir.path().to_path_buf(), seed: 3, progress: false, truth: true })
+    generate(&GenerateOptions { scale_factor: 0.001, out_dir: dir.path().to_path_buf(), seed: 3, progress: false, truth: true, vertical: Default::default() })
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -58,11 +58,15 @@ pub struct GenerateOptions {
     pub progress: bool,
     /// Also compute the exact answers (`truth.json`).
     pub truth: bool,
+    /// Which collaboration: AdBench, or a vertical's.
+    pub vertical: crate::verticals::Vertical,
 }
 
 /// What was written.
 #[derive(Debug, Clone)]
 pub struct GenerateSummary {
+    /// The two tables (touches, outcomes) and their rows.
+    pub tables: [&'static str; 2],
     pub impressions: u64,
     pub conversions: u64,
     /// Distinct people appearing in at least one of the two tables.
@@ -156,15 +160,24 @@ const COST_SIGMA: f64 = 0.5;
 
 /// The demo collaboration's matching key: both parties HMAC their customers' e-mails under it,
 /// so `uid` joins across datasets without either side revealing raw identifiers.
-const DEMO_COLLABORATION_KEY: &[u8] = b"cleanroom/adbench/demo-collaboration-key/v1";
+pub(crate) const DEMO_COLLABORATION_KEY: &[u8] = b"cleanroom/adbench/demo-collaboration-key/v1";
 const PARTIES: [&str; 2] = ["advertiser", "adnetwork"];
 const DEMO_PASSWORD_HEX_CHARS: usize = 20;
 
 const TABLE_IMPRESSIONS: &str = "impressions";
 const TABLE_CONVERSIONS: &str = "conversions";
 
-/// Generates the AdBench collaboration described in the module docs under `opts.out_dir`.
+/// Generates the collaboration `opts.vertical` under `opts.out_dir`: AdBench
+/// as the module docs describe it, or a vertical's (see [`crate::verticals`]).
 pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
+    match opts.vertical {
+        crate::verticals::Vertical::Adbench => generate_adbench(opts).await,
+        vertical => crate::verticals::generate(opts, vertical).await,
+    }
+}
+
+/// Generates the AdBench collaboration described in the module docs under `opts.out_dir`.
+pub(crate) async fn generate_adbench(opts: &GenerateOptions) -> Result<GenerateSummary> {
     let plan = Plan::new(opts.scale_factor, opts.seed)?;
     let out_dir = opts.out_dir.clone();
     let progress = opts.progress;
@@ -181,7 +194,7 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
             )?;
             write_atomically(
                 &out_dir.join("credentials.toml"),
-                credentials_toml(&plan).as_bytes(),
+                credentials_toml(plan.seed, &PARTIES).as_bytes(),
                 true,
             )?;
             // The key both demo parties hashed their customers' e-mails under,
@@ -212,6 +225,7 @@ pub async fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     }
 
     Ok(GenerateSummary {
+        tables: [TABLE_IMPRESSIONS, TABLE_CONVERSIONS],
         impressions: written.impressions,
         conversions: written.conversions,
         people: written.people,
@@ -490,13 +504,13 @@ impl ConversionRows {
 }
 
 /// A Parquet part being written under a temporary name next to its final one.
-struct PartWriter {
+pub(crate) struct PartWriter {
     writer: ArrowWriter<File>,
     rows: u64,
 }
 
 impl PartWriter {
-    fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
+    pub(crate) fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
@@ -506,13 +520,13 @@ impl PartWriter {
         Ok(Self { writer, rows: 0 })
     }
 
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.rows += batch.num_rows() as u64;
         self.writer.write(batch)?;
         Ok(())
     }
 
-    fn close(self) -> Result<u64> {
+    pub(crate) fn close(self) -> Result<u64> {
         let file = self.writer.into_inner()?;
         file.sync_all()?;
         Ok(self.rows)
@@ -538,11 +552,11 @@ struct Written {
     people: u64,
 }
 
-fn part_name(shard: u64) -> String {
+pub(crate) fn part_name(shard: u64) -> String {
     format!("part-{shard:04}.parquet")
 }
 
-fn temp_name(final_name: &str) -> String {
+pub(crate) fn temp_name(final_name: &str) -> String {
     format!(".{final_name}.tmp")
 }
 
@@ -946,7 +960,7 @@ fn demo_password(seed: u64, party: &str) -> String {
     password
 }
 
-fn password_hash(seed: u64, party: &str) -> Result<String> {
+pub(crate) fn password_hash(seed: u64, party: &str) -> Result<String> {
     // A seed-derived salt (instead of a random one) keeps manifest.toml reproducible.
     let salt_bytes = seeded_digest(seed, "salt", party);
     let salt =
@@ -1091,12 +1105,12 @@ is_return = {{ role = "dimension", groups_per_person = 2 }}
     ))
 }
 
-fn credentials_toml(plan: &Plan) -> String {
+pub(crate) fn credentials_toml(seed: u64, parties: &[&str]) -> String {
     let mut out = String::from(
         "# Demo credentials for the generated collaboration. Keep them out of version control.\n",
     );
-    for party in PARTIES {
-        let password = demo_password(plan.seed, party);
+    for party in parties {
+        let password = demo_password(seed, party);
         writeln!(out, "[parties.{party}]\npassword = \"{password}\"").expect("writing to a String");
     }
     out
@@ -1142,54 +1156,28 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
     // totals are bit-for-bit reproducible and truth.json is too.
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     register_adbench_tables(&ctx, out_dir).await?;
+    // The studies with the manifest's default parameters, in plain SQL.
+    let studies = [
+        ("study_lift".to_string(), lift_truth_sql("impressions", "conversions", "revenue", 2000.0)),
+        (
+            "study_attribution".to_string(),
+            attribution_truth_sql("impressions", "conversions", "channel", "revenue", "is_return", (0.0, 1000.0)),
+        ),
+        ("study_cohorts".to_string(), COHORTS_TRUTH_SQL.to_string()),
+    ];
+    truth_json(&ctx, plan.scale_factor, plan.seed, adbench_queries().into_iter().chain(studies).collect(), spinner).await
+}
+
+/// `truth.json`: each of `queries` run on `ctx`, by name.
+pub(crate) async fn truth_json(
+    ctx: &SessionContext,
+    scale_factor: f64,
+    seed: u64,
+    queries: Vec<(String, String)>,
+    spinner: &ProgressBar,
+) -> Result<Vec<u8>> {
     let mut results = Vec::new();
-    // The lift study with the manifest's default parameters, in plain SQL:
-    // people per test group, those converting within 30 days after their
-    // first impression, and their revenue (capped at 2000 per person).
-    let study = (
-        "study_lift".to_string(),
-        "WITH e AS (SELECT uid, MIN(test_group) AS grp, MIN(ts) AS first_at FROM impressions GROUP BY uid), \
-         o AS (SELECT c.uid, LEAST(SUM(c.revenue), 2000.0) AS value FROM conversions c JOIN e ON c.uid = e.uid \
-               WHERE c.ts > e.first_at AND c.ts <= e.first_at + INTERVAL '30 days' GROUP BY c.uid) \
-         SELECT e.grp AS test_group, COUNT(*) AS people, COUNT(o.uid) AS converters, SUM(o.value) AS revenue \
-         FROM e LEFT JOIN o ON e.uid = o.uid GROUP BY e.grp ORDER BY e.grp"
-            .to_string(),
-    );
-    // The attribution study with the manifest's defaults: each conversion
-    // credited to the channel of the person's last impression in the 30 days
-    // before it; per person and channel, kept conversions capped at 5 and
-    // revenue (all, and of returned orders) capped at 1000.
-    let attribution = (
-        "study_attribution".to_string(),
-        "WITH o AS (SELECT uid, ts AS at, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY ts) AS k, \
-               CASE WHEN is_return THEN 1.0 ELSE 0.0 END AS returned, revenue AS value FROM conversions), \
-         t AS (SELECT o.uid, o.k, o.returned, o.value, i.channel AS credit, \
-               ROW_NUMBER() OVER (PARTITION BY o.uid, o.k ORDER BY i.ts DESC) AS rn \
-               FROM o JOIN impressions i ON i.uid = o.uid WHERE i.ts < o.at AND i.ts >= o.at - INTERVAL '30 days'), \
-         c AS (SELECT uid, credit, LEAST(SUM(1.0 - returned), 5.0) AS conversions, LEAST(SUM(value), 1000.0) AS gross, \
-               LEAST(SUM(value * returned), 1000.0) AS returned FROM t WHERE rn = 1 GROUP BY uid, credit) \
-         SELECT credit AS channel, SUM(conversions) AS conversions, SUM(gross) AS gross_revenue, \
-           SUM(returned) AS returned_revenue, SUM(gross) - SUM(returned) AS net_revenue \
-         FROM c GROUP BY credit ORDER BY credit"
-            .to_string(),
-    );
-    // The cohorts study with the manifest's defaults: people by the week of
-    // their first impression, and per week from it (6 weeks) those who
-    // bought and their revenue (capped at 500 per person and week).
-    let cohorts = (
-        "study_cohorts".to_string(),
-        "WITH e AS (SELECT uid, MIN(ts) AS first_at, DATE_TRUNC('week', MIN(ts)) AS cohort FROM impressions GROUP BY uid), \
-         a AS (SELECT c.uid, e.cohort, DATE_TRUNC('week', c.ts) AS period, LEAST(SUM(c.revenue), 500.0) AS value \
-               FROM conversions c JOIN e ON c.uid = e.uid \
-               WHERE c.ts >= e.first_at AND c.ts < e.cohort + INTERVAL '6 weeks' GROUP BY c.uid, e.cohort, DATE_TRUNC('week', c.ts)), \
-         sizes AS (SELECT cohort, COUNT(*) AS people FROM e GROUP BY cohort) \
-         SELECT CAST(s.cohort AS DATE) AS cohort, \
-           CAST(round((date_part('epoch', a.period) - date_part('epoch', s.cohort)) / 604800) AS BIGINT) AS periods_after, \
-           MIN(s.people) AS people, COUNT(*) AS active, SUM(a.value) AS revenue \
-         FROM sizes s JOIN a ON a.cohort = s.cohort GROUP BY s.cohort, a.period ORDER BY 1, 2"
-            .to_string(),
-    );
-    for (name, sql) in adbench_queries().into_iter().chain([study, attribution, cohorts]) {
+    for (name, sql) in queries {
         spinner.set_message(format!("computing truth.json: {name}"));
         let batches = ctx
             .sql(&sql)
@@ -1200,15 +1188,67 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
             .with_context(|| format!("running {name}"))?;
         results.push((name, batches_to_rows(&batches)?));
     }
-    let truth = Truth {
-        scale_factor: plan.scale_factor,
-        seed: plan.seed,
-        queries: QueryResults(results),
-    };
+    let truth = Truth { scale_factor, seed, queries: QueryResults(results) };
     let mut json = serde_json::to_vec_pretty(&truth)?;
     json.push(b'\n');
     Ok(json)
 }
+
+/// The lift study's exact answer with its default parameters: people per
+/// test group, those with an outcome within 30 days after their first
+/// exposure, and their `value` (capped at `cap` per person).
+pub(crate) fn lift_truth_sql(exposure: &str, outcome: &str, value: &str, cap: f64) -> String {
+    format!(
+        "WITH e AS (SELECT uid, MIN(test_group) AS grp, MIN(ts) AS first_at FROM {exposure} GROUP BY uid), \
+         o AS (SELECT c.uid, LEAST(SUM(c.{value}), {cap:?}) AS value FROM {outcome} c JOIN e ON c.uid = e.uid \
+               WHERE c.ts > e.first_at AND c.ts <= e.first_at + INTERVAL '30 days' GROUP BY c.uid) \
+         SELECT e.grp AS test_group, COUNT(*) AS people, COUNT(o.uid) AS converters, SUM(o.value) AS {value} \
+         FROM e LEFT JOIN o ON e.uid = o.uid GROUP BY e.grp ORDER BY e.grp"
+    )
+}
+
+/// The attribution study's exact answer with its default parameters: each
+/// outcome credited to the `credit` of the person's last touch in the 30
+/// days before it; per person and key, kept outcomes capped at 5 and the
+/// value (all, and of returned rows) kept within `cap`.
+pub(crate) fn attribution_truth_sql(touches: &str, outcome: &str, credit: &str, value: &str, returns: &str, cap: (f64, f64)) -> String {
+    let clamp = |sum: &str| format!("GREATEST(LEAST({sum}, {:?}), {:?})", cap.1, cap.0);
+    format!(
+        "WITH o AS (SELECT uid, ts AS at, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY ts) AS k, \
+               CASE WHEN {returns} THEN 1.0 ELSE 0.0 END AS returned, CAST({value} AS DOUBLE) AS value FROM {outcome}), \
+         t AS (SELECT o.uid, o.k, o.returned, o.value, i.{credit} AS credit, \
+               ROW_NUMBER() OVER (PARTITION BY o.uid, o.k ORDER BY i.ts DESC) AS rn \
+               FROM o JOIN {touches} i ON i.uid = o.uid WHERE i.ts < o.at AND i.ts >= o.at - INTERVAL '30 days'), \
+         c AS (SELECT uid, credit, LEAST(SUM(1.0 - returned), 5.0) AS conversions, {gross} AS gross, \
+               {returned_sum} AS returned FROM t WHERE rn = 1 GROUP BY uid, credit) \
+         SELECT credit AS {credit}, SUM(conversions) AS conversions, SUM(gross) AS gross_{value}, \
+           SUM(returned) AS returned_{value}, SUM(gross) - SUM(returned) AS net_{value} \
+         FROM c GROUP BY credit ORDER BY credit",
+        gross = clamp("SUM(value)"),
+        returned_sum = clamp("SUM(value * returned)"),
+    )
+}
+
+/// The match-rate study's exact answer: people of each dataset and of both.
+pub(crate) fn match_rate_truth_sql(left: &str, right: &str) -> String {
+    format!(
+        "SELECT (SELECT COUNT(DISTINCT uid) FROM {left}) AS left_people, (SELECT COUNT(DISTINCT uid) FROM {right}) AS right_people, \
+           (SELECT COUNT(*) FROM (SELECT uid FROM {left} INTERSECT SELECT uid FROM {right}) m) AS matched"
+    )
+}
+
+/// The cohorts study's exact answer with the demo's defaults: people by the
+/// week of their first impression, and per week from it (6 weeks) those who
+/// bought and their revenue (capped at 500 per person and week).
+const COHORTS_TRUTH_SQL: &str = "WITH e AS (SELECT uid, MIN(ts) AS first_at, DATE_TRUNC('week', MIN(ts)) AS cohort FROM impressions GROUP BY uid), \
+     a AS (SELECT c.uid, e.cohort, DATE_TRUNC('week', c.ts) AS period, LEAST(SUM(c.revenue), 500.0) AS value \
+           FROM conversions c JOIN e ON c.uid = e.uid \
+           WHERE c.ts >= e.first_at AND c.ts < e.cohort + INTERVAL '6 weeks' GROUP BY c.uid, e.cohort, DATE_TRUNC('week', c.ts)), \
+     sizes AS (SELECT cohort, COUNT(*) AS people FROM e GROUP BY cohort) \
+     SELECT CAST(s.cohort AS DATE) AS cohort, \
+       CAST(round((date_part('epoch', a.period) - date_part('epoch', s.cohort)) / 604800) AS BIGINT) AS periods_after, \
+       MIN(s.people) AS people, COUNT(*) AS active, SUM(a.value) AS revenue \
+     FROM sizes s JOIN a ON a.cohort = s.cohort GROUP BY s.cohort, a.period ORDER BY 1, 2";
 
 fn batches_to_rows(batches: &[RecordBatch]) -> Result<Vec<Row>> {
     let Some(first) = batches.first() else {
@@ -1242,7 +1282,7 @@ fn batches_to_rows(batches: &[RecordBatch]) -> Result<Vec<Row>> {
 
 /// Writes to a hidden temporary next to `path`, then renames, so an interrupted run never
 /// leaves a truncated file under the final name.
-fn write_atomically(path: &Path, contents: &[u8], private: bool) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], private: bool) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -1280,6 +1320,7 @@ mod tests {
             seed,
             progress: false,
             truth: true,
+            vertical: Default::default(),
         })
         .await
         .expect("generate")

@@ -69,7 +69,7 @@ fn json_text(value: &serde_json::Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn dp_adbench_answers_lie_within_their_intervals() {
     let dir = tempfile::tempdir().unwrap();
-    generate(&GenerateOptions { scale_factor: 0.1, out_dir: dir.path().to_path_buf(), seed: 42, progress: false, truth: true })
+    generate(&GenerateOptions { scale_factor: 0.1, out_dir: dir.path().to_path_buf(), seed: 42, progress: false, truth: true, vertical: Default::default() })
         .await
         .unwrap();
     let truth: serde_json::Value =

@@ -57,7 +57,7 @@ async fn the_lift_interval_covers_the_built_in_lift_in_at_least_93_of_100_fresh_
     let started = std::time::Instant::now();
     for seed in 1..=RUNS {
         let dir = tempfile::tempdir().unwrap();
-        generate(&GenerateOptions { scale_factor: 0.1, out_dir: dir.path().to_path_buf(), seed, progress: false, truth: false })
+        generate(&GenerateOptions { scale_factor: 0.1, out_dir: dir.path().to_path_buf(), seed, progress: false, truth: false, vertical: Default::default() })
             .await
             .unwrap();
         let manifest = cleanroom_manifest::Manifest::load(&dir.path().join("manifest.toml")).unwrap();

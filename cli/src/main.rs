@@ -145,9 +145,16 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Generate the AdBench demo collaboration: Parquet data, a manifest, demo
-    /// credentials and the exact answers (truth.json).
+    /// Generate a demo collaboration: Parquet data, a manifest (with the
+    /// studies' default parameters), demo credentials and the exact answers
+    /// (truth.json) — AdBench, or an iGaming, Forex or e-commerce vertical.
     Generate {
+        /// Which collaboration: adbench (an ad network's impressions and an
+        /// advertiser's conversions), igaming (affiliate clicks; players'
+        /// deposits and GGR), forex (introducing brokers' referrals; trades
+        /// in lots), ecommerce (publishers' clicks; orders and returns).
+        #[arg(long, value_enum, default_value_t = cleanroom_bench::verticals::Vertical::Adbench)]
+        vertical: cleanroom_bench::verticals::Vertical,
         /// Scale factor: 1.0 is 10 M impressions of 2 M people.
         #[arg(long, default_value_t = 0.01)]
         sf: f64,
@@ -529,7 +536,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("cleanroom executor stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { sf, out, seed, quiet } => {
+        Command::Generate { sf, out, seed, quiet, vertical } => {
             if !(sf.is_finite() && sf > 0.0) {
                 anyhow::bail!("--sf must be a number above 0, got {sf}");
             }
@@ -539,12 +546,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed,
                 progress: !quiet,
                 truth: true,
+                vertical,
             })
             .await?;
             println!(
-                "wrote {} impressions and {} conversions of {} people to {}",
+                "wrote {} {} and {} {} of {} people to {}",
                 summary.impressions,
+                summary.tables[0],
                 summary.conversions,
+                summary.tables[1],
                 summary.people,
                 summary.out_dir.display()
             );

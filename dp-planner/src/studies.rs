@@ -253,7 +253,7 @@ struct Lift {
     outcome_time: String,
     window_days: u32,
     /// The outcome's value column and the per-person cap of its sum.
-    value: Option<(String, f64)>,
+    value: Option<Capped>,
     /// The conversion rate the analyst expects (public, from the call):
     /// what the budget split is tuned for.
     expected_rate: f64,
@@ -337,7 +337,7 @@ impl Lift {
     /// row (a window over the released rows), and lift with its interval.
     fn lift_above(&self, people_sd: f64, converters_sd: f64) -> String {
         let (value, value_out) = match &self.value {
-            Some((v, _)) => (
+            Some(Capped { column: v, .. }) => (
                 ", value".to_string(),
                 format!(", value AS {}, CAST(value AS DOUBLE) / CAST(GREATEST(people, 1) AS DOUBLE) AS {}", ident(v), ident(&format!("{v}_per_person"))),
             ),
@@ -376,7 +376,7 @@ impl Study for Lift {
     /// exposure, and those with an outcome in the window, with its value.
     fn ctes(&self) -> String {
         let value = match &self.value {
-            Some((v, cap)) => format!(", LEAST(SUM(o.{}), {cap:?}) AS value", ident(v)),
+            Some(c) => format!(", {} AS value", c.clamp(&format!("SUM(o.{})", ident(&c.column)))),
             None => String::new(),
         };
         format!(
@@ -607,14 +607,30 @@ fn measure_param(
     dataset: &str,
     times: f64,
     policy: &Policy,
-) -> Result<Option<(String, f64)>> {
+) -> Result<Option<Capped>> {
     let Some(v) = params.get(name) else { return Ok(None) };
-    let upper = match policy.dataset(dataset).map(|d| d.role(v)) {
-        Some(ColumnRole::Measure { upper, .. }) => upper,
+    let (lower, upper) = match policy.dataset(dataset).map(|d| d.role(v)) {
+        Some(ColumnRole::Measure { lower, upper }) => (lower, upper),
         _ => return Err(invalid(kind, format!("{name} => {v}: not a measure of {dataset}"))),
     };
-    let cap = number_param(kind, params, cap_param, upper * times, f64::MIN_POSITIVE..=1e15, "a number above 0")?;
-    Ok(Some((v.clone(), cap)))
+    let high = number_param(kind, params, cap_param, upper.max(1e-9) * times, f64::MIN_POSITIVE..=1e15, "a number above 0")?;
+    // A measure that can be negative (GGR, a refund) is capped as far below 0.
+    let low = if lower < 0.0 { -(if params.contains_key(cap_param) { high } else { -lower * times }) } else { 0.0 };
+    Ok(Some(Capped { column: v.clone(), low, high }))
+}
+
+/// A measure column and the bounds of a person's sum of it.
+struct Capped {
+    column: String,
+    low: f64,
+    high: f64,
+}
+
+impl Capped {
+    /// `sum` (a per-person sum of the column) kept within the bounds.
+    fn clamp(&self, sum: &str) -> String {
+        format!("GREATEST(LEAST({sum}, {:?}), {:?})", self.high, self.low)
+    }
 }
 
 /// A dimension column of `dataset` named by parameter `name`.
@@ -652,7 +668,7 @@ struct Attribution {
     time: String,
     outcome_time: String,
     window_days: u32,
-    value: Option<(String, f64)>,
+    value: Option<Capped>,
     returns: Option<String>,
     commission_rate: Option<f64>,
     conversions_cap: f64,
@@ -730,7 +746,7 @@ impl Study for Attribution {
             None => "0.0".to_string(),
         };
         let value = match &self.value {
-            Some((v, _)) => format!("COALESCE(CAST({} AS DOUBLE), 0.0)", ident(v)),
+            Some(c) => format!("COALESCE(CAST({} AS DOUBLE), 0.0)", ident(&c.column)),
             None => "0.0".to_string(),
         };
         let (order, weight, keep) = match self.model.as_str() {
@@ -738,7 +754,7 @@ impl Study for Attribution {
             "linear" => ("DESC", "1.0 / CAST(touches AS DOUBLE)", "TRUE"),
             _ => ("DESC", "1.0", "rn = 1"),
         };
-        let cap = self.value.as_ref().map(|(_, c)| *c).unwrap_or(1.0);
+        let clamp = |sum: &str| self.value.as_ref().map(|c| c.clamp(sum)).unwrap_or_else(|| "0.0".to_string());
         format!(
             "WITH study_outcomes AS (SELECT {ounit} AS uid, {otime} AS at, ROW_NUMBER() OVER (PARTITION BY {ounit} ORDER BY {otime}) AS k, \
                {returned} AS returned, {value} AS value FROM {outcome}), \
@@ -749,8 +765,7 @@ impl Study for Attribution {
              study_weighted AS (SELECT uid, credit, returned, value, {weight} AS w FROM study_touches WHERE {keep}), \
              study_credit AS (SELECT uid, credit, \
                GREATEST(LEAST(SUM(w * (1.0 - returned)), {ccap:?}), 0.0) AS conversions, \
-               GREATEST(LEAST(SUM(w * value), {cap:?}), 0.0) AS gross_value, \
-               GREATEST(LEAST(SUM(w * value * returned), {cap:?}), 0.0) AS returned_value \
+               {gross} AS gross_value, {returned_value} AS returned_value \
                FROM study_weighted GROUP BY uid, credit)",
             ounit = ident(&self.outcome.1),
             otime = ident(&self.outcome_time),
@@ -761,6 +776,8 @@ impl Study for Attribution {
             unit = ident(&self.touches.1),
             days = self.window_days,
             ccap = self.conversions_cap,
+            gross = clamp("SUM(w * value)"),
+            returned_value = clamp("SUM(w * value * returned)"),
         )
     }
 
@@ -782,7 +799,7 @@ impl Study for Attribution {
             format!("conversions + {conversions:?} AS conversions_ci_high"),
             "GREATEST(conversions, 0.0) / GREATEST(SUM(GREATEST(conversions, 0.0)) OVER (), 1e-9) AS share".to_string(),
         ];
-        if let Some((v, _)) = &self.value {
+        if let Some(Capped { column: v, .. }) = &self.value {
             let gross = stddev("gross_value")?;
             let (net, net_half) = match &self.returns {
                 Some(_) => {
@@ -828,7 +845,7 @@ struct Cohorts {
     outcome_time: String,
     period: String,
     periods: u32,
-    value: Option<(String, f64)>,
+    value: Option<Capped>,
 }
 
 impl Cohorts {
@@ -855,9 +872,9 @@ impl Study for Cohorts {
     }
 
     fn ctes(&self) -> String {
-        let (value, cap) = match &self.value {
-            Some((v, cap)) => (format!("COALESCE(CAST(o.{} AS DOUBLE), 0.0)", ident(v)), *cap),
-            None => ("0.0".to_string(), 1.0),
+        let (value, sum) = match &self.value {
+            Some(c) => (format!("COALESCE(CAST(o.{} AS DOUBLE), 0.0)", ident(&c.column)), c.clamp("SUM(value)")),
+            None => ("0.0".to_string(), "0.0".to_string()),
         };
         format!(
             "WITH study_exposed AS (SELECT {unit} AS uid, MIN({time}) AS first_at, DATE_TRUNC('{p}', MIN({time})) AS cohort FROM {exposure} GROUP BY {unit}), \
@@ -867,7 +884,7 @@ impl Study for Cohorts {
              study_rows AS (SELECT uid, cohort, cohort AS period, 1 AS member, 0 AS active, 0.0 AS value FROM study_exposed \
                UNION ALL SELECT uid, cohort, period, 0 AS member, 1 AS active, value FROM study_active), \
              study_cells AS (SELECT uid, cohort, period, MAX(member) AS member, MAX(active) AS active, \
-               GREATEST(LEAST(SUM(value), {cap:?}), 0.0) AS value FROM study_rows GROUP BY uid, cohort, period)",
+               {sum} AS value FROM study_rows GROUP BY uid, cohort, period)",
             unit = ident(&self.exposure.1),
             time = ident(&self.time),
             exposure = ident(&self.exposure.0),
@@ -893,7 +910,7 @@ impl Study for Cohorts {
             p => format!("CAST(round((date_part('epoch', period) - date_part('epoch', cohort)) / {}) AS BIGINT)", if p == "week" { 604800 } else { 86400 }),
         };
         let value = match &self.value {
-            Some((v, _)) => {
+            Some(Capped { column: v, .. }) => {
                 let half = Z95 * stddev("value")?;
                 format!(
                     ", value AS {v}, value - {half:?} AS {lo}, value + {half:?} AS {hi}, value / GREATEST(cohort_people, 1.0) AS {per}",

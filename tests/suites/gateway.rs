@@ -625,11 +625,12 @@ async fn the_attribution_study_credits_channels_net_of_returns_with_one_charge()
     // noise beyond that: odds of about 2e-5 per figure).
     let truth = truth();
     let exact = truth["queries"]["study_attribution"].as_array().unwrap();
-    let (conversions, low, high) = (numbers(&batches, "conversions"), numbers(&batches, "conversions_ci_low"), numbers(&batches, "conversions_ci_high"));
+    let (conversions, high) = (numbers(&batches, "conversions"), numbers(&batches, "conversions_ci_high"));
     let (net, net_low, net_high) = (numbers(&batches, "net_revenue"), numbers(&batches, "net_revenue_ci_low"), numbers(&batches, "net_revenue_ci_high"));
     let (mut total, mut exact_total, mut variance) = (0.0, 0.0, 0.0);
     for (i, row) in exact.iter().enumerate() {
-        let half = (high[i] - low[i]) / 2.0;
+        // (A count's lower end is cut at 0; its upper end is not.)
+        let half = high[i] - conversions[i];
         let want = row["conversions"].as_f64().unwrap();
         assert!((conversions[i] - want).abs() <= 4.0 * half, "{}: {} conversions vs exact {want} (half-width {half})", row["channel"], conversions[i]);
         let net_half = (net_high[i] - net_low[i]) / 2.0;
@@ -701,6 +702,65 @@ async fn the_cohorts_study_releases_each_first_exposure_week_and_its_following_w
     assert_eq!(strings(&budget, 0), vec!["4.0"]);
     let err = client.execute("SELECT * FROM cohorts(period => 'fortnight')".into(), None).await.unwrap_err();
     assert!(err.to_string().contains("period => fortnight: day, week or month"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_vertical_runs_the_five_studies_with_one_charge_each_and_pays_commission_on_its_truth() {
+    for (vertical, party, credit, value, rate) in [
+        ("igaming", "operator", "affiliate_id", "ggr", 0.3),
+        ("forex", "broker", "ib_id", "lots", 5.0),
+        ("ecommerce", "merchant", "publisher_id", "order_value", 0.08),
+    ] {
+        let dir = tempfile::Builder::new().prefix(vertical).tempdir().unwrap().keep();
+        let status = std::process::Command::new(BIN)
+            .args(["generate", "--vertical", vertical, "--sf", "0.01", "--quiet", "--out"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "generate --vertical {vertical}");
+        let server = Server::start_with(&dir.join("manifest.toml"), &dir.join("state"));
+        let pw = password_in(&dir, party);
+        let mut client = server.client().await;
+        client.handshake(party, &pw).await.expect("handshake");
+        let truth: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("truth.json")).unwrap()).unwrap();
+        // Lift, reach, cohorts and match rate with the manifest's defaults.
+        for study in ["lift", "reach", "cohorts", "match_rate"] {
+            let batches = query(&mut client, &format!("SELECT * FROM {study}()")).await.unwrap_or_else(|e| panic!("{vertical} {study}: {e}"));
+            assert!(batches.iter().map(|b| b.num_rows()).sum::<usize>() > 0, "{vertical} {study}");
+            if study == "lift" {
+                let exact = truth["queries"]["study_lift"].as_array().unwrap();
+                let rate = |i: usize| exact[i]["converters"].as_f64().unwrap() / exact[i]["people"].as_f64().unwrap();
+                let exact_lift = rate(1) / rate(0) - 1.0;
+                let (low, high) = (numbers(&batches, "lift_ci_low")[1], numbers(&batches, "lift_ci_high")[1]);
+                assert!(low <= exact_lift && exact_lift <= high, "{vertical}: exact lift {exact_lift} outside [{low}, {high}]");
+            }
+        }
+        // Attribution from the CLI, as the vertical's operator runs it.
+        let out = std::process::Command::new(BIN)
+            .args(["study", "attribution", "--server", &format!("grpc://{}", server.addr), "--party", party, "--json"])
+            .env("CLEANROOM_PASSWORD", &pw)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{vertical}: {}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let exact = truth["queries"]["study_attribution"].as_array().unwrap();
+        assert!(exact.len() >= 5, "{vertical}: {} credited keys", exact.len());
+        for want in exact {
+            let got = rows.iter().find(|r| r[credit] == want[credit]).unwrap_or_else(|| panic!("{vertical}: no row for {}", want[credit]));
+            let f = |name: &str| got[name].as_f64().unwrap_or_else(|| panic!("{vertical}: {name} in {got}"));
+            for (name, exact_name) in [("conversions".to_string(), "conversions".to_string()), (format!("net_{value}"), format!("net_{value}"))] {
+                // (A count's lower end is cut at 0; its upper end is not.)
+                let half = f(&format!("{name}_ci_high")) - f(&name);
+                let want = want[&exact_name].as_f64().unwrap();
+                // Laplace noise beyond four half-widths: odds of about 2e-5.
+                assert!((f(&name) - want).abs() <= 4.0 * half, "{vertical} {}: {name} {} vs exact {want} (half-width {half})", got[credit], f(&name));
+            }
+            assert!((f("commission") - rate * f(&format!("net_{value}"))).abs() <= 1e-6 * f("commission").abs().max(1.0));
+        }
+        // One charge per study.
+        let budget = query(&mut client, "SELECT spent_epsilon FROM system.budget").await.unwrap();
+        assert_eq!(strings(&budget, 0), vec!["5.0"], "{vertical}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -33,7 +33,12 @@ pub fn demo() -> &'static Path {
 }
 
 pub fn password(party: &str) -> String {
-    let text = std::fs::read_to_string(demo().join("credentials.toml")).unwrap();
+    password_in(demo(), party)
+}
+
+/// The demo password of `party` in the collaboration generated in `dir`.
+pub fn password_in(dir: &Path, party: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("credentials.toml")).unwrap();
     let mut in_party = false;
     for line in text.lines() {
         let line = line.trim();
