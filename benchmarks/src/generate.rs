@@ -1033,6 +1033,8 @@ window_days = 30
 value = "revenue"
 returns = "is_return"
 commission_rate = 0.1
+# A person's revenue per channel, counted up to 500 (a few baskets).
+value_cap = 500
 
 # `SELECT * FROM cohorts()`: people by the week of their first impression, and
 # how many of them bought (and for how much) in each of the 6 weeks from it.
@@ -1161,7 +1163,7 @@ async fn compute_truth(plan: &Plan, out_dir: &Path, spinner: &ProgressBar) -> Re
         ("study_lift".to_string(), lift_truth_sql("impressions", "conversions", "revenue", 2000.0)),
         (
             "study_attribution".to_string(),
-            attribution_truth_sql("impressions", "conversions", "channel", "revenue", "is_return", (0.0, 1000.0)),
+            attribution_truth_sql("impressions", "conversions", "channel", "revenue", "is_return", (0.0, 500.0)),
         ),
         ("study_cohorts".to_string(), COHORTS_TRUTH_SQL.to_string()),
     ];

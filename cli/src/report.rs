@@ -308,7 +308,8 @@ pub fn attribution(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::
     let conversions = values("conversions")?;
     let conversion_intervals = intervals(batches, "conversions")?;
     let shares = values("share")?;
-    let net = schema.fields().iter().map(|f| f.name().clone()).find(|n| n.starts_with("net_") && !n.contains("_ci_"));
+    // The net value's column follows the credited key's (column 0).
+    let net = schema.fields().iter().skip(1).map(|f| f.name().clone()).find(|n| n.starts_with("net_") && !n.ends_with("_ci_low") && !n.ends_with("_ci_high"));
     let has_commission = schema.index_of("commission").is_ok();
     let mut figures = vec![bars(&format!("Credited conversions by {key_name} (95 % interval)"), "conversions", &keys, &conversions, &conversion_intervals, false)?];
     let mut headers = format!("<th>{}</th><th>conversions</th><th>95 % interval</th><th>share (%)</th>", escape(&key_name));

@@ -49,7 +49,7 @@ trait Study: Send + Sync {
     fn released_select(&self) -> String;
     /// What follows the CTE `study_released` (the aggregate's rows): more
     /// CTEs (`, x AS (…) …`) and the final `SELECT`.
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String>;
+    fn above(&self, noise: &Noise) -> Result<String>;
 
     /// The contribution bounds the study sets (`max_groups_contributed`,
     /// `max_contributions_per_group`), as options of its DP aggregate.
@@ -63,8 +63,28 @@ trait Study: Send + Sync {
     }
 
     /// The whole study.
-    fn sql(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        Ok(format!("{}, study_released AS ({}) {}", self.ctes(), self.released_select(), self.above(stddev)?))
+    fn sql(&self, noise: &Noise) -> Result<String> {
+        Ok(format!("{}, study_released AS ({}) {}", self.ctes(), self.released_select(), self.above(noise)?))
+    }
+}
+
+/// The noise of each column of a study's DP aggregate, fixed when the
+/// aggregate is planned (a function of the SQL, the manifest and ε): public
+/// constants the study's intervals are computed from.
+struct Noise<'a> {
+    metadata: &'a (dyn Fn(&str, &str) -> Result<f64> + Sync),
+}
+
+impl Noise<'_> {
+    /// The standard deviation of the noise on `column`.
+    fn sd(&self, column: &str) -> Result<f64> {
+        (self.metadata)(column, crate::release::META_STDDEV)
+    }
+
+    /// The half-width of the 95 % interval of the noise on `column`: the
+    /// mechanism's own (ln 20 · b for Laplace, 1.96 σ for Gaussian noise).
+    fn half(&self, column: &str) -> Result<f64> {
+        (self.metadata)(column, crate::release::META_CI95)
     }
 }
 
@@ -132,6 +152,13 @@ pub(crate) async fn expand(
     }
     let alias = alias.clone().unwrap_or(TableAlias { explicit: true, name: Ident::new(&kind), columns: Vec::new(), at: None });
     let study = study(&kind, &params, policy)?;
+    // A returns flag is true or false (the manifest knows its role, the
+    // catalog its type).
+    if let (Some(r), Some(o)) = (params.get("returns"), params.get("outcome")) {
+        if column_type(state, o, r).await != Some(arrow::datatypes::DataType::Boolean) {
+            return Err(invalid(&kind, format!("returns => {r}: not a true/false column of {o}")));
+        }
+    }
     let call = format!(
         "{kind}({})",
         params.iter().map(|(k, v)| format!("{k} => {}", text(v))).collect::<Vec<_>>().join(", ")
@@ -153,19 +180,26 @@ pub(crate) async fn expand(
         return Err(invalid(&kind, "the study's data could not be planned as a DP aggregate"));
     };
     let announced = crate::release::announced_dp_schema(&q)?;
-    let stddev = |column: &str| -> Result<f64> {
+    let metadata = |column: &str, key: &str| -> Result<f64> {
         announced
             .field_with_name(column)
             .ok()
-            .and_then(|f| f.metadata().get(crate::release::META_STDDEV))
+            .and_then(|f| f.metadata().get(key))
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| invalid(&kind, format!("no noise was calibrated for the study's {column}")))
     };
-    let sql = study.sql(&stddev)?;
+    let sql = study.sql(&Noise { metadata: &metadata })?;
     let DfStatement::Statement(parsed) = parse_query(state, &sql, &dialect)? else { unreachable!("parse_query gives a query") };
     let SqlStatement::Query(query) = *parsed else { unreachable!("parse_query gives a query") };
     *factor = TableFactor::Derived { lateral: false, subquery: query, alias: Some(alias), sample: None };
     Ok((statement, study_options))
+}
+
+/// The type of `table.column` in `state`'s catalog.
+async fn column_type(state: &SessionState, table: &str, column: &str) -> Option<arrow::datatypes::DataType> {
+    let reference = datafusion::common::TableReference::bare(table);
+    let provider = state.schema_for_ref(reference.clone()).ok()?.table(reference.table()).await.ok()??;
+    provider.schema().field_with_name(column).ok().map(|f| f.data_type().clone())
 }
 
 /// Parse SQL the study wrote (always one query).
@@ -403,16 +437,15 @@ impl Study for Lift {
         )
     }
 
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        Ok(self.lift_above(stddev("people")?, stddev("converters")?))
+    fn above(&self, noise: &Noise) -> Result<String> {
+        Ok(self.lift_above(noise.sd("people")?, noise.sd("converters")?))
     }
 }
 
 /// Match rate: the people of two parties' datasets, how many are in both,
 /// and the share of each dataset's people found in the other, with 95 %
 /// intervals. The counts are of all people (no sample), so the intervals
-/// are the DP noise's alone: for r = m / n with noisy m and n (standard
-/// deviations σ_m, σ_n), the delta method gives var(r) ≈ (σ_m² + r² σ_n²) / n².
+/// are the DP noise's alone.
 struct MatchRate {
     left: (String, String),
     right: (String, String),
@@ -446,22 +479,24 @@ impl Study for MatchRate {
         "SELECT SUM(in_left) AS left_people, SUM(in_right) AS right_people, SUM(in_left * in_right) AS matched FROM study_people".to_string()
     }
 
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        let (sl, sr, sm) = (stddev("left_people")?, stddev("right_people")?, stddev("matched")?);
-        // matched / n, kept in [0, 1], and its standard error.
+    /// Each rate m / n with the interval (m ± h_m) / n widened by r h_n / n
+    /// for the noise on n: h the noise's 95 % half-widths. A sum of
+    /// half-widths covers the sum of two independent noises at least as
+    /// often as each covers its own (at least 95 %).
+    fn above(&self, noise: &Noise) -> Result<String> {
+        let (hl, hr, hm) = (noise.half("left_people")?, noise.half("right_people")?, noise.half("matched")?);
+        // matched / n, kept in [0, 1], and its interval's half-width.
         let rate = |n: &str| format!("LEAST(GREATEST(CAST(matched AS DOUBLE) / CAST(GREATEST({n}, 1) AS DOUBLE), 0.0), 1.0)");
-        let se = |n: &str, sn: f64| {
-            format!("sqrt(({sm:?} * {sm:?} + power({}, 2) * {sn:?} * {sn:?}) / power(CAST(GREATEST({n}, 1) AS DOUBLE), 2))", rate(n))
-        };
-        let (left_rate, left_se, right_rate, right_se) = (rate("left_people"), se("left_people", sl), rate("right_people"), se("right_people", sr));
+        let half = |n: &str, hn: f64| format!("(({hm:?} + {} * {hn:?}) / CAST(GREATEST({n}, 1) AS DOUBLE))", rate(n));
+        let (left_rate, left_se, right_rate, right_se) = (rate("left_people"), half("left_people", hl), rate("right_people"), half("right_people", hr));
         Ok(format!(
             "SELECT {ln} AS left_dataset, left_people, {rn} AS right_dataset, right_people, matched, \
                {left_rate} AS left_match_rate, \
-               GREATEST({left_rate} - {Z95:?} * {left_se}, 0.0) AS left_match_rate_ci_low, \
-               LEAST({left_rate} + {Z95:?} * {left_se}, 1.0) AS left_match_rate_ci_high, \
+               GREATEST({left_rate} - {left_se}, 0.0) AS left_match_rate_ci_low, \
+               LEAST({left_rate} + {left_se}, 1.0) AS left_match_rate_ci_high, \
                {right_rate} AS right_match_rate, \
-               GREATEST({right_rate} - {Z95:?} * {right_se}, 0.0) AS right_match_rate_ci_low, \
-               LEAST({right_rate} + {Z95:?} * {right_se}, 1.0) AS right_match_rate_ci_high \
+               GREATEST({right_rate} - {right_se}, 0.0) AS right_match_rate_ci_low, \
+               LEAST({right_rate} + {right_se}, 1.0) AS right_match_rate_ci_high \
              FROM study_released",
             ln = text(&self.left.0),
             rn = text(&self.right.0),
@@ -478,7 +513,7 @@ impl Study for MatchRate {
 /// impressions and a 0/1 flag per channel): each column is a sum of a
 /// person's 0/1 values, so a person changes each by at most 1, and the
 /// columns share the budget evenly. The intervals are the noise's alone
-/// (the counts are of all people): ± 1.96 σ.
+/// (the counts are of all people), from the mechanism's 95 % half-width.
 struct Reach {
     exposure: (String, String),
     channel: String,
@@ -557,10 +592,10 @@ impl Study for Reach {
         format!("SELECT {} FROM study_people", columns.join(", "))
     }
 
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
+    fn above(&self, noise: &Noise) -> Result<String> {
         let mut out = Vec::new();
         for (name, _) in self.columns() {
-            let half = Z95 * stddev(&name)?;
+            let half = noise.half(&name)?;
             let n = ident(&name);
             out.push(format!("GREATEST({n}, 0) AS {n}"));
             out.push(format!("GREATEST({n} - {half:?}, 0.0) AS {}", ident(&format!("{name}_ci_low"))));
@@ -613,7 +648,7 @@ fn measure_param(
         Some(ColumnRole::Measure { lower, upper }) => (lower, upper),
         _ => return Err(invalid(kind, format!("{name} => {v}: not a measure of {dataset}"))),
     };
-    let high = number_param(kind, params, cap_param, upper.max(1e-9) * times, f64::MIN_POSITIVE..=1e15, "a number above 0")?;
+    let high = number_param(kind, params, cap_param, upper.max(1e-9) * times, 1e-6..=1e15, "a number from 0.000001")?;
     // A measure that can be negative (GGR, a refund) is capped as far below 0.
     let low = if lower < 0.0 { -(if params.contains_key(cap_param) { high } else { -lower * times }) } else { 0.0 };
     Ok(Some(Capped { column: v.clone(), low, high }))
@@ -652,6 +687,13 @@ fn dimension_param(kind: &str, params: &BTreeMap<String, String>, name: &str, de
 /// returned (`returns` names the outcome's flag of a reversed order), and
 /// the commission is `commission_rate` times the net value: a RevShare
 /// fraction of GGR, or an amount per lot.
+///
+/// A touch counts if it is strictly before the outcome (a touch at the
+/// outcome's very time does not); touches at the same time are ordered by
+/// their other columns. `conversions` counts the credited outcomes that
+/// were not returned; the gross value includes returned ones, the returned
+/// value is theirs, and the net is the difference. A NULL value counts as
+/// 0 and a NULL returns flag as not returned.
 ///
 /// Why it is private: the credit is worked out per person (windows
 /// partitioned by the person, a join on the person), then summed per person
@@ -693,7 +735,15 @@ impl Attribution {
         if !["last", "first", "linear"].contains(&model.as_str()) {
             return Err(invalid(KIND, format!("model => {model}: last, first or linear")));
         }
-        let time = params.get("time").cloned().unwrap_or_else(|| "ts".to_string());
+        let time = dimension_param(KIND, params, "time", "ts", &touches.0, policy)?;
+        let outcome_time = dimension_param(KIND, params, "outcome_time", &time, &outcome.0, policy)?;
+        // A person may be credited to as many keys as the manifest says
+        // they may have (so no one's credit is dropped when that holds),
+        // or 3 when it says nothing.
+        let declared = match policy.dataset(&touches.0).map(|d| d.role(&credit)) {
+            Some(ColumnRole::Dimension { groups_per_person: Some(g), .. }) => g.clamp(1, 100),
+            _ => 3,
+        };
         let returns = match params.get("returns") {
             None => None,
             Some(r) => match policy.dataset(&outcome.0).map(|d| d.role(r)) {
@@ -709,8 +759,8 @@ impl Attribution {
                 Some(_) => Some(number_param(KIND, params, "commission_rate", 0.0, 0.0..=1e9, "a number from 0 (a share of the value, or an amount per unit)")?),
             },
             conversions_cap: number_param(KIND, params, "conversions_cap", 5.0, 1.0..=1000.0, "a number from 1 to 1000")?,
-            groups_per_person: whole_param(KIND, params, "groups_per_person", 3, 1..=100)?,
-            outcome_time: params.get("outcome_time").cloned().unwrap_or_else(|| time.clone()),
+            groups_per_person: whole_param(KIND, params, "groups_per_person", declared, 1..=100)?,
+            outcome_time,
             time,
             returns,
             credit,
@@ -742,7 +792,9 @@ impl Study for Attribution {
     /// model, and per person and credited key the capped sums.
     fn ctes(&self) -> String {
         let returned = match &self.returns {
-            Some(r) => format!("CASE WHEN {} THEN 1.0 ELSE 0.0 END", ident(r)),
+            // A true/false flag (another type is refused at planning);
+            // NULL counts as not returned.
+            Some(r) => format!("CASE WHEN {} IS TRUE THEN 1.0 ELSE 0.0 END", ident(r)),
             None => "0.0".to_string(),
         };
         let value = match &self.value {
@@ -787,11 +839,12 @@ impl Study for Attribution {
     }
 
     /// Shares of the credited conversions, net value and commission, each
-    /// figure with its 95 % interval (a difference of two noisy sums has
-    /// the sum of their noise variances).
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        let half = |sd: f64| Z95 * sd;
-        let conversions = half(stddev("conversions")?);
+    /// figure with its 95 % interval: the noise's own, and for the net (a
+    /// difference of two noisy sums) the sum of the two half-widths, which
+    /// covers the difference of two independent noises at least as often
+    /// as each covers its own.
+    fn above(&self, noise: &Noise) -> Result<String> {
+        let conversions = noise.half("conversions")?;
         let mut out = vec![
             format!("credit AS {}", ident(&self.credit)),
             "conversions".to_string(),
@@ -800,15 +853,14 @@ impl Study for Attribution {
             "GREATEST(conversions, 0.0) / GREATEST(SUM(GREATEST(conversions, 0.0)) OVER (), 1e-9) AS share".to_string(),
         ];
         if let Some(Capped { column: v, .. }) = &self.value {
-            let gross = stddev("gross_value")?;
+            let gross = noise.half("gross_value")?;
             let (net, net_half) = match &self.returns {
                 Some(_) => {
-                    let returned = stddev("returned_value")?;
                     out.push(format!("gross_value AS {}", ident(&format!("gross_{v}"))));
                     out.push(format!("returned_value AS {}", ident(&format!("returned_{v}"))));
-                    ("(gross_value - returned_value)".to_string(), half((gross * gross + returned * returned).sqrt()))
+                    ("(gross_value - returned_value)".to_string(), gross + noise.half("returned_value")?)
                 }
-                None => ("gross_value".to_string(), half(gross)),
+                None => ("gross_value".to_string(), gross),
             };
             let name = ident(&format!("net_{v}"));
             out.push(format!("{net} AS {name}"));
@@ -903,15 +955,15 @@ impl Study for Cohorts {
 
     /// Each cohort's size (its own period's membership sum) beside each of
     /// its cells, the cell's offset in periods, and the active share.
-    fn above(&self, stddev: &(dyn Fn(&str) -> Result<f64> + Sync)) -> Result<String> {
-        let (people, active) = (Z95 * stddev("people")?, Z95 * stddev("active")?);
+    fn above(&self, noise: &Noise) -> Result<String> {
+        let (people, active) = (noise.half("people")?, noise.half("active")?);
         let offset = match self.period.as_str() {
             "month" => "CAST((date_part('year', period) - date_part('year', cohort)) * 12 + date_part('month', period) - date_part('month', cohort) AS BIGINT)".to_string(),
             p => format!("CAST(round((date_part('epoch', period) - date_part('epoch', cohort)) / {}) AS BIGINT)", if p == "week" { 604800 } else { 86400 }),
         };
         let value = match &self.value {
             Some(Capped { column: v, .. }) => {
-                let half = Z95 * stddev("value")?;
+                let half = noise.half("value")?;
                 format!(
                     ", value AS {v}, value - {half:?} AS {lo}, value + {half:?} AS {hi}, value / GREATEST(cohort_people, 1.0) AS {per}",
                     v = ident(v),

@@ -662,6 +662,8 @@ async fn the_attribution_study_credits_channels_net_of_returns_with_one_charge()
         ("SELECT * FROM attribution(credit => 'uid')", "credit => uid: not a dimension of impressions"),
         ("SELECT * FROM attribution(value => 'order_id')", "value => order_id: not a measure of conversions"),
         ("SELECT * FROM attribution(groups_per_person => 0)", "groups_per_person => 0"),
+        ("SELECT * FROM attribution(returns => 'product_category')", "returns => product_category: not a true/false column of conversions"),
+        ("SELECT * FROM attribution(time => 'cost_micros')", "time => cost_micros: not a dimension of impressions"),
     ] {
         let err = client.execute(sql.into(), None).await.unwrap_err();
         assert!(err.to_string().contains(expected), "{sql}: {err}");
