@@ -239,7 +239,7 @@ pub fn match_rate(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::R
 <h2>Figures</h2>
 <table id="figures"><tr><th>dataset</th><th>people</th><th>match rate (%)</th><th>95 % interval</th></tr>{left_row}{right_row}
 <tr><td>in both</td><td>{matched:.0}</td><td></td><td></td></tr></table>
-<p class="note">Every count is differentially private (noise added once, from OpenDP); the counts are of all people, so the interval is the DP noise's (delta method on matched / people).</p>
+<p class="note">Every count is differentially private (noise added once, from OpenDP); the counts are of all people, so the interval is the DP noise's: (matched ± its 95 % noise half-width) / people, widened for the noise on people.</p>
 <figure id="rate-plot">{rate_plot}</figure>"#,
         parameters = parameters(call, meta),
         left_row = row(&left_name, one("left_people")?, rates[0], intervals[0]),
@@ -344,7 +344,7 @@ pub fn attribution(call: &str, party: &str, batches: &[RecordBatch]) -> anyhow::
 {parameters}
 <h2>Figures</h2>
 <table id="figures"><tr>{headers}</tr>{rows}</table>
-<p class="note">Every figure is differentially private (noise added once, from OpenDP). Credit is worked out per person (each outcome credited to touches of the same person in the window before it), capped per person and {key}, then summed; net value and commission are computed from the released sums, and their intervals add the sums' noise variances.</p>
+<p class="note">Every figure is differentially private (noise added once, from OpenDP). Credit is worked out per person (each outcome credited to touches of the same person in the window before it), capped per person and {key}, then summed; net value and commission are computed from the released sums, and their intervals add the two sums' 95 % noise half-widths (at least 95 %).</p>
 {figures}"#,
         key = escape(&key_name),
         parameters = parameters(call, meta),
