@@ -446,6 +446,18 @@ enum ManifestCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
+    // A command that prints its results (a study's table, generate's
+    // summary) ends quietly when the reader of its output goes away, as
+    // `| head` does, instead of failing on the write. Servers keep Rust's
+    // default (a write to a closed pipe is an error they handle).
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Serve { .. } | Command::Scheduler { .. } | Command::Executor { .. }) {
+        // SAFETY: setting a signal's disposition to its default before any
+        // thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Planning and optimising recurse over a plan; statements are limited in
     // depth (`cleanroom_dp::limits`), and each thread gets a stack with room
     // to spare for what the limits allow (only the pages used are committed).
