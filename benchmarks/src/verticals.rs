@@ -48,8 +48,10 @@ struct Profile {
     /// What the attribution study's defaults do, and its commission rate.
     attribution_about: &'static str,
     commission_rate: f64,
-    /// The attribution study's defaults, for its exact answer: the credited
-    /// column, the value, the returns flag, the value cap per person and key.
+    /// The attribution study's defaults, also for its exact answer: the
+    /// credited column, the value, the returns flag, the bounds of a
+    /// person's value per key (the manifest's `value_cap`, and its negative
+    /// for a value that can be negative).
     credit: &'static str,
     value: &'static str,
     returns: &'static str,
@@ -146,7 +148,7 @@ is_chargeback = { role = "dimension", groups_per_person = 2 }"#,
             credit: "affiliate_id",
             value: "ggr",
             returns: "is_chargeback",
-            value_cap: (-600.0, 900.0),
+            value_cap: (-300.0, 300.0),
             lift_value: "deposit",
             lift_cap: 4000.0,
         },
@@ -171,7 +173,7 @@ is_cancelled = { role = "dimension", groups_per_person = 2 }"#,
             credit: "ib_id",
             value: "lots",
             returns: "is_cancelled",
-            value_cap: (0.0, 20.0),
+            value_cap: (0.0, 10.0),
             lift_value: "lots",
             lift_cap: 40.0,
         },
@@ -193,7 +195,7 @@ is_return = { role = "dimension", groups_per_person = 2 }"#,
             credit: "publisher_id",
             value: "order_value",
             returns: "is_return",
-            value_cap: (0.0, 1000.0),
+            value_cap: (0.0, 500.0),
             lift_value: "order_value",
             lift_cap: 2000.0,
         },
@@ -348,12 +350,15 @@ ts = {{ role = "dimension", domain = {{ from = "2026-01-01", to = "2026-05-01" }
         studies = format!(
             "# `cleanroom study attribution`: {about}\n[studies.attribution]\ntouches = \"{touches}\"\noutcome = \"{outcomes}\"\n\
              credit = \"{credit}\"\nmodel = \"last\"\nwindow_days = 30\nvalue = \"{value}\"\nreturns = \"{returns}\"\n\
-             commission_rate = {rate:?}\n\n{common}",
+             commission_rate = {rate:?}\n\
+             # A person's value per key, counted up to this (and as far below 0 for a value that can be).\n\
+             value_cap = {cap:?}\n\n{common}",
             about = profile.attribution_about,
             credit = profile.credit,
             value = profile.value,
             returns = profile.returns,
             rate = profile.commission_rate,
+            cap = profile.value_cap.1,
             common = common_studies(touches, outcomes, profile.lift_value),
         ),
         sf = opts.scale_factor,
