@@ -560,7 +560,7 @@ pub(crate) fn temp_name(final_name: &str) -> String {
     format!(".{final_name}.tmp")
 }
 
-fn is_generated_part(name: &str) -> bool {
+pub(crate) fn is_generated_part(name: &str) -> bool {
     let is_part = |n: &str| n.starts_with("part-") && n.ends_with(".parquet");
     is_part(name)
         || name

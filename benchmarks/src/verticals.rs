@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::generate::{
-    attribution_truth_sql, credentials_toml, generate_adbench, lift_truth_sql, match_rate_truth_sql, part_name, password_hash,
+    attribution_truth_sql, credentials_toml, generate_adbench, is_generated_part, lift_truth_sql, match_rate_truth_sql, part_name, password_hash,
     temp_name, truth_json, write_atomically, GenerateOptions, GenerateSummary, PartWriter, DEMO_COLLABORATION_KEY,
 };
 
@@ -255,7 +255,7 @@ async fn rewrite_parts(from_dir: &Path, to_dir: &Path, name: &str, sql: &str) ->
     fs::create_dir_all(to_dir).with_context(|| format!("creating {}", to_dir.display()))?;
     for entry in fs::read_dir(to_dir)? {
         let entry = entry?;
-        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".parquet") || n.ends_with(".tmp")) {
+        if entry.file_name().to_str().is_some_and(is_generated_part) && entry.file_type()?.is_file() {
             fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
         }
     }

@@ -63,29 +63,9 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
         .with_style(indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"))
         .with_message(format!("planning the {} study", args.kind));
     progress.enable_steady_tick(std::time::Duration::from_millis(120));
-    let info = client.execute(sql.clone(), None).await.map_err(|e| {
-        progress.finish_and_clear();
-        anyhow::anyhow!("the study was refused: {}", message(&e))
-    })?;
-    progress.set_message(format!("running the {} study", args.kind));
-    let schema = info.clone().try_decode_schema().ok();
-    if let Some(schema) = &schema {
-        if let Some(charge) = schema.metadata().get("cleanroom.charge.epsilon") {
-            eprintln!("running it: epsilon {charge} is charged once (nothing if the same study was already answered)");
-        }
-    }
-    let mut batches: Vec<RecordBatch> = Vec::new();
-    for endpoint in info.endpoint {
-        let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("the server sent an endpoint without a ticket"))?;
-        let stream = client.do_get(ticket).await;
-        let got = match stream {
-            Ok(stream) => stream.try_collect::<Vec<_>>().await.map_err(|e| anyhow::anyhow!("the study failed: {e}")),
-            Err(e) => Err(anyhow::anyhow!("the study failed: {}", message(&e))),
-        };
-        batches.extend(got.inspect_err(|_| progress.finish_and_clear())?);
-        progress.set_message(format!("received {} rows", batches.iter().map(|b| b.num_rows()).sum::<usize>()));
-    }
+    let fetched = fetch(&mut client, &sql, &args.kind, &progress).await;
     progress.finish_and_clear();
+    let batches = fetched?;
     if let Some(path) = &args.report {
         let html = match args.kind.as_str() {
             "lift" => crate::report::lift(&sql, &args.connection.party, &batches)?,
@@ -116,6 +96,29 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The study's answer: the statement's charge (said on stderr) and its rows,
+/// the spinner saying what is under way.
+async fn fetch(
+    client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    sql: &str,
+    kind: &str,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let info = client.execute(sql.to_string(), None).await.map_err(|e| anyhow::anyhow!("the study was refused: {}", message(&e)))?;
+    progress.set_message(format!("running the {kind} study"));
+    if let Some(charge) = info.clone().try_decode_schema().ok().and_then(|s| s.metadata().get("cleanroom.charge.epsilon").cloned()) {
+        progress.suspend(|| eprintln!("running it: epsilon {charge} is charged once (nothing if the same study was already answered)"));
+    }
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    for endpoint in info.endpoint {
+        let ticket = endpoint.ticket.ok_or_else(|| anyhow::anyhow!("the server sent an endpoint without a ticket"))?;
+        let stream = client.do_get(ticket).await.map_err(|e| anyhow::anyhow!("the study failed: {}", message(&e)))?;
+        batches.extend(stream.try_collect::<Vec<_>>().await.map_err(|e| anyhow::anyhow!("the study failed: {e}"))?);
+        progress.set_message(format!("received {} rows", batches.iter().map(|b| b.num_rows()).sum::<usize>()));
+    }
+    Ok(batches)
 }
 
 /// What the server said, without the transport's wrapping.

@@ -36,7 +36,7 @@ pub const STUDIES: &[&str] = &["lift", "attribution", "reach", "cohorts", "match
 /// What each study provides: how its budget is split across its DP
 /// aggregate's columns, the CTEs that aggregate reads, the aggregate
 /// itself, and what is computed from its released rows given the noise
-/// standard deviation of each released column.
+/// of each released column.
 trait Study: Send + Sync {
     /// How the budget is split across the aggregate's columns (`None`:
     /// evenly).
@@ -54,6 +54,12 @@ trait Study: Send + Sync {
     /// The contribution bounds the study sets (`max_groups_contributed`,
     /// `max_contributions_per_group`), as options of its DP aggregate.
     fn bounds(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// The columns the study reads as true/false flags: (parameter,
+    /// dataset, column).
+    fn flags(&self) -> Vec<(&'static str, &str, &str)> {
         Vec::new()
     }
 
@@ -152,11 +158,11 @@ pub(crate) async fn expand(
     }
     let alias = alias.clone().unwrap_or(TableAlias { explicit: true, name: Ident::new(&kind), columns: Vec::new(), at: None });
     let study = study(&kind, &params, policy)?;
-    // A returns flag is true or false (the manifest knows its role, the
+    // Flags are true or false (the manifest knows a column's role, the
     // catalog its type).
-    if let (Some(r), Some(o)) = (params.get("returns"), params.get("outcome")) {
-        if column_type(state, o, r).await != Some(arrow::datatypes::DataType::Boolean) {
-            return Err(invalid(&kind, format!("returns => {r}: not a true/false column of {o}")));
+    for (param, dataset, column) in study.flags() {
+        if column_type(state, dataset, column).await != Some(arrow::datatypes::DataType::Boolean) {
+            return Err(invalid(&kind, format!("{param} => {column}: not a true/false column of {dataset}")));
         }
     }
     let call = format!(
@@ -488,15 +494,15 @@ impl Study for MatchRate {
         // matched / n, kept in [0, 1], and its interval's half-width.
         let rate = |n: &str| format!("LEAST(GREATEST(CAST(matched AS DOUBLE) / CAST(GREATEST({n}, 1) AS DOUBLE), 0.0), 1.0)");
         let half = |n: &str, hn: f64| format!("(({hm:?} + {} * {hn:?}) / CAST(GREATEST({n}, 1) AS DOUBLE))", rate(n));
-        let (left_rate, left_se, right_rate, right_se) = (rate("left_people"), half("left_people", hl), rate("right_people"), half("right_people", hr));
+        let (left_rate, left_half, right_rate, right_half) = (rate("left_people"), half("left_people", hl), rate("right_people"), half("right_people", hr));
         Ok(format!(
             "SELECT {ln} AS left_dataset, left_people, {rn} AS right_dataset, right_people, matched, \
                {left_rate} AS left_match_rate, \
-               GREATEST({left_rate} - {left_se}, 0.0) AS left_match_rate_ci_low, \
-               LEAST({left_rate} + {left_se}, 1.0) AS left_match_rate_ci_high, \
+               GREATEST({left_rate} - {left_half}, 0.0) AS left_match_rate_ci_low, \
+               LEAST({left_rate} + {left_half}, 1.0) AS left_match_rate_ci_high, \
                {right_rate} AS right_match_rate, \
-               GREATEST({right_rate} - {right_se}, 0.0) AS right_match_rate_ci_low, \
-               LEAST({right_rate} + {right_se}, 1.0) AS right_match_rate_ci_high \
+               GREATEST({right_rate} - {right_half}, 0.0) AS right_match_rate_ci_low, \
+               LEAST({right_rate} + {right_half}, 1.0) AS right_match_rate_ci_high \
              FROM study_released",
             ln = text(&self.left.0),
             rn = text(&self.right.0),
@@ -701,7 +707,7 @@ fn dimension_param(kind: &str, params: &BTreeMap<String, String>, name: &str, de
 /// person adds at most those caps to each of at most `groups_per_person`
 /// keys — the bounds the DP aggregate is calibrated to. Net value and
 /// commission are arithmetic on released sums (post-processing); their
-/// intervals add the two sums' noise variances.
+/// intervals add the two sums' 95 % noise half-widths.
 struct Attribution {
     touches: (String, String),
     outcome: (String, String),
@@ -785,6 +791,10 @@ impl Study for Attribution {
     /// at most `groups_per_person` credited keys.
     fn bounds(&self) -> Vec<(&'static str, String)> {
         one_row_in_each_of(self.groups_per_person)
+    }
+
+    fn flags(&self) -> Vec<(&'static str, &str, &str)> {
+        self.returns.iter().map(|r| ("returns", self.outcome.0.as_str(), r.as_str())).collect()
     }
 
     /// Outcomes numbered per person, each joined with the same person's
